@@ -1,0 +1,192 @@
+"""The contract between the learning code and the federation layer.
+
+Every method is two plain-Python objects that know nothing of NVFlare:
+
+- a :class:`SiteTrainer` that lives at one site, receives a :data:`Message`,
+  trains locally and returns a :class:`SiteUpdate`;
+- a :class:`ServerStrategy` that lives on the server, decides what each site
+  receives (:meth:`ServerStrategy.message_for`) and folds the sites' updates
+  into the global state (:meth:`ServerStrategy.aggregate`).
+
+A :data:`Message` is a flat ``{key: numpy array}`` dict whose keys are
+``"<kind>/<name>"``; the kind (:data:`KINDS`) says what the bytes are, so one
+byte counter (:func:`count_bytes`) serves every method and every direction.
+``fedcontrast.flare`` only moves messages between the two objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+#: What a message entry carries. ``weights``: the online/main network being averaged;
+#: ``target``: a target (EMA) network; ``features``: 128-d projections and their tags;
+#: ``stats``: scalar bookkeeping (sample counts, distances, flags).
+KINDS: tuple[str, ...] = ("weights", "target", "features", "stats")
+
+Message = dict[str, np.ndarray]
+
+
+def message_key(kind: str, name: str) -> str:
+    """Return the message key ``"<kind>/<name>"``, checking ``kind`` against :data:`KINDS`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}; expected one of {KINDS}")
+    return f"{kind}/{name}"
+
+
+def kind_of(key: str) -> str:
+    """Return the kind of a message key (the part before the first ``/``)."""
+    kind = key.split("/", 1)[0]
+    if kind not in KINDS:
+        raise ValueError(f"message key {key!r} has no known kind prefix {KINDS}")
+    return kind
+
+
+def select(message: Mapping[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """Entries of one kind, with the ``"<kind>/"`` prefix stripped."""
+    prefix = message_key(kind, "")
+    return {k[len(prefix) :]: v for k, v in message.items() if k.startswith(prefix)}
+
+
+def pack(kind: str, entries: Mapping[str, Any]) -> Message:
+    """Prefix ``entries`` with ``kind`` and convert tensors to CPU numpy arrays."""
+    return {message_key(kind, name): to_numpy(value) for name, value in entries.items()}
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A CPU numpy copy of a tensor, array or scalar."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def count_bytes(message: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Payload bytes of a message by kind (``ndarray.nbytes``); every kind present, zeros included."""
+    totals = dict.fromkeys(KINDS, 0)
+    for key, value in message.items():
+        totals[kind_of(key)] += int(np.asarray(value).nbytes)
+    return totals
+
+
+def state_dict_to_message(state: Mapping[str, torch.Tensor], kind: str = "weights") -> Message:
+    """Pack a torch state dict as message entries of ``kind``."""
+    return pack(kind, state)
+
+
+def message_to_state_dict(message: Mapping[str, np.ndarray], kind: str = "weights") -> dict[str, torch.Tensor]:
+    """The ``kind`` entries of a message as a torch state dict (CPU tensors)."""
+    return {k: torch.as_tensor(np.array(v)) for k, v in select(message, kind).items()}
+
+
+@dataclass
+class SiteUpdate:
+    """What one site returns after a round.
+
+    Attributes:
+        message: entries to upload (weights, features, ...).
+        num_samples: samples seen this round; the default aggregation weight.
+        metrics: scalars to log (loss, validation Dice, ...); never data.
+    """
+
+    message: Message
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class SiteTrainer(ABC):
+    """Learning code at one site. Plain PyTorch; constructed once per run.
+
+    Args:
+        config: method hyper-parameters (see each method's docstring) plus the
+            common keys ``bundle_dir``, ``seed``, ``local_epochs``, ``batch_size``.
+        datalist: this site's volumes as MONAI datalist entries
+            (``{"image": path, ...}``; ``"label"`` where the method needs it).
+        site: the site's name (tags its features).
+        device: torch device string.
+    """
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        self.config = dict(config)
+        self.datalist = datalist
+        self.site = site
+        self.device = torch.device(device)
+
+    @classmethod
+    @abstractmethod
+    def initial_message(cls, config: Mapping[str, Any]) -> Message:
+        """The global state before round 0 (deterministic for ``config["seed"]``); built on the server."""
+
+    @abstractmethod
+    def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
+        """Load what the server sent, train ``config["local_epochs"]`` epochs, return the upload."""
+
+    @abstractmethod
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict of the segmentation network's encoder (keys as in ``network.encoder``)."""
+
+
+class ServerStrategy:
+    """Server-side logic of a method; the default is FedAvg of the ``weights`` entries.
+
+    Args:
+        config: the method's configuration (same dict the sites get).
+        initial: the round-0 global message from :meth:`SiteTrainer.initial_message`.
+    """
+
+    def __init__(self, config: Mapping[str, Any], initial: Message):
+        self.config = dict(config)
+        self.global_message: Message = dict(initial)
+
+    def message_for(self, site: str, round_num: int) -> Message:
+        """What ``site`` receives at the start of ``round_num``."""
+        return {k: v for k, v in self.global_message.items() if kind_of(k) == "weights"}
+
+    def aggregate(self, updates: Mapping[str, SiteUpdate], round_num: int) -> None:
+        """Fold the sites' uploads of ``round_num`` into the global state."""
+        self.global_message.update(weighted_average(updates, kind="weights"))
+
+    def global_weights(self) -> Message:
+        """The current global ``weights`` entries (what is saved as the global model)."""
+        return {k: v for k, v in self.global_message.items() if kind_of(k) == "weights"}
+
+
+def weighted_average(
+    updates: Mapping[str, SiteUpdate], kind: str, weights: Mapping[str, float] | None = None
+) -> Message:
+    """Average the ``kind`` entries of several updates.
+
+    Args:
+        updates: site name -> update; every update must hold the same ``kind`` keys.
+        kind: which entries to average.
+        weights: site name -> non-negative weight; defaults to ``num_samples``.
+
+    Returns:
+        The averaged entries, keys with their ``kind`` prefix. Integer arrays
+        (e.g. BatchNorm counters) are taken from the first site unchanged.
+    """
+    if not updates:
+        raise ValueError("cannot aggregate: no site returned an update this round")
+    sites = list(updates)
+    w = np.array([float(weights[s] if weights is not None else updates[s].num_samples) for s in sites])
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    w = w / w.sum()
+    prefix = message_key(kind, "")
+    keys = [k for k in updates[sites[0]].message if k.startswith(prefix)]
+    averaged: Message = {}
+    for key in keys:
+        missing = [s for s in sites if key not in updates[s].message]
+        if missing:
+            raise KeyError(f"sites {missing} did not send {key!r}")
+        first = updates[sites[0]].message[key]
+        if not np.issubdtype(first.dtype, np.floating):
+            averaged[key] = first
+            continue
+        acc = sum(wi * updates[s].message[key].astype(np.float64) for wi, s in zip(w, sites))
+        averaged[key] = np.asarray(acc, dtype=first.dtype)
+    return averaged

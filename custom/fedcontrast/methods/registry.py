@@ -1,0 +1,61 @@
+"""One registry of training methods, looked up by name by the jobs, the CLI and the benchmark.
+
+A method module registers itself with :func:`register`; importing
+:mod:`fedcontrast.methods` imports every method module, so a method added
+later appears everywhere without touching the callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedcontrast.methods.base import ServerStrategy, SiteTrainer
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method.
+
+    Attributes:
+        name: registry key, also the ``method`` column of benchmark results.
+        trainer: the site-side learning code.
+        strategy: the server-side logic.
+        federated: False for methods where every site trains alone (no aggregation).
+        pretraining: True for self-supervised pre-training methods (they produce an encoder).
+        description: one line for ``fedcontrast methods`` and the reports.
+    """
+
+    name: str
+    trainer: type[SiteTrainer]
+    strategy: type[ServerStrategy] = ServerStrategy
+    federated: bool = True
+    pretraining: bool = True
+    description: str = ""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry; a name may be registered once."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method called ``name``; a clear error lists the known names."""
+    import fedcontrast.methods  # noqa: F401  (registers every method module)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known methods: {sorted(_REGISTRY)}") from None
+
+
+def available_methods(pretraining: bool | None = None) -> list[str]:
+    """Names of the registered methods, optionally only (non-)pre-training ones."""
+    import fedcontrast.methods  # noqa: F401
+
+    return sorted(n for n, s in _REGISTRY.items() if pretraining is None or s.pretraining == pretraining)
