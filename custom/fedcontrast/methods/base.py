@@ -78,7 +78,9 @@ def state_dict_to_message(state: Mapping[str, torch.Tensor], kind: str = "weight
     return pack(kind, state)
 
 
-def message_to_state_dict(message: Mapping[str, np.ndarray], kind: str = "weights") -> dict[str, torch.Tensor]:
+def message_to_state_dict(
+    message: Mapping[str, np.ndarray], kind: str = "weights"
+) -> dict[str, torch.Tensor]:
     """The ``kind`` entries of a message as a torch state dict (CPU tensors)."""
     return {k: torch.as_tensor(np.array(v)) for k, v in select(message, kind).items()}
 
