@@ -1,0 +1,143 @@
+"""Access to the MONAI bundle ``bundles/cardiac_seg``: its network, its transforms, its encoder.
+
+The bundle owns the segmentation network (MONAI ``SegResNetDS``) and the
+deterministic preprocessing; everything else in fedcontrast takes them from
+here so that pre-training, fine-tuning and inference see the same network and
+the same voxels.
+
+Config ids are the bundle's own (see ``bundles/cardiac_seg/configs/train.json``),
+e.g. ``{"spatial_dims": 2, "init_filters": 8, "roi_size": [64, 64]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+logger = logging.getLogger(__name__)
+
+#: Config files of each bundle workflow, in merge order: evaluation and inference
+#: are overlays on ``train.json``, which defines the network and the transforms once.
+CONFIG_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("train.json",),
+    "evaluate": ("train.json", "evaluate.json"),
+    "inference": ("train.json", "inference.json"),
+}
+
+
+def default_bundle_dir() -> Path:
+    """``$FEDCONTRAST_BUNDLE_DIR`` if set, else the repository's ``bundles/cardiac_seg``."""
+    env = os.environ.get("FEDCONTRAST_BUNDLE_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parents[3] / "bundles" / "cardiac_seg"
+
+
+def config_files(bundle_dir: str | os.PathLike | None = None, config: str = "train") -> list[str]:
+    """Paths of the config files that make up workflow ``config`` (``train``, ``evaluate``, ``inference``)."""
+    if config not in CONFIG_FILES:
+        raise ValueError(f"unknown bundle config {config!r}; expected one of {sorted(CONFIG_FILES)}")
+    root = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
+    paths = [root / "configs" / name for name in CONFIG_FILES[config]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config file(s) not found: {missing}")
+    return [str(p) for p in paths]
+
+
+def bundle_parser(
+    bundle_dir: str | os.PathLike | None = None,
+    config: str = "train",
+    overrides: Mapping[str, Any] | None = None,
+) -> ConfigParser:
+    """A parser of one bundle workflow, with ``bundle_root`` set and ``overrides`` applied.
+
+    The bundle root is also put on ``sys.path`` so that the bundle's ``scripts``
+    components resolve, as ``python -m monai.bundle run`` does.
+
+    Args:
+        bundle_dir: the bundle folder; defaults to :func:`default_bundle_dir`.
+        config: ``"train"``, ``"evaluate"`` or ``"inference"``.
+        overrides: config id -> value, applied after reading (``"train#trainer#max_epochs"`` style ids).
+    """
+    root = Path(bundle_dir).resolve() if bundle_dir is not None else default_bundle_dir()
+    files = config_files(root, config)
+    if str(root) not in sys.path:
+        sys.path.insert(1, str(root))
+    parser = ConfigParser()
+    parser.read_config(files)
+    meta = root / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    parser["bundle_root"] = str(root)
+    parser.update(dict(overrides or {}))
+    return parser
+
+
+def build_network(
+    bundle_dir: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
+    """A freshly initialised instance of the bundle's ``network_def`` (on CPU)."""
+    return bundle_parser(bundle_dir, "train", overrides).get_parsed_content("network_def")
+
+
+def build_preprocessing(
+    bundle_dir: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> Compose:
+    """The bundle's deterministic preprocessing (config id ``preprocessing``).
+
+    Input: datalist entries ``{"image": path, "label": path (optional), ...}`` (other keys
+    pass through). Output: ``image`` as a float32 ``MetaTensor`` of shape
+    ``(1, roi_x, roi_y, slices)``, RAS-oriented, resampled in-plane to ``inplane_spacing`` mm
+    (slice spacing kept), z-score normalised, centre cropped/padded in-plane to ``roi_size``;
+    ``label`` (when present) the same geometry as uint8 class indices.
+    """
+    return bundle_parser(bundle_dir, "train", overrides).get_parsed_content("preprocessing")
+
+
+def load_pretrained_encoder(network: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load an encoder checkpoint into ``network.encoder``, refusing any key mismatch.
+
+    Args:
+        network: a bundle network (its ``encoder`` attribute receives the weights).
+        path: a ``torch.save``-d state dict with the encoder's own key names
+            (``weights/encoder.*`` entries with ``encoder.`` stripped).
+
+    Returns:
+        The loaded keys, sorted.
+
+    Raises:
+        ValueError: the file holds no state dict, or its keys or shapes differ from
+            ``network.encoder``'s; the message lists the offending keys.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained encoder {path}: expected a state dict of tensors, got {type(state)}")
+    expected = network.encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        hint = ""
+        if any(k.startswith("encoder.") for k in unexpected):
+            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
+        raise ValueError(
+            f"pretrained encoder {path} does not match the network's encoder{hint}: "
+            f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
+        )
+    network.encoder.load_state_dict(state, strict=True)
+    loaded = sorted(state)
+    logger.info("loaded %d encoder tensors from %s: %s", len(loaded), path, loaded)
+    return loaded
