@@ -1,0 +1,155 @@
+"""Contrastive losses, all written with one InfoNCE-with-a-positive-set (SPEC §0).
+
+Every contrastive method of the project (FCL, local CL with G^R / G^D- / G^D,
+FedSimCLR) builds its loss from :func:`info_nce`; the methods differ only in
+which candidates they mark as positives and negatives of each query, which
+they express as boolean masks over shared candidate sets.
+
+Embeddings are expected L2-normalised (unit vectors), so ``q·k`` is a cosine
+similarity in [-1, 1] and ``temperature`` is dimensionless.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The global contrastive strategies of Chaitanya et al. (SPEC §4).
+GLOBAL_STRATEGIES: tuple[str, ...] = ("G^R", "G^D-", "G^D")
+
+
+def info_nce(
+    query: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.1,
+    positive_mask: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE with a positive set, averaged over queries (SPEC §0).
+
+    For one query ``q`` with positive set ``P`` and negative set ``N``::
+
+        l(q, P, N) = -(1/|P|) sum_{k in P} log( exp(q·k/τ) / (exp(q·k/τ) + sum_{n in N} exp(q·n/τ)) )
+
+    Each positive is contrasted against the negatives only (other positives are
+    not in its denominator).
+
+    Args:
+        query: ``(Q, C)`` query embeddings.
+        positives: ``(P, C)`` candidate positives shared by all queries.
+        negatives: ``(N, C)`` candidate negatives shared by all queries.
+        temperature: τ > 0.
+        positive_mask: ``(Q, P)`` bool, True where candidate ``k`` is a positive of query ``q``;
+            None means every candidate is a positive of every query.
+        negative_mask: ``(Q, N)`` bool, True where candidate ``n`` is a negative of query ``q``;
+            None means every candidate is a negative of every query.
+
+    Returns:
+        Scalar: the mean of ``l`` over the queries with at least one positive; 0 (still
+        differentiable) when no query has one. A query without negatives contributes 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_q = query.shape[0]
+    if positive_mask is None:
+        positive_mask = torch.ones(num_q, positives.shape[0], dtype=torch.bool, device=query.device)
+    if negative_mask is None:
+        negative_mask = torch.ones(num_q, negatives.shape[0], dtype=torch.bool, device=query.device)
+    pos_logits = query @ positives.T / temperature  # (Q, P)
+    neg_logits = (query @ negatives.T / temperature).masked_fill(~negative_mask, float("-inf"))  # (Q, N)
+    # log of the negatives' sum, per query; -inf (a zero sum) when a query has no negative.
+    neg_lse = torch.logsumexp(neg_logits, dim=1, keepdim=True)  # (Q, 1)
+    # -log(e^a / (e^a + e^b)) = logaddexp(a, b) - a, for every (query, candidate positive).
+    per_pair = torch.logaddexp(pos_logits, neg_lse) - pos_logits  # (Q, P)
+    per_pair = per_pair.masked_fill(~positive_mask, 0.0)
+    num_pos = positive_mask.sum(dim=1)
+    has_pos = num_pos > 0
+    if not bool(has_pos.any()):
+        return query.sum() * 0.0
+    per_query = per_pair.sum(dim=1)[has_pos] / num_pos[has_pos]
+    return per_query.mean()
+
+
+def fcl_loss(
+    query: torch.Tensor,
+    query_partitions: torch.Tensor,
+    local: torch.Tensor,
+    local_partitions: torch.Tensor,
+    remote: torch.Tensor,
+    remote_partitions: torch.Tensor,
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two FCL terms ``l(q, P(q), Q')`` and ``l(q, Λ(q), Q')`` (SPEC §1).
+
+    Args:
+        query: ``(B, C)`` queries ``g(f(x))``.
+        query_partitions: ``(B,)`` partition of each query.
+        local: ``(L, C)`` local key features: this step's keys of the other view (so the
+            other view of the query's own sample is among them) and the features sampled
+            from the local bank.
+        local_partitions: ``(L,)`` their partitions.
+        remote: ``(R, C)`` features sampled from the remote bank (other sites); may be empty.
+        remote_partitions: ``(R,)`` their partitions.
+        temperature: τ.
+
+    Returns:
+        ``(local_term, remote_term)``; ``P(q)``: local features of the query's partition;
+        ``Λ(q)``: remote features of the query's partition; ``Q'``: local and remote features
+        of every other partition. The FCL loss is their sum. The remote term is 0 when no
+        remote feature shares the query's partition (e.g. round 0).
+    """
+    negatives = torch.cat([local, remote])
+    neg_partitions = torch.cat([local_partitions, remote_partitions])
+    negative_mask = query_partitions[:, None] != neg_partitions[None, :]
+    local_mask = query_partitions[:, None] == local_partitions[None, :]
+    remote_mask = query_partitions[:, None] == remote_partitions[None, :]
+    local_term = info_nce(query, local, negatives, temperature, local_mask, negative_mask)
+    remote_term = info_nce(query, remote, negatives, temperature, remote_mask, negative_mask)
+    return local_term, remote_term
+
+
+def global_contrastive_loss(
+    embeddings: torch.Tensor,
+    partitions: torch.Tensor,
+    volumes: torch.Tensor,
+    strategy: str = "G^D",
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Global contrastive loss of Chaitanya et al. over a two-view batch (SPEC §4).
+
+    Args:
+        embeddings: ``(2B, C)``: view 1 of the B samples, then view 2 in the same order.
+        partitions: ``(B,)`` partition of each sample.
+        volumes: ``(B,)`` volume of each sample (unique within the batch, e.g. site-local ids).
+        strategy: ``"G^R"`` (SimCLR: the other view is the positive, every other embedding a
+            negative), ``"G^D-"`` (positives as G^R; no embedding of the same partition is a
+            negative), ``"G^D"`` (as G^D-, plus positives: both views of the same partition in
+            other volumes).
+        temperature: τ.
+
+    Returns:
+        Scalar loss, the mean over the 2B queries.
+    """
+    if strategy not in GLOBAL_STRATEGIES:
+        raise ValueError(
+            f"unknown global contrastive strategy {strategy!r}; expected one of {GLOBAL_STRATEGIES}"
+        )
+    num = partitions.shape[0]
+    if embeddings.shape[0] != 2 * num:
+        raise ValueError(f"expected 2 views of {num} samples, got {embeddings.shape[0]} embeddings")
+    sample = torch.arange(num, device=embeddings.device).repeat(2)
+    part = partitions.repeat(2)
+    vol = volumes.repeat(2)
+    is_self = torch.eye(2 * num, dtype=torch.bool, device=embeddings.device)
+    same_sample = sample[:, None] == sample[None, :]
+    same_partition = part[:, None] == part[None, :]
+    other_view = same_sample & ~is_self
+    if strategy == "G^R":
+        positive_mask = other_view
+        negative_mask = ~same_sample
+    else:
+        negative_mask = ~same_partition
+        positive_mask = other_view
+        if strategy == "G^D":
+            positive_mask = other_view | (same_partition & (vol[:, None] != vol[None, :]))
+    return info_nce(embeddings, embeddings, embeddings, temperature, positive_mask, negative_mask)
