@@ -144,7 +144,7 @@ def read_acdc(
         raise DataValidationError(f"{root}: no patientXXX folders and no site folders")
     entries: list[dict[str, Any]] = []
     for name, folders in sites.items():
-        patients = [p for folder in folders for p in _patient_dirs(folder)]
+        patients = sorted((p for folder in folders for p in _patient_dirs(folder)), key=lambda p: p.name)
         if not patients:
             raise DataValidationError(f"site {name!r} ({folders[0]}): no volumes (no patientXXX folders)")
         for patient in patients:
@@ -264,12 +264,16 @@ def read_mnms(
         raise DataValidationError(f"{root}: dataset folder not found")
     info_path = Path(info_csv).resolve() if info_csv else _find_mnms_csv(root)
     info = read_mnms_info(info_path)
-    cines = sorted(root.rglob("*_sa.nii.gz"))
+    cines: dict[str, Path] = {}
+    for cine in sorted(root.rglob("*_sa.nii.gz")):
+        code = cine.name[: -len("_sa.nii.gz")]
+        if code in cines:
+            raise DataValidationError(f"{cine}: case {code!r} also found at {cines[code]}")
+        cines[code] = cine
     if not cines:
         raise DataValidationError(f"{root}: no M&Ms cases (<CODE>/<CODE>_sa.nii.gz)")
     entries: list[dict[str, Any]] = []
-    for cine in cines:
-        code = cine.name[: -len("_sa.nii.gz")]
+    for code, cine in sorted(cines.items()):
         if code not in info:
             raise DataValidationError(f"{cine}: case {code!r} is not listed in {info_path}")
         row = info[code]

@@ -1,0 +1,111 @@
+"""The multi-site phantom: layout, determinism, labels, geometry, per-site differences."""
+
+from __future__ import annotations
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fedcontrast.data.phantom import SUMMARY_FILE, draw_patient, draw_scanner, render, synthesize_dataset
+from fedcontrast.data.readers import read_info_cfg
+from fedcontrast.data.validation import DataValidationError
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom") / "data"
+    start = time.perf_counter()
+    summary = synthesize_dataset(out, sites=2, patients_per_site=3, seed=0, size="small")
+    return out, summary, time.perf_counter() - start
+
+
+def test_small_phantom_is_fast(phantom):
+    assert phantom[2] < 2.0
+
+
+def test_acdc_layout_and_info_cfg(phantom):
+    out, summary, _ = phantom
+    assert sorted(p.name for p in out.iterdir()) == [SUMMARY_FILE, "site-1", "site-2"]
+    assert summary["sites"]["site-2"]["patients"] == ["patient004", "patient005", "patient006"]
+    folder = out / "site-1" / "patient001"
+    info = read_info_cfg(folder / "Info.cfg")
+    assert info["ED"] == "1" and info["Group"] in {"NOR", "MINF", "DCM", "HCM", "RV"}
+    assert {"Height", "Weight", "NbFrame"} <= set(info) and 1 < int(info["ES"]) <= int(info["NbFrame"])
+    names = {p.name for p in folder.iterdir()}
+    es = int(info["ES"])
+    assert names == {
+        "Info.cfg",
+        "patient001_frame01.nii.gz",
+        "patient001_frame01_gt.nii.gz",
+        f"patient001_frame{es:02d}.nii.gz",
+        f"patient001_frame{es:02d}_gt.nii.gz",
+    }
+
+
+def test_volumes_geometry_and_labels(phantom):
+    out, summary, _ = phantom
+    folder = out / "site-1" / "patient001"
+    image = nib.load(folder / "patient001_frame01.nii.gz")
+    label = nib.load(folder / "patient001_frame01_gt.nii.gz")
+    site = summary["sites"]["site-1"]
+    assert list(image.shape) == site["shape"] and image.shape == label.shape
+    assert 40 <= image.shape[0] <= 56 and 6 <= image.shape[2] <= 10
+    np.testing.assert_allclose(image.header.get_zooms(), site["spacing_mm"], atol=1e-3)
+    np.testing.assert_allclose(np.diag(image.affine)[:3], site["spacing_mm"], atol=1e-3)
+    np.testing.assert_array_equal(image.affine, label.affine)
+    assert label.get_data_dtype() == np.uint8 and image.get_data_dtype() == np.int16
+    values = np.asarray(label.dataobj)
+    assert set(np.unique(values)) == {0, 1, 2, 3}
+    # the heart tapers: the LV cavity is largest near the base, absent or small at the apex
+    lv_area = (values == 3).sum(axis=(0, 1))
+    assert lv_area.argmax() < len(lv_area) // 2 and lv_area[-1] < lv_area.max() / 3
+
+
+def test_es_has_smaller_cavities_and_thicker_wall():
+    scanner, patient = draw_scanner("site-1", 1, 0, "small"), draw_patient(0, 1, 1)
+    _, ed = render(scanner, patient, "ED")
+    _, es = render(scanner, patient, "ES")
+    assert (es == 3).sum() < 0.8 * (ed == 3).sum()
+    assert (es == 1).sum() < (ed == 1).sum()
+    ed_wall = (ed == 2).sum() / np.count_nonzero(((ed == 2) | (ed == 3)).any(axis=(0, 1)))
+    es_wall = (es == 2).sum() / np.count_nonzero(((es == 2) | (es == 3)).any(axis=(0, 1)))
+    assert es_wall > 0.9 * ed_wall
+
+
+def test_deterministic_per_seed_and_independent_of_counts(tmp_path, phantom):
+    out, _, _ = phantom
+    again = synthesize_dataset(tmp_path / "again", sites=1, patients_per_site=1, seed=0, size="small")
+    assert again["sites"]["site-1"]["spacing_mm"] == phantom[1]["sites"]["site-1"]["spacing_mm"]
+    for name in ("patient001_frame01.nii.gz", "patient001_frame01_gt.nii.gz"):
+        a = np.asarray(nib.load(out / "site-1" / "patient001" / name).dataobj)
+        b = np.asarray(nib.load(tmp_path / "again" / "site-1" / "patient001" / name).dataobj)
+        np.testing.assert_array_equal(a, b)
+    other = render(draw_scanner("site-1", 1, 1, "small"), draw_patient(1, 1, 1), "ED")[0]
+    assert other.shape != a.shape or not np.array_equal(other, a)
+
+
+def test_sites_differ_in_protocol():
+    scanners = [draw_scanner(f"site-{k}", k, 0, "full") for k in range(1, 5)]
+    assert len({s.spacing for s in scanners}) == 4 and len({s.scale for s in scanners}) == 4
+    for s in scanners:
+        assert 176 <= s.matrix[0] <= 232 and 1.2 <= s.spacing[0] <= 2.0 and 8 <= s.n_slices <= 12
+
+
+def test_other_sequence_site(tmp_path):
+    summary = synthesize_dataset(tmp_path / "d", sites=3, patients_per_site=1, size="small")
+    assert [s["sequence"] for s in summary["sites"].values()] == ["bssfp", "bssfp", "gre"]
+
+
+def test_refuses_to_overwrite_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(DataValidationError, match="not a phantom folder"):
+        synthesize_dataset(tmp_path, sites=1, patients_per_site=1)
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_replaces_previous_phantom(tmp_path):
+    synthesize_dataset(tmp_path / "d", sites=2, patients_per_site=1)
+    synthesize_dataset(tmp_path / "d", sites=1, patients_per_site=1)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [SUMMARY_FILE, "site-1"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
