@@ -1,0 +1,187 @@
+"""Site-side machinery shared by the contrastive pre-training methods.
+
+:class:`ContrastivePretrainer` is a :class:`~fedcontrast.methods.base.SiteTrainer`
+that owns what every contrastive method needs: the site's volumes (loaded once,
+:mod:`~fedcontrast.methods.volumes`), the partition sampler, the two-view
+augmentation, the bundle encoder with its projection head, the weights in and
+out of messages, and the local training loop. A method subclasses it and
+writes :meth:`~ContrastivePretrainer.training_step` (plus, where needed, the
+round and step hooks and the upload).
+
+Configuration (:data:`DEFAULTS`; a method's config is merged over them, nested
+dicts key by key):
+
+- ``bundle_dir``: bundle folder (None: the repository's bundle);
+- ``network``: bundle overrides for the network (e.g. ``{"init_filters": 8}``);
+- ``preprocessing``: bundle overrides for the preprocessing;
+- ``seed``: seeds the head/network initialisation, the sampling and the augmentation;
+- ``device``: torch device; None uses the device the trainer was built with;
+- ``local_epochs``: E, passes over the site's volumes per round;
+- ``batch_size``: m, volumes per batch (a batch holds m * S samples);
+- ``lr``, ``weight_decay``: Adam, re-created every round;
+- ``partitions``: S; ``slab_slices``: T, slab thickness of 3D samples;
+- ``temperature``: τ of InfoNCE;
+- ``head_hidden``, ``embedding_dim``: projection head widths (embeddings are ``embedding_dim``-d);
+- ``augment``: overrides of :data:`~fedcontrast.methods.augment.AUGMENT_DEFAULTS`.
+
+Weights travel as ``weights/encoder.<key>`` (the segmentation network's encoder,
+``<key>`` as in ``network.encoder.state_dict()``) and ``weights/head.<key>``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedcontrast.methods.augment import TwoViewAugment
+from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler, site_tag
+from fedcontrast.methods.volumes import load_volumes
+from fedcontrast.nets.encoder import build_encoder_with_head
+
+DEFAULTS: dict[str, Any] = {
+    "bundle_dir": None,
+    "network": {},
+    "preprocessing": {},
+    "seed": 0,
+    "device": None,
+    "local_epochs": 1,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "partitions": 4,
+    "slab_slices": 2,
+    "temperature": 0.1,
+    "head_hidden": 256,
+    "embedding_dim": 128,
+    "augment": {},
+}
+
+
+def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` over ``defaults``; where both hold a dict, the dicts are merged recursively."""
+    merged = dict(defaults)
+    for key, value in config.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ContrastivePretrainer(SiteTrainer):
+    """Base of the contrastive site trainers: data, model, weights and the local loop.
+
+    Args:
+        config: merged over the class's ``DEFAULTS`` (see the module docstring).
+        datalist: the site's pre-training entries (``{"image": path}``;
+            :func:`~fedcontrast.methods.volumes.pretraining_entries` builds them from a site datalist).
+        site: the site's name; its :func:`~fedcontrast.methods.partitions.site_tag` tags its samples.
+        device: torch device when ``config["device"]`` is None.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        merged = merge_config(self.DEFAULTS, config)
+        super().__init__(merged, datalist, site, merged["device"] or device)
+        cfg = self.config
+        self.tag = site_tag(site)
+        self.rng = np.random.default_rng([int(cfg["seed"]), self.tag])
+        self.volumes = load_volumes(datalist, cfg["bundle_dir"], cfg["preprocessing"])
+        self.model = self.build_model(cfg).to(self.device)
+        spatial_dims = self.model.spatial_dims
+        self.sampler = PartitionSampler(int(cfg["partitions"]), spatial_dims, int(cfg["slab_slices"]))
+        self.augment = TwoViewAugment(spatial_dims, int(self.rng.integers(2**31)), cfg["augment"])
+
+    @classmethod
+    def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
+        """The network trained and exchanged (the encoder with its projection head)."""
+        return build_encoder_with_head(
+            config["bundle_dir"], config["network"], int(config["head_hidden"]), int(config["embedding_dim"])
+        )
+
+    @classmethod
+    def initial_message(cls, config: Mapping[str, Any]) -> Message:
+        """Round-0 global weights, deterministic for ``config["seed"]`` (the global RNG is left as it was)."""
+        cfg = merge_config(cls.DEFAULTS, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]))
+            model = cls.build_model(cfg)
+        return pack("weights", model.state_dict())
+
+    def load_weights(self, incoming: Message) -> None:
+        """Load the message's ``weights/`` entries into the model (every key must match)."""
+        self.model.load_state_dict(message_to_state_dict(incoming, "weights"))
+
+    def weights_message(self) -> Message:
+        """The model's state as ``weights/`` entries."""
+        return pack("weights", self.model.state_dict())
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's state dict (keys without ``encoder.``), CPU copies."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.encoder.state_dict().items()}
+
+    def batches(self) -> Iterator[PartitionBatch]:
+        """One epoch: the volumes in a random order, m at a time, one sample per partition each."""
+        order = self.rng.permutation(len(self.volumes))
+        m = int(self.config["batch_size"])
+        for start in range(0, len(order), m):
+            ids = order[start : start + m].tolist()
+            yield self.sampler.sample([self.volumes[i] for i in ids], ids, self.tag, self.rng)
+
+    def two_views(self, batch: PartitionBatch) -> torch.Tensor:
+        """Both augmented views of a batch on the device, stacked: ``(2B, C, ...)``, view 1 first."""
+        view1, view2 = self.augment(batch.images)
+        return torch.cat([view1, view2]).to(self.device)
+
+    def begin_round(self, incoming: Message) -> None:
+        """Called after the global weights are loaded, before training; the default does nothing."""
+
+    @abstractmethod
+    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch; ``"loss"`` is minimised, every term is logged as a metric."""
+
+    def after_step(self) -> None:
+        """Called after every optimiser step; the default does nothing."""
+
+    def upload(self) -> Message:
+        """What leaves the site after training; the default is the weights only."""
+        return self.weights_message()
+
+    def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
+        """Load the global weights, train ``local_epochs`` epochs, return the upload.
+
+        ``num_samples`` counts the samples (slices or slabs) seen; metrics are the mean
+        loss terms over the round's steps and the step count.
+        """
+        self.load_weights(incoming)
+        self.begin_round(incoming)
+        optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=float(self.config["lr"]),
+            weight_decay=float(self.config["weight_decay"]),
+        )
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        steps = samples = 0
+        for _ in range(int(self.config["local_epochs"])):
+            for batch in self.batches():
+                terms = self.training_step(batch)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimizer.step()
+                self.after_step()
+                for name, value in terms.items():
+                    sums[name] += float(value.detach())
+                steps += 1
+                samples += len(batch)
+        metrics = {name: total / max(steps, 1) for name, total in sums.items()}
+        metrics["steps"] = float(steps)
+        return SiteUpdate(message=self.upload(), num_samples=samples, metrics=metrics)

@@ -1,0 +1,138 @@
+"""Two sites, two rounds of FCL, local CL and FedSimCLR in process, on a tiny phantom."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedcontrast.data.phantom import synthesize_dataset
+from fedcontrast.methods.base import message_to_state_dict, select
+from fedcontrast.methods.fcl import FCLTrainer
+from fedcontrast.methods.partitions import site_tag
+from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.bundle import build_network
+
+SITES = ("site-1", "site-2")
+TINY_NETWORK = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+CONFIG = {
+    "network": TINY_NETWORK,
+    "preprocessing": {"roi_size": [32, 32]},
+    "batch_size": 2,
+    "head_hidden": 32,
+    "embedding_dim": 16,
+    "features_per_partition": 3,
+    "local_samples": 2,
+    "remote_samples": 2,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny convolutions gain nothing from two, and a busy 2-core machine loses much."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def datalists(tmp_path_factory) -> dict[str, list[dict]]:
+    root = tmp_path_factory.mktemp("phantom") / "sites"
+    synthesize_dataset(root, sites=2, patients_per_site=2, seed=0, size="small")
+    return {
+        site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
+        for site in SITES
+    }
+
+
+def strip(entries: dict, prefix: str) -> dict:
+    """The entries whose key starts with ``prefix``, prefix removed."""
+    return {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix)}
+
+
+def initial_encoder(method: str) -> dict[str, torch.Tensor]:
+    return strip(message_to_state_dict(get_method(method).trainer.initial_message(CONFIG)), "encoder.")
+
+
+def encoder_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    assert before.keys() == after.keys()
+    return any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_fcl_two_sites_two_rounds(datalists, monkeypatch):
+    received: list[tuple[int, str, list[int]]] = []
+    original = FCLTrainer.local_round
+
+    def spy(self, incoming, round_num):
+        tags = incoming.get("features/sites", np.array([], dtype=np.int64))
+        received.append((round_num, self.site, sorted(set(tags.tolist()))))
+        return original(self, incoming, round_num)
+
+    monkeypatch.setattr(FCLTrainer, "local_round", spy)
+    result = run_in_process("fcl", CONFIG, datalists, rounds=2)
+
+    # round 0 has no remote features; in round 1 each site holds exactly the other site's
+    assert received == [
+        (0, "site-1", []),
+        (0, "site-2", []),
+        (1, "site-1", [site_tag("site-2")]),
+        (1, "site-2", [site_tag("site-1")]),
+    ]
+    for record in result.history:
+        assert all(math.isfinite(v) for v in record["metrics"].values())
+        assert record["metrics"]["loss_local"] > 0
+        assert (record["metrics"]["loss_remote"] > 0) == (record["round"] == 1)
+        assert record["bytes_up"]["features"] > 0
+    before = initial_encoder("fcl")
+    for site in SITES:
+        assert encoder_changed(before, result.encoders[site])
+        build_network(overrides=TINY_NETWORK).encoder.load_state_dict(result.encoders[site])
+        # the upload: weights under encoder./head. names, 16-d unit features with partition ids, nothing else
+        message = result.final_messages[site]
+        weights = select(message, "weights")
+        head = strip(weights, "head.")
+        assert head and set(weights) == {"encoder." + k for k in before} | {"head." + k for k in head}
+        features = select(message, "features")
+        assert set(features) == {"embeddings", "partitions"}
+        # 2 patients x (ED, ES) = 4 volumes; K = 3 per partition; S = 4
+        assert features["embeddings"].shape == (12, 16) and features["embeddings"].dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(features["embeddings"], axis=1), 1.0, rtol=1e-5)
+        assert sorted(np.bincount(features["partitions"]).tolist()) == [3, 3, 3, 3]
+        assert {k.split("/", 1)[0] for k in message} == {"weights", "features"}
+
+
+def test_local_cl_trains_each_site_alone(datalists):
+    spec = get_method("local_cl")
+    assert not spec.federated
+    result = run_in_process("local_cl", CONFIG, datalists, rounds=2)
+    assert all(math.isfinite(r["metrics"]["loss"]) for r in result.history)
+    before = initial_encoder("local_cl")
+    assert all(encoder_changed(before, result.encoders[s]) for s in SITES)
+    assert encoder_changed(result.encoders["site-1"], result.encoders["site-2"])
+    assert result.global_message == {}
+    assert all(set(m) == {k for k in m if k.startswith("weights/")} for m in result.final_messages.values())
+
+
+def test_local_cl_is_deterministic_for_a_seed(datalists):
+    one = {"site-1": datalists["site-1"]}
+    a = run_in_process("local_cl", {**CONFIG, "loss_strategy": "G^D-"}, one, rounds=1)
+    b = run_in_process("local_cl", {**CONFIG, "loss_strategy": "G^D-"}, one, rounds=1)
+    assert a.history[0]["metrics"] == b.history[0]["metrics"]
+    assert not encoder_changed(a.encoders["site-1"], b.encoders["site-1"])
+
+
+def test_fedsimclr_averages_encoder_and_head(datalists):
+    spec = get_method("fedsimclr")
+    assert spec.federated and spec.trainer.DEFAULTS["loss_strategy"] == "G^R"
+    result = run_in_process("fedsimclr", CONFIG, datalists, rounds=2)
+    assert all(math.isfinite(r["metrics"]["loss"]) for r in result.history)
+    assert all(r["bytes_up"]["features"] == 0 and r["bytes_up"]["weights"] > 0 for r in result.history)
+    before = initial_encoder("fedsimclr")
+    average = strip(result.global_message, "weights/encoder.")
+    assert encoder_changed(before, {k: torch.as_tensor(v) for k, v in average.items()})
+    key = next(k for k in average if k.endswith("conv_init.weight"))
+    expected = (result.encoders["site-1"][key] + result.encoders["site-2"][key]) / 2  # equal sample counts
+    np.testing.assert_allclose(average[key], expected.numpy(), rtol=1e-5, atol=1e-7)
