@@ -136,3 +136,9 @@ def test_fedsimclr_averages_encoder_and_head(datalists):
     key = next(k for k in average if k.endswith("conv_init.weight"))
     expected = (result.encoders["site-1"][key] + result.encoders["site-2"][key]) / 2  # equal sample counts
     np.testing.assert_allclose(average[key], expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_volumes_with_fewer_slices_than_partitions_are_named(datalists):
+    # the small phantom has 7 to 9 slices per volume
+    with pytest.raises(ValueError, match=r"fewer slices than partitions=12 .*\.nii\.gz"):
+        FCLTrainer({**CONFIG, "partitions": 12}, datalists["site-1"], "site-1")

@@ -95,6 +95,9 @@ class ContrastivePretrainer(SiteTrainer):
         self.tag = site_tag(site)
         self.rng = np.random.default_rng([int(cfg["seed"]), self.tag])
         self.volumes = load_volumes(datalist, cfg["bundle_dir"], cfg["preprocessing"])
+        short = [e["image"] for e, v in zip(datalist, self.volumes) if v.shape[-1] < int(cfg["partitions"])]
+        if short:
+            raise ValueError(f"{site}: fewer slices than partitions={cfg['partitions']} in {short}")
         self.model = self.build_model(cfg).to(self.device)
         spatial_dims = self.model.spatial_dims
         self.sampler = PartitionSampler(int(cfg["partitions"]), spatial_dims, int(cfg["slab_slices"]))
