@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from fedcontrast.cli import main
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import ACDC_LABELS, read_acdc, read_dataset, read_decathlon, read_mnms
 from fedcontrast.data.validation import DataValidationError
@@ -168,6 +169,22 @@ def test_mnms_centre_as_site_and_cache_reuse(mnms, tmp_path):
     mtime = Path(entries[0]["image"]).stat().st_mtime_ns
     assert read_mnms(mnms, tmp_path / "cache", site_key="centre") == entries
     assert Path(entries[0]["image"]).stat().st_mtime_ns == mtime
+
+
+def test_mnms_split_cli_by_vendor(mnms, tmp_path, capsys):
+    argv = ["data", "split", "--dataset", str(mnms), "--format", "mnms", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--site-key", "vendor", "--labeled-per-site", "0", "--test-per-site", "0"]) == 0
+    index = json.loads(capsys.readouterr().out)
+    assert {k: v["source_site"] for k, v in index["sites"].items()} == {
+        "site-1": "A",
+        "site-2": "B",
+        "site-3": "C",
+    }
+    site = json.loads((tmp_path / "out" / "site-1.json").read_text())
+    assert site["unlabeled"][0]["image"].startswith(str(tmp_path / "out" / "mnms_frames" / "A" / "A1B2C3"))
+    # vendor C has no labels: a label budget there is an error that names the site
+    assert main([*argv, "--labeled-per-site", "1", "--test-per-site", "0"]) == 2
+    assert "site 'C': label budget of 1 volumes exceeds its 0 labelled" in capsys.readouterr().err
 
 
 def test_mnms_case_missing_from_csv(mnms, tmp_path):

@@ -408,6 +408,10 @@ def read_dataset(
             raise DataValidationError("ACDC sites are folders: a site key applies to M&Ms and Decathlon only")
         return read_acdc(path, site=site, allow_unlabeled=allow_unlabeled), dict(ACDC_LABELS)
     if fmt == "mnms":
+        if site is not None:
+            raise DataValidationError(
+                "M&Ms sites come from the information CSV: use a site key (vendor/centre)"
+            )
         if cache_dir is None:
             raise DataValidationError("M&Ms needs a cache folder for the extracted ED/ES frames")
         return read_mnms(path, cache_dir, site_key=site_key or "vendor"), dict(ACDC_LABELS)  # type: ignore[arg-type]

@@ -128,11 +128,3 @@ def validate_entries(
                 check_label_values(entry["label"], labels.values())
         else:
             check_3d(entry["image"], read_geometry(entry["image"]))
-
-
-def require_sites(entries: Sequence[Mapping], sites: Iterable[str]) -> None:
-    """Raise for any site of ``sites`` that has no volume in ``entries``."""
-    present = {entry["site"] for entry in entries}
-    for site in sites:
-        if site not in present:
-            raise DataValidationError(f"site {site!r}: no volumes")
