@@ -299,8 +299,8 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     rv_taper = np.sqrt(np.clip(1.0 - (tc / h["rv_end"]) ** 2, 0.0, 1.0)) * in_heart
     depth = outer * h["rv_depth"] * (0.8 if es else 1.0) * rv_taper + 1e-3
     width = outer * h["rv_width"] * (0.9 if es else 1.0) * rv_taper + 1e-3
-    ru, rv_ = _rotate(hx, hy, h["rv_angle"])
-    rho = np.sqrt(((ru - outer * epi_taper) / depth) ** 2 + (rv_ / width) ** 2)
+    along, across = _rotate(hx, hy, h["rv_angle"])
+    rho = np.sqrt(((along - outer * epi_taper) / depth) ** 2 + (across / width) ** 2)
     rv_cavity = (rho < 1.0) & ~(lv_cavity | lv_wall) & (rv_taper > 0.05)
     rv_free_wall = (rho < 1.0 + h["rv_wall"] / width) & ~(lv_cavity | lv_wall | rv_cavity) & (rv_taper > 0.05)
     heart = lv_cavity | lv_wall | rv_cavity | rv_free_wall
@@ -314,9 +314,9 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     sub_fat, muscle = b["subcutaneous_fat"], b["muscle"] + 10.0 * np.clip(v / B, 0.0, 1.0)
     for side in (-1.0, 1.0):  # arms beside the chest
         arm = (side * (A + 40.0), 0.0)
-        _paint(tissue, _in_ellipse(u, v, arm, (38.0, 48.0)) & (z_mm >= 0), FAT)
-        _paint(tissue, _in_ellipse(u, v, arm, (30.0, 40.0)) & (z_mm >= 0), MUSCLE)
-        _paint(tissue, _in_ellipse(u, v, arm, (9.0, 9.0)) & (z_mm >= 0), MARROW)
+        _paint(tissue, _in_ellipse(u, v, arm, (38.0, 48.0)), FAT)
+        _paint(tissue, _in_ellipse(u, v, arm, (30.0, 40.0)), MUSCLE)
+        _paint(tissue, _in_ellipse(u, v, arm, (9.0, 9.0)), MARROW)
     _paint(tissue, _in_ellipse(u, v, (0.0, 0.0), (A, B)), FAT)
     _paint(tissue, _in_ellipse(u, v, (0.0, 0.0), (A - sub_fat, B - sub_fat)), MUSCLE)
     ta, tb = A - sub_fat - muscle, B - sub_fat - muscle  # thoracic cavity
