@@ -78,7 +78,10 @@ class PerClassMetrics:
     """
 
     def __init__(
-        self, class_names: Sequence[str], output_dir: str | os.PathLike | None = None, image_key: str = "image"
+        self,
+        class_names: Sequence[str],
+        output_dir: str | os.PathLike | None = None,
+        image_key: str = "image",
     ) -> None:
         self.class_names = list(class_names)
         self.output_dir = Path(output_dir) if output_dir else None
@@ -105,7 +108,7 @@ class PerClassMetrics:
         for name, values in details.items():
             if values.shape[1] != len(self.class_names):
                 raise ValueError(
-                    f"metric {name!r} has {values.shape[1]} classes but class_names has {len(self.class_names)}"
+                    f"metric {name!r} has {values.shape[1]} classes, class_names {len(self.class_names)}"
                 )
             for cls, value in zip(self.class_names, _finite_mean(values, dim=0)):
                 engine.state.metrics[f"{name}_{cls}"] = value.item()

@@ -15,6 +15,8 @@ NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 
 def _nifti_problem(path: Path) -> str | None:
     """Why ``path`` is not a readable 3D NIfTI volume, or ``None`` when it is one."""
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        return "not a NIfTI file name (expected .nii or .nii.gz)"
     try:
         img = nib.load(path)
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -43,11 +45,7 @@ def nifti_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset_dir {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    problems = {
-        p: "not a NIfTI file (expected .nii or .nii.gz)" if not p.name.endswith(NIFTI_SUFFIXES) else _nifti_problem(p)
-        for p in files
-    }
-    bad = {p: why for p, why in problems.items() if why is not None}
+    bad = {p: why for p in files if (why := _nifti_problem(p)) is not None}
     if bad:
         details = "; ".join(f"{p}: {why}" for p, why in bad.items())
         raise ValueError(f"{len(bad)} input file(s) in {folder} are not readable 3D NIfTI volumes: {details}")

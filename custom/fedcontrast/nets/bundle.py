@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ CONFIG_FILES: dict[str, tuple[str, ...]] = {
     "evaluate": ("train.json", "evaluate.json"),
     "inference": ("train.json", "inference.json"),
 }
+
+#: MONAI workflow type of each config, whose required ids ``check_properties`` verifies.
+WORKFLOW_TYPES: dict[str, str | None] = {"train": "train", "evaluate": None, "inference": "infer"}
 
 
 def default_bundle_dir() -> Path:
@@ -68,18 +71,42 @@ def bundle_parser(
         config: ``"train"``, ``"evaluate"`` or ``"inference"``.
         overrides: config id -> value, applied after reading (``"train#trainer#max_epochs"`` style ids).
     """
-    root = Path(bundle_dir).resolve() if bundle_dir is not None else default_bundle_dir()
-    files = config_files(root, config)
-    if str(root) not in sys.path:
-        sys.path.insert(1, str(root))
+    root = _bundle_root(bundle_dir)
     parser = ConfigParser()
-    parser.read_config(files)
-    meta = root / "configs" / "metadata.json"
-    if meta.is_file():
-        parser.read_meta(str(meta))
+    parser.read_config(config_files(root, config))
+    parser.read_meta(str(root / "configs" / "metadata.json"))
     parser["bundle_root"] = str(root)
     parser.update(dict(overrides or {}))
     return parser
+
+
+def bundle_workflow(
+    bundle_dir: str | os.PathLike | None = None,
+    config: str = "train",
+    overrides: Mapping[str, Any] | None = None,
+) -> ConfigWorkflow:
+    """A MONAI ``ConfigWorkflow`` of one bundle workflow, not yet initialised.
+
+    Same files, ``bundle_root`` and ``overrides`` as :func:`bundle_parser`; the bundle's
+    ``logging.conf`` is not applied (the host process keeps its logging). Its properties
+    (``trainer``, ``evaluator``, ``network_def`` ...) are the model-zoo ids of the train workflow.
+    """
+    root = _bundle_root(bundle_dir)
+    return ConfigWorkflow(
+        config_file=config_files(root, config),
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=WORKFLOW_TYPES[config],
+        **{"bundle_root": str(root), **dict(overrides or {})},
+    )
+
+
+def _bundle_root(bundle_dir: str | os.PathLike | None) -> Path:
+    """The absolute bundle folder, put on ``sys.path`` so that its ``scripts`` components resolve."""
+    root = Path(bundle_dir).resolve() if bundle_dir is not None else default_bundle_dir()
+    if str(root) not in sys.path:
+        sys.path.insert(1, str(root))
+    return root
 
 
 def build_network(

@@ -1,0 +1,175 @@
+"""``supervised``: fine-tune the bundle's segmentation network on a site's labelled volumes.
+
+Every round the site loads the global network, trains ``local_epochs`` epochs
+through the bundle's own train workflow (``bundles/cardiac_seg/configs/train.json``
+run by MONAI's ``ConfigWorkflow``: its transforms, Dice+CE loss, optimiser and
+validation), and uploads the full network state dict. FedAvg of these uploads is
+federated fine-tuning; ``federated=False`` is local fine-tuning.
+
+Datalist convention: the trainer gets the site's labelled entries
+(``{"image", "label", ...}``). Entries tagged ``"split": "validation"`` are held
+out and measured after every round (validation Dice); :func:`supervised_entries`
+builds such a list from a site datalist (its ``training`` part to train, its
+``test`` part to validate).
+
+Configuration (:data:`DEFAULTS`, merged under the config given):
+
+- ``bundle_dir``: bundle folder (None: the repository's bundle);
+- ``network``: bundle config overrides (any id of the train config, e.g.
+  ``{"init_filters": 8, "spatial_dims": 2, "roi_size": [64, 64]}``);
+- ``pretrained_encoder``: encoder checkpoint loaded into the round-0 network ("" for none);
+- ``local_epochs``, ``lr``, ``batch_size``, ``seed``: the bundle's ``epochs`` (per round),
+  ``learning_rate``, ``batch_size``, ``seed``;
+- ``device``: torch device; None uses the device the trainer was built with;
+- ``num_workers``: data-loading worker processes;
+- ``workdir``: folder for the bundle's checkpoints and TensorBoard logs (None: a temporary folder).
+
+Weights travel as ``weights/<key>`` with the network's own state-dict keys
+(``encoder.*``, ``up_layers.*``), so the server's global model is a plain
+network state dict that the bundle's evaluation and inference load.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import from_engine
+
+from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.pretrain import merge_config
+from fedcontrast.methods.registry import MethodSpec, register
+from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrained_encoder
+
+DEFAULTS: dict[str, Any] = {
+    "bundle_dir": None,
+    "network": {},
+    "pretrained_encoder": "",
+    "local_epochs": 1,
+    "lr": 1e-3,
+    "batch_size": 2,
+    "seed": 0,
+    "device": None,
+    "num_workers": 0,
+    "workdir": None,
+}
+
+#: Value of an entry's ``"split"`` that holds it out for validation.
+VALIDATION = "validation"
+
+
+def supervised_entries(site_datalist: Mapping[str, Any], validation_key: str = "test") -> list[dict]:
+    """A site datalist's ``training`` entries plus its ``validation_key`` entries tagged for validation."""
+    return [dict(e) for e in site_datalist["training"]] + [
+        {**e, "split": VALIDATION} for e in site_datalist.get(validation_key, [])
+    ]
+
+
+def _image_label(entries: list[dict]) -> list[dict[str, str]]:
+    """Only the ``image`` and ``label`` paths of labelled entries (what the bundle's loaders read)."""
+    unlabelled = [e.get("image") for e in entries if "label" not in e]
+    if unlabelled:
+        raise ValueError(f"supervised training needs labelled volumes; no 'label' for {unlabelled}")
+    return [{"image": str(e["image"]), "label": str(e["label"])} for e in entries]
+
+
+class SupervisedBundleTrainer(SiteTrainer):
+    """Site trainer that runs the bundle's train workflow on the site's labelled volumes.
+
+    Args:
+        config: merged over :data:`DEFAULTS` (see the module docstring).
+        datalist: labelled entries; those with ``"split": "validation"`` are validation only.
+        site: the site's name.
+        device: torch device when ``config["device"]`` is None.
+    """
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        merged = merge_config(DEFAULTS, config)
+        super().__init__(merged, datalist, site, merged["device"] or device)
+        cfg = self.config
+        train = _image_label([e for e in datalist if e.get("split") != VALIDATION])
+        val = _image_label([e for e in datalist if e.get("split") == VALIDATION])
+        if not train:
+            raise ValueError(f"site {site}: no labelled training volume to fine-tune on")
+        self.num_train = len(train)
+        self.has_validation = bool(val)
+        self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
+        workdir = Path(cfg["workdir"] or self._tmp.name) / site
+        local_epochs = int(cfg["local_epochs"])
+        overrides = {
+            **cfg["network"],
+            "train_datalist": train,
+            "val_datalist": val,
+            "pretrained_encoder": "",  # the round-0 global weights already carry it
+            "device": self.device,
+            "epochs": local_epochs,
+            "val_interval": local_epochs,
+            "learning_rate": float(cfg["lr"]),
+            "batch_size": int(cfg["batch_size"]),
+            "seed": int(cfg["seed"]),
+            "num_workers": int(cfg["num_workers"]),
+            "ckpt_dir": str(workdir / "models"),
+            "log_dir": str(workdir / "logs"),
+        }
+        self.workflow = bundle_workflow(cfg["bundle_dir"], "train", overrides)
+        self.workflow.initialize()
+        self.network: torch.nn.Module = self.workflow.parser.get_parsed_content("network")
+        self.trainer: Engine = self.workflow.trainer
+        self._losses: list[float] = []
+        self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._record_loss)
+
+    def _record_loss(self, engine: Engine) -> None:
+        self._losses.append(float(from_engine(["loss"], first=True)(engine.state.output)))
+
+    @classmethod
+    def initial_message(cls, config: Mapping[str, Any]) -> Message:
+        """The bundle network for ``config["seed"]`` (global RNG untouched), with the optional
+        ``pretrained_encoder`` loaded, as ``weights/`` entries."""
+        cfg = merge_config(DEFAULTS, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg["seed"]))
+            network = build_network(cfg["bundle_dir"], cfg["network"])
+        if cfg["pretrained_encoder"]:
+            load_pretrained_encoder(network, cfg["pretrained_encoder"])
+        return pack("weights", network.state_dict())
+
+    def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
+        """Load the global network, train ``local_epochs`` epochs with the bundle, upload the network.
+
+        Metrics: ``train_loss`` (mean over the round's iterations), ``steps``, and when the
+        site has validation volumes the bundle validator's ``val_dice`` and ``val_dice_<class>``.
+        """
+        state = message_to_state_dict(incoming, "weights")
+        self.network.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        self._losses.clear()
+        self.trainer.state.max_epochs = self.trainer.state.epoch + int(self.config["local_epochs"])
+        self.trainer.run()
+        metrics = {
+            "train_loss": sum(self._losses) / max(len(self._losses), 1),
+            "steps": float(len(self._losses)),
+        }
+        if self.has_validation:
+            metrics.update({k: float(v) for k, v in self.workflow.evaluator.state.metrics.items()})
+        return SiteUpdate(
+            message=pack("weights", self.network.state_dict()),
+            num_samples=self.num_train * int(self.config["local_epochs"]),
+            metrics=metrics,
+        )
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The network encoder's state dict (keys without ``encoder.``), CPU copies."""
+        return {k: v.detach().cpu().clone() for k, v in self.network.encoder.state_dict().items()}
+
+
+SPEC = register(
+    MethodSpec(
+        name="supervised",
+        trainer=SupervisedBundleTrainer,
+        pretraining=False,
+        description="supervised fine-tuning of the bundle network through the bundle's train workflow",
+    )
+)

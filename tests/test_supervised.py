@@ -1,0 +1,107 @@
+"""The ``supervised`` method: two tiny sites fine-tune the bundle network in process, federated and alone."""
+
+import math
+
+import pytest
+import torch
+from fedcontrast.cli import main as fedcontrast_cli
+from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.methods.base import message_to_state_dict
+from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.runner import run_in_process
+from fedcontrast.methods.supervised import SupervisedBundleTrainer, supervised_entries
+from fedcontrast.nets.bundle import build_network
+
+SITES = ("site-1", "site-2")
+#: A tiny network on the small phantom (about 3.3 mm pixels, 7-9 slices).
+TINY = {
+    "init_filters": 4,
+    "blocks_down": [1, 1, 1],
+    "inplane_spacing": 3.0,
+    "roi_size": [48, 48],
+    "patch_size": [32, 32, 4],
+}
+CONFIG = {"network": TINY, "local_epochs": 1, "batch_size": 2, "lr": 3e-3, "seed": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny convolutions gain nothing from two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def datalists(tmp_path_factory) -> dict[str, list[dict]]:
+    """Two sites of 3 patients: 4 labelled training volumes and 1 test patient (2 volumes) each."""
+    root = tmp_path_factory.mktemp("supervised")
+    fedcontrast_cli(
+        ["data", "synth", "--out", str(root / "data"), "--sites", "2", "--patients-per-site", "3"]
+    )
+    fedcontrast_cli(
+        ["data", "split", "--dataset", str(root / "data"), "--format", "acdc", "--out", str(root / "splits"),
+         "--labeled-per-site", "4", "--test-per-site", "1"]
+    )  # fmt: skip
+    return {site: supervised_entries(load_site_datalist(root / "splits" / f"{site}.json")) for site in SITES}
+
+
+def test_registered_as_fine_tuning():
+    spec = get_method("supervised")
+    assert spec.trainer is SupervisedBundleTrainer
+    assert not spec.pretraining and spec.federated
+
+
+def test_supervised_entries_tags_the_test_part():
+    site = {"training": [{"image": "a", "label": "b"}], "test": [{"image": "c", "label": "d"}]}
+    entries = supervised_entries(site)
+    assert [e.get("split") for e in entries] == [None, "validation"]
+
+
+def test_initial_message_is_the_seeded_bundle_network():
+    first = message_to_state_dict(SupervisedBundleTrainer.initial_message(CONFIG))
+    again = message_to_state_dict(SupervisedBundleTrainer.initial_message(CONFIG))
+    assert first.keys() == build_network(overrides=TINY).state_dict().keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_initial_message_loads_the_pretrained_encoder(tmp_path):
+    encoder = build_network(overrides=TINY).encoder.state_dict()
+    encoder = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in encoder.items()}
+    torch.save(encoder, tmp_path / "encoder.pt")
+    weights = message_to_state_dict(
+        SupervisedBundleTrainer.initial_message(
+            {**CONFIG, "pretrained_encoder": str(tmp_path / "encoder.pt")}
+        )
+    )
+    assert all(torch.equal(weights[f"encoder.{k}"], v) for k, v in encoder.items())
+
+
+def test_unlabelled_entries_are_refused():
+    with pytest.raises(ValueError, match="no 'label' for"):
+        SupervisedBundleTrainer(CONFIG, [{"image": "x.nii.gz"}], "site-1")
+
+
+def test_federated_rounds_train_through_the_bundle(datalists):
+    result = run_in_process("supervised", CONFIG, datalists, rounds=2, federated=True)
+    assert len(result.history) == 4
+    for record in result.history:
+        metrics = record["metrics"]
+        assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 2
+        assert 0.0 <= metrics["val_dice"] <= 1.0
+        assert {"val_dice_RV", "val_dice_MYO", "val_dice_LV"} <= metrics.keys()
+        assert record["bytes_up"]["weights"] > 0
+    initial = message_to_state_dict(get_method("supervised").trainer.initial_message(CONFIG))
+    final = message_to_state_dict(result.global_message)
+    assert final.keys() == initial.keys()
+    assert any(not torch.equal(final[k], initial[k]) for k in initial)
+    # the global weights load straight into the bundle network (what the server saves)
+    build_network(overrides=TINY).load_state_dict(final)
+
+
+def test_local_training_keeps_sites_apart(datalists):
+    result = run_in_process("supervised", CONFIG, datalists, rounds=1, federated=False)
+    one, two = (message_to_state_dict(result.final_messages[s]) for s in SITES)
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+    assert result.encoders["site-1"].keys() == build_network(overrides=TINY).encoder.state_dict().keys()
