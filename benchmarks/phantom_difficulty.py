@@ -33,6 +33,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
 from fedcontrast.data.io import write_json
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc

@@ -7,6 +7,7 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+
 from fedcontrast.data.phantom import SUMMARY_FILE, draw_patient, draw_scanner, render, synthesize_dataset
 from fedcontrast.data.readers import read_info_cfg
 from fedcontrast.data.validation import DataValidationError

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from fedcontrast.cli import main
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import ACDC_LABELS, read_acdc, read_dataset, read_decathlon, read_mnms

@@ -6,12 +6,13 @@ import itertools
 import json
 
 import pytest
+from monai.data import load_decathlon_datalist
+
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import ACDC_LABELS, read_acdc
 from fedcontrast.data.splits import INDEX_FILE, write_site_splits
 from fedcontrast.data.validation import DataValidationError
-from monai.data import load_decathlon_datalist
 
 
 @pytest.fixture(scope="module")

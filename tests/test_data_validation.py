@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from fedcontrast.cli import main
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import synthesize_dataset

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fedcontrast.methods.augment import TwoViewAugment
 
 

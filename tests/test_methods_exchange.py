@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from fedcontrast.methods.base import SiteUpdate, count_bytes
 from fedcontrast.methods.exchange import FeatureExchange
 from fedcontrast.methods.partitions import site_tag

@@ -1,6 +1,7 @@
 """Encoder access, projection head and momentum (EMA) update."""
 
 import torch
+
 from fedcontrast.nets.bundle import build_network
 from fedcontrast.nets.encoder import build_encoder_with_head, deepest_channels, ema_update, momentum_copy
 from fedcontrast.nets.heads import ProjectionHead

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+
 from fedcontrast.methods.losses import fcl_loss, global_contrastive_loss, info_nce
 
 E = math.e

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from fedcontrast.methods.partitions import PartitionSampler, partition_of, partition_slices, site_tag
 
 

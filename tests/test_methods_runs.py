@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.methods.base import message_to_state_dict, select
 from fedcontrast.methods.fcl import FCLTrainer

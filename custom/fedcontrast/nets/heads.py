@@ -45,3 +45,17 @@ class ProjectionHead(nn.Module):
         """``(B, C, *spatial)`` feature map -> ``(B, out_channels)`` unit-norm embeddings."""
         pooled = feature_map.flatten(2).mean(dim=2)
         return F.normalize(self.mlp(pooled), dim=1)
+
+
+class PredictionHead(MLP):
+    """Predictor h of the BYOL-style methods (SPEC §2): an :class:`MLP` ``(B, dim) -> (B, dim)``.
+
+    Its output is not normalised: the negative-cosine loss compares directions only.
+
+    Args:
+        dim: embedding dimension (the projection head's ``out_channels``).
+        hidden_channels: MLP hidden width.
+    """
+
+    def __init__(self, dim: int = 128, hidden_channels: int = 256):
+        super().__init__(dim, hidden_channels, dim)
