@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from fedcontrast.cli import main as fedcontrast_cli
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.methods.base import message_to_state_dict
