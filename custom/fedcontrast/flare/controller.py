@@ -1,0 +1,190 @@
+"""``MethodController``: runs any registered method's :class:`~fedcontrast.methods.base.ServerStrategy`.
+
+Each round, every site gets ``strategy.message_for(site, round)`` as its own task
+(so each site can receive a different payload, e.g. only the *other* sites'
+features), the controller waits until no task is standing, then calls
+``strategy.aggregate(updates, round)``: the protocol of
+:func:`fedcontrast.methods.runner.run_in_process`, over NVFlare. With
+``federated=False`` (or a method registered as not federated) nothing is
+averaged: each site gets back its own last upload, so each site trains alone
+(local fine-tuning, local contrastive learning) through the same job.
+
+Results, in the server's result folder (the job's run folder unless the site
+configured a result root; in the simulator ``<workspace>/server/simulate_job/``),
+all updated after every round:
+
+- ``bytes.json``, ``metrics.json``, ``tensorboard/`` (see :mod:`fedcontrast.flare.ledger`);
+- federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
+  dict of the bundle network, written when they cover the whole network (the bundle's
+  ``evaluate``/``inference`` load it with ``--ckpt_path``); for a pre-training method
+  ``pretrained_encoder.pt``, the ``weights/encoder.*`` entries with ``encoder.`` stripped
+  (the bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
+- local runs: the same files per site under ``local/<site>/``;
+- with ``record_messages``: every message as sent, ``messages/r<round>_<site>_<down|up>.npz``
+  (an audit of what left each site; uploads are recorded after the sites' result filters).
+
+A site whose task fails stops the run: the server log names the site (NVFlare's
+"Result from <site> is bad"), and the site's log says why.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from fedcontrast.flare.ledger import RunLedger
+from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
+from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
+from fedcontrast.methods.registry import get_method
+from fedcontrast.nets.bundle import build_network
+
+MODEL_FILE = "global_model.pt"
+ENCODER_FILE = "pretrained_encoder.pt"
+LOCAL_DIR = "local"
+MESSAGES_DIR = "messages"
+
+
+def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
+    """Write the network and encoder files of a final ``weights`` message (see the module docstring).
+
+    Returns:
+        The files written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = message_to_state_dict(weights, "weights")
+    network_keys = build_network(config.get("bundle_dir"), config.get("network", {})).state_dict().keys()
+    written = []
+    if network_keys <= state.keys():
+        torch.save({k: state[k] for k in network_keys}, out_dir / MODEL_FILE)
+        written.append(out_dir / MODEL_FILE)
+    if pretraining:
+        prefix = "encoder."
+        encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not encoder:
+            raise ValueError("a pre-training method's weights hold no 'encoder.*' entry")
+        torch.save(encoder, out_dir / ENCODER_FILE)
+        written.append(out_dir / ENCODER_FILE)
+    return written
+
+
+class MethodController(ModelController):
+    """Server workflow of any registered method (see the module docstring).
+
+    Args:
+        method: registered method name.
+        config: the method's configuration (the same dict the sites get).
+        num_rounds: rounds to run.
+        min_clients: fewest sites to start with.
+        task_name: the task sent every round (the name the executor and filters are bound to).
+        federated: False: no aggregation, each site gets back its own last upload.
+        task_timeout: seconds a site may take for one round (0: no limit).
+        record_messages: also save every message sent and received (an audit; costs disk).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        config: dict | None = None,
+        num_rounds: int = 1,
+        min_clients: int = 1,
+        task_name: str = "train",
+        federated: bool = True,
+        task_timeout: int = 0,
+        record_messages: bool = False,
+    ):
+        # no persistor: the strategy holds the global state; one failed site stops the run
+        super().__init__(persistor_id="", ignore_result_error=False)
+        self.method = method
+        self.config = dict(config or {})
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.task_name = task_name
+        self.federated = federated
+        self.task_timeout = task_timeout
+        self.record_messages = record_messages
+
+    def result_dir(self) -> Path:
+        """The server's result folder for this job."""
+        return Path(self.engine.get_workspace().get_result_root(self.fl_ctx.get_job_id()))
+
+    def run(self) -> None:
+        """All rounds, then the final models."""
+        spec = get_method(self.method)
+        sites = sorted(self.sample_clients())
+        if len(sites) < self.min_clients:
+            self.panic(f"{len(sites)} site(s) {sites} joined; the job needs at least {self.min_clients}")
+            return
+        initial = spec.trainer.initial_message(self.config)
+        strategy = spec.strategy(self.config, initial) if self.federated and spec.federated else None
+        own: dict[str, Message] = {site: dict(initial) for site in sites}
+        out_dir = self.result_dir()
+        ledger = RunLedger(out_dir)
+        self.info(f"{self.method}: {self.num_rounds} round(s) on {sites}, federated={strategy is not None}")
+        try:
+            for round_num in range(self.num_rounds):
+                messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
+                updates = self.run_round(round_num, messages, ledger)
+                if updates is None:
+                    return
+                if strategy:
+                    strategy.aggregate(updates, round_num)
+                else:
+                    own.update({s: u.message for s, u in updates.items()})
+                ledger.end_round(round_num)
+        finally:
+            ledger.close()
+        if strategy:
+            written = save_models(strategy.global_weights(), out_dir, self.config, spec.pretraining)
+        else:
+            written = [
+                path
+                for site in sites
+                for path in save_models(own[site], out_dir / LOCAL_DIR / site, self.config, spec.pretraining)
+            ]
+        self.info(f"{self.method}: done; wrote {[str(p) for p in written]} and the ledger in {out_dir}")
+
+    def run_round(
+        self, round_num: int, messages: dict[str, Message], ledger: RunLedger
+    ) -> dict[str, SiteUpdate] | None:
+        """Send each site its message as its own task, wait for all; None when the run was stopped."""
+        updates: dict[str, SiteUpdate] = {}
+
+        def collect(result: FLModel) -> None:
+            updates[result.meta["client_name"]] = flmodel_to_update(result)
+
+        for site, message in messages.items():
+            ledger.record_message(round_num, site, "down", message)
+            self.send_model(
+                task_name=self.task_name,
+                data=message_to_flmodel(message, round_num, self.num_rounds),
+                targets=[site],
+                timeout=self.task_timeout,
+                callback=collect,
+            )
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                return None
+            time.sleep(self._task_check_period)
+        if self.abort_signal.triggered:
+            return None
+        missing = [site for site in messages if site not in updates]
+        if missing:
+            self.panic(f"round {round_num}: no update from {missing}; their logs say why")
+            return None
+        for site in messages:
+            update = updates[site]
+            ledger.record_message(round_num, site, "up", update.message)
+            ledger.record_metrics(round_num, site, update.metrics, update.num_samples)
+            self.info(f"round {round_num} {site}: {update.num_samples} samples, {update.metrics}")
+            if self.record_messages:
+                folder = self.result_dir() / MESSAGES_DIR
+                folder.mkdir(exist_ok=True)
+                np.savez(folder / f"r{round_num}_{site}_down.npz", **messages[site])
+                np.savez(folder / f"r{round_num}_{site}_up.npz", **update.message)
+        return updates

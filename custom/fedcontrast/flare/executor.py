@@ -1,0 +1,203 @@
+"""``MethodExecutor``: runs any registered method's :class:`~fedcontrast.methods.base.SiteTrainer` at a site.
+
+The executor only moves tensors: it turns the task's ``FLModel`` into a
+:data:`~fedcontrast.methods.base.Message`, calls ``trainer.local_round`` and
+returns the site's :class:`~fedcontrast.methods.base.SiteUpdate` as an ``FLModel``
+(see :mod:`fedcontrast.flare.messages`). The trainer is built on the first task,
+from the site's own datalist, found in this order (:func:`resolve_datalist`):
+
+1. the environment variable ``FEDCONTRAST_DATALIST`` (a path);
+2. the site workspace's ``local/fedcontrast.json``: ``{"datalist": path}`` (relative paths
+   are relative to that file);
+3. the job's ``datalist`` template, ``{site}`` replaced by the site's name.
+
+So one job folder serves every hospital: each one points at its data in its own
+workspace or environment. A site whose datalist cannot be read, or that has fewer
+volumes than the job needs, logs a message that names the site and the file and
+returns an error, which stops the run on the server (see
+:class:`~fedcontrast.flare.controller.MethodController`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.flare.messages import as_message, update_to_flmodel
+from fedcontrast.methods.base import SiteTrainer
+from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.supervised import VALIDATION
+
+#: Environment variable with the path of this site's datalist (first choice).
+DATALIST_ENV = "FEDCONTRAST_DATALIST"
+#: The site's configuration file in its workspace's ``local/`` folder (second choice).
+SITE_CONFIG_FILE = "fedcontrast.json"
+#: Placeholder of the site name in the job's datalist template (last choice).
+SITE_PLACEHOLDER = "{site}"
+
+
+def resolve_datalist(
+    site: str,
+    template: str,
+    site_config_dir: str | os.PathLike | None,
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[Path, str]:
+    """Where ``site``'s datalist is, and which setting said so.
+
+    Args:
+        site: the site's name.
+        template: the job's datalist path, ``{site}`` standing for the site name ("" for none).
+        site_config_dir: the site workspace's ``local/`` folder (None when there is none).
+        environ: the environment to read ``FEDCONTRAST_DATALIST`` from.
+
+    Returns:
+        ``(path, source)``; ``source`` names the setting for messages.
+
+    Raises:
+        ValueError: the site's configuration file is malformed, or nothing names a datalist.
+    """
+    if environ.get(DATALIST_ENV):
+        return Path(environ[DATALIST_ENV]).expanduser(), f"${DATALIST_ENV}"
+    config_file = Path(site_config_dir) / SITE_CONFIG_FILE if site_config_dir else None
+    if config_file is not None and config_file.is_file():
+        try:
+            settings = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{site}: {config_file} is not valid JSON ({exc})") from exc
+        if not isinstance(settings, dict) or not isinstance(settings.get("datalist"), str):
+            raise ValueError(f'{site}: {config_file} must hold {{"datalist": "<path>"}}')
+        return config_file.parent / Path(settings["datalist"]).expanduser(), str(config_file)
+    if not template:
+        raise ValueError(
+            f"{site}: no datalist: set ${DATALIST_ENV}, write {config_file or SITE_CONFIG_FILE} "
+            f'with {{"datalist": "<path>"}}, or give the job a datalist template'
+        )
+    return Path(template.replace(SITE_PLACEHOLDER, site)), "the job's datalist template"
+
+
+def site_entries(
+    site: str, path: Path, keys: Sequence[str], validation_key: str = "", min_volumes: int = 1
+) -> list[dict]:
+    """The entries a site trains on: the ``keys`` lists of its datalist, then the
+    ``validation_key`` list tagged ``"split": "validation"`` (held out, measured every round).
+
+    Raises:
+        ValueError: the datalist is unreadable or invalid, or has fewer than ``min_volumes``
+            entries in ``keys``; the message names the site and the file.
+    """
+    try:
+        datalist = load_site_datalist(path)
+    except (ValueError, OSError) as exc:  # the message names the file
+        raise ValueError(f"{site}: cannot use its datalist: {exc}") from exc
+    entries = [dict(e) for key in keys for e in datalist.get(key, [])]
+    if len(entries) < min_volumes:
+        raise ValueError(
+            f"{site}: the job needs at least {min_volumes} volume(s) in {list(keys)} "
+            f"but {path} has {len(entries)}"
+        )
+    held_out = datalist.get(validation_key, []) if validation_key else []
+    return entries + [{**e, "split": VALIDATION} for e in held_out]
+
+
+class MethodExecutor(Executor):
+    """Runs one registered method's site trainer for every task named ``task_name``.
+
+    Args:
+        method: registered method name (:func:`~fedcontrast.methods.registry.get_method`).
+        config: the method's configuration (the same dict the server's strategy gets).
+        datalist: the job's datalist template, e.g. ``/data/splits/{site}.json`` (see the module docstring).
+        datalist_keys: the site datalist lists the method trains on (supervised: ``training``;
+            pre-training: ``training`` and ``unlabeled``).
+        validation_key: a site datalist list held out for validation ("" for none).
+        min_volumes: fewest entries in ``datalist_keys`` a site must have.
+        task_name: the task this executor handles.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        config: dict | None = None,
+        datalist: str = "",
+        datalist_keys: list[str] | None = None,
+        validation_key: str = "",
+        min_volumes: int = 1,
+        task_name: str = "train",
+    ):
+        super().__init__()
+        # every argument under its own name: the Job API writes the config from these attributes
+        self.method = method
+        self.config = dict(config or {})
+        self.datalist = datalist
+        self.datalist_keys = list(datalist_keys or ["training"])
+        self.validation_key = validation_key
+        self.min_volumes = min_volumes
+        self.task_name = task_name
+        self.trainer: SiteTrainer | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        """Drop the trainer (its data and model) when the run ends."""
+        if event_type == EventType.END_RUN:
+            self.trainer = None
+
+    def build_trainer(self, fl_ctx: FLContext) -> SiteTrainer:
+        """The method's trainer on this site's data (see the module docstring for the datalist)."""
+        site = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        path, source = resolve_datalist(site, self.datalist, workspace.get_site_config_dir())
+        self.log_info(fl_ctx, f"{site}: datalist {path} (from {source})")
+        entries = site_entries(site, path, self.datalist_keys, self.validation_key, self.min_volumes)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return get_method(self.method).trainer(self.config, entries, site, device)
+        except Exception as exc:
+            raise RuntimeError(f"{site}: cannot set up {self.method!r} on {path}: {exc}") from exc
+
+    def execute(
+        self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal
+    ) -> Shareable:
+        """One round: message in, ``local_round``, update out; errors are logged and replied as errors."""
+        if task_name != self.task_name:
+            self.log_error(fl_ctx, f"unknown task {task_name!r}; this executor handles {self.task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        site = fl_ctx.get_identity_name()
+        try:
+            model = FLModelUtils.from_shareable(shareable)
+            incoming = as_message(model.params)
+        except ValueError as exc:
+            self.log_error(fl_ctx, f"{site}: bad task data: {exc}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        round_num = int(model.current_round or 0)
+        # the round header lets the server's error message say which round failed
+        failed = make_reply(ReturnCode.EXECUTION_EXCEPTION, headers={AppConstants.CURRENT_ROUND: round_num})
+        if self.trainer is None:
+            try:
+                self.trainer = self.build_trainer(fl_ctx)
+            except Exception as exc:  # the message names the site and its datalist
+                self.log_exception(fl_ctx, str(exc))
+                return failed
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            update = self.trainer.local_round(incoming, round_num)
+        except Exception as exc:
+            self.log_exception(fl_ctx, f"{site}: round {round_num} of {self.method!r} failed: {exc}")
+            return failed
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        self.log_info(
+            fl_ctx, f"{site}: round {round_num} done, {update.num_samples} samples, {update.metrics}"
+        )
+        return FLModelUtils.to_shareable(update_to_flmodel(update, round_num))
