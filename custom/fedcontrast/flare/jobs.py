@@ -1,0 +1,272 @@
+"""Job builders: one NVFlare ``FedJob`` for any registered method, run in the simulator or exported.
+
+A job is a :class:`~fedcontrast.flare.controller.MethodController` on the server,
+one :class:`~fedcontrast.flare.executor.MethodExecutor` for every site (one app,
+deployed to ``@ALL``: one job folder serves every hospital) and, for pre-training
+methods with privacy switched on, a
+:class:`~fedcontrast.flare.filters.FeaturePrivacyFilter` on the sites' results of
+the pre-training task. Components get plain arguments (names, dicts, paths), never
+live torch objects.
+
+**Deployment choice: the installed package, not bring-your-own-code.** The job
+folder names ``fedcontrast.*`` classes and carries no code (``custom/`` is absent,
+so neither fedcontrast nor torch/MONAI is copied into it). Every site and the
+server install the same ``fedcontrast`` (``pip install fedcontrast`` or this
+repository) and allow its classes in their ``local/resources.json``
+``class_allow_list`` (:func:`allow_installed_package` adds ``"fedcontrast."``);
+submitting needs no ``byoc`` right. The simulator run here does the same in its
+workspace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+
+from fedcontrast.flare.controller import ENCODER_FILE, LOCAL_DIR, MODEL_FILE, MethodController
+from fedcontrast.flare.executor import SITE_PLACEHOLDER, MethodExecutor
+from fedcontrast.flare.filters import FeaturePrivacyFilter
+from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
+from fedcontrast.methods.registry import get_method
+
+#: The installed package the job's components come from.
+PACKAGE = "fedcontrast"
+#: What a site's ``class_allow_list`` needs for these jobs.
+ALLOW_LIST_PREFIX = f"{PACKAGE}."
+#: Task names: the feature privacy filter is bound to the pre-training task.
+PRETRAIN_TASK = "pretrain"
+TRAIN_TASK = "train"
+#: Where the simulator's server writes its results, under the simulator workspace.
+SIMULATOR_RESULT_DIR = Path("server") / "simulate_job"
+#: What :func:`collect_results` copies.
+RESULT_FILES = (MODEL_FILE, ENCODER_FILE, BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR, LOCAL_DIR)
+
+
+def site_names(num_sites: int) -> list[str]:
+    """``site-1 … site-K``, NVFlare's simulator names."""
+    if num_sites < 1:
+        raise ValueError(f"need at least one site, got {num_sites}")
+    return [f"site-{i}" for i in range(1, num_sites + 1)]
+
+
+def task_name(method: str) -> str:
+    """The task a method's job sends: ``pretrain`` for pre-training methods, else ``train``."""
+    return PRETRAIN_TASK if get_method(method).pretraining else TRAIN_TASK
+
+
+def build_job(
+    method: str,
+    config: Mapping[str, Any],
+    num_rounds: int,
+    num_sites: int,
+    datalist: str = "",
+    *,
+    name: str | None = None,
+    datalist_keys: Sequence[str] | None = None,
+    validation_key: str | None = None,
+    min_volumes: int = 1,
+    federated: bool = True,
+    feature_clip: float = 0.0,
+    feature_noise: float = 0.0,
+    task_timeout: int = 0,
+    record_messages: bool = False,
+) -> FedJob:
+    """The NVFlare job of ``method``.
+
+    Args:
+        method: registered method name.
+        config: the method's configuration (JSON-serialisable; sent to the server and every site).
+        num_rounds: federated rounds.
+        num_sites: sites the job needs (``min_clients``).
+        datalist: the sites' datalist template, ``{site}`` for the site name ("" when every
+            site configures its own; see :mod:`fedcontrast.flare.executor`).
+        name: job name (default: the method name).
+        datalist_keys: site datalist lists to train on (default: ``training`` + ``unlabeled``
+            for pre-training methods, ``training`` otherwise).
+        validation_key: site datalist list held out for per-round validation (default: ``test``
+            for fine-tuning methods, none for pre-training ones).
+        min_volumes: fewest training entries a site must have.
+        federated: False: no aggregation, each site trains alone (same job, see the controller).
+        feature_clip, feature_noise: the feature privacy filter (pre-training methods; 0 and 0: off).
+        task_timeout: seconds a site may take per round (0: no limit).
+        record_messages: save every message on the server (audit, tests).
+    """
+    spec = get_method(method)
+    task = task_name(method)
+    if datalist_keys is None:
+        datalist_keys = ("training", "unlabeled") if spec.pretraining else ("training",)
+    if validation_key is None:
+        validation_key = "" if spec.pretraining else "test"
+    if (feature_clip or feature_noise) and not spec.pretraining:
+        raise ValueError(f"the feature privacy filter applies to pre-training methods, not {method!r}")
+    config = json.loads(json.dumps(dict(config)))  # a plain JSON copy: what the job config will hold
+    job = FedJob(name=name or method, min_clients=num_sites)
+    job.set_app_packages([PACKAGE])
+    controller = MethodController(
+        method=method,
+        config=config,
+        num_rounds=num_rounds,
+        min_clients=num_sites,
+        task_name=task,
+        federated=federated,
+        task_timeout=task_timeout,
+        record_messages=record_messages,
+    )
+    job.to_server(controller, id="controller")
+    executor = MethodExecutor(
+        method=method,
+        config=config,
+        datalist=datalist,
+        datalist_keys=list(datalist_keys),
+        validation_key=validation_key,
+        min_volumes=min_volumes,
+        task_name=task,
+    )
+    job.to_clients(executor, tasks=[task])
+    if feature_clip or feature_noise:
+        privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
+        job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
+    return job
+
+
+def allow_installed_package(local_dir: str | Path) -> Path:
+    """Add ``"fedcontrast."`` to the ``class_allow_list`` of a site's ``local/resources.json``.
+
+    Starts from ``resources.json``, else ``resources.json.default``, else an empty policy
+    (NVFlare's default allow list); writes ``resources.json``. Returns its path.
+    """
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    target = local_dir / "resources.json"
+    source = next((p for p in (target, local_dir / "resources.json.default") if p.is_file()), None)
+    resources = json.loads(source.read_text()) if source else {"format_version": 2}
+    allowed = list(resources.get(CLASS_ALLOW_LIST, DEFAULT_CLASS_ALLOW_LIST))
+    if "*" not in allowed and ALLOW_LIST_PREFIX not in allowed:
+        allowed.append(ALLOW_LIST_PREFIX)
+    resources[CLASS_ALLOW_LIST] = allowed
+    target.write_text(json.dumps(resources, indent=4))
+    return target
+
+
+def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
+    """Run ``job`` in the NVFlare simulator with ``site-1 … site-K``; returns the server's result folder.
+
+    Raises:
+        RuntimeError: the simulation failed; the message says where the logs are.
+    """
+    workspace = Path(workspace).resolve()
+    allow_installed_package(workspace / "local")
+    code = job.simulator_run(str(workspace), clients=site_names(num_sites), threads=num_sites)
+    result_dir = workspace / SIMULATOR_RESULT_DIR
+    if code not in (None, 0):
+        raise RuntimeError(
+            f"simulation failed (exit code {code}); logs: {result_dir / 'log.txt'} and "
+            f"{workspace}/<site>/simulate_job/log.txt"
+        )
+    return result_dir
+
+
+def export_job(job: FedJob, out_dir: str | Path) -> Path:
+    """Write the deployable job folder ``out_dir/<job name>``; returns it."""
+    out_dir = Path(out_dir).resolve()
+    job.export_job(str(out_dir))
+    return out_dir / job.name
+
+
+def collect_results(result_dir: Path, output: Path | None) -> list[Path]:
+    """The run's models and ledger in ``result_dir``, copied to ``output`` when given; returns their paths."""
+    found = [result_dir / f for f in RESULT_FILES if (result_dir / f).exists()]
+    if output is None:
+        return found
+    output.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in found:
+        dest = output / path.name
+        if path.is_dir():
+            shutil.copytree(path, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, dest)
+        copied.append(dest)
+    return copied
+
+
+def job_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The options every ``jobs/<name>/job.py`` shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sites", type=int, default=2, help="number of sites, site-1 … site-K (default 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    parser.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--datalist-dir",
+        type=Path,
+        help="folder of the site datalists <site>.json (from `fedcontrast data split`); the job's "
+        "default, which a site overrides with $FEDCONTRAST_DATALIST or local/fedcontrast.json",
+    )
+    parser.add_argument(
+        "--config", help="method configuration overrides: a JSON file or a JSON string (e.g. the network)"
+    )
+    parser.add_argument("--min-volumes", type=int, default=1, help="fewest training volumes a site needs")
+    parser.add_argument(
+        "--local", action="store_true", help="each site trains alone: no averaging, one model per site"
+    )
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("workspace") / "jobs" / name,
+        help="simulator workspace (default %(default)s)",
+    )
+    parser.add_argument("--output", type=Path, help="also copy the models and the ledger to this folder")
+    parser.add_argument(
+        "--export", type=Path, metavar="DIR", help="write the deployable job folder to DIR instead of running"
+    )
+    parser.add_argument("--record-messages", action="store_true", help="save every message (audit)")
+    return parser
+
+
+def read_config(value: str | None) -> dict[str, Any]:
+    """``--config``: a JSON file's content, a JSON string, or {} for None."""
+    if not value:
+        return {}
+    path = Path(value)
+    text = path.read_text() if path.is_file() else value
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config must be a JSON file or a JSON object string: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError("--config must hold a JSON object")
+    return config
+
+
+def datalist_template(datalist_dir: Path | None) -> str:
+    """``<dir>/{site}.json`` as an absolute path, or "" when no folder is given."""
+    return str(datalist_dir.resolve() / f"{SITE_PLACEHOLDER}.json") if datalist_dir else ""
+
+
+def run_or_export(job: FedJob, args: argparse.Namespace) -> int:
+    """``--export DIR``: write the job folder; else run it in the simulator and report the results."""
+    if args.export:
+        print(f"job folder: {export_job(job, args.export)}")
+        return 0
+    if not args.datalist_dir:
+        raise SystemExit("--datalist-dir is required to run in the simulator")
+    try:
+        result_dir = run_simulator(job, args.workspace, args.sites)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"server results: {result_dir}")
+    for path in collect_results(result_dir, args.output):
+        print(f"  {path}")
+    return 0
