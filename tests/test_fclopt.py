@@ -1,5 +1,7 @@
 """BYOL losses, FCLOpt's prototypes, and federated BYOL / FCLOpt in process on a tiny phantom."""
 
+import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -135,3 +137,28 @@ def test_fclopt_exchanges_prototypes_of_the_target_network(datalists, monkeypatc
         features = select(message, "features")
         assert features["embeddings"].shape == (S, DIM) and features["embeddings"].dtype == np.float32
         assert features["partitions"].tolist() == list(range(S))
+
+
+def load_job_module():
+    path = Path(__file__).resolve().parents[1] / "jobs" / "fclopt" / "job.py"
+    spec = importlib.util.spec_from_file_location("fclopt_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_exports_the_variant_with_its_options(tmp_path, capsys):
+    job = load_job_module()
+    argv = ["--export", str(tmp_path), "--variant", "fclopt_ptnu_dp", "--delta", "0.02", "--sync-every", "3"]
+    assert job.main([*argv, "--exchange", "prototypes"]) == 0
+    server = json.loads((tmp_path / "fclopt_ptnu_dp/app/config/config_fed_server.json").read_text())
+    args = server["workflows"][0]["args"]
+    assert args["method"] == "fclopt_ptnu_dp" and args["task_name"] == "pretrain"
+    assert {k: args["config"][k] for k in ("delta", "sync_every", "exchange")} == {
+        "delta": 0.02,
+        "sync_every": 3,
+        "exchange": "prototypes",
+    }
+    with pytest.raises(SystemExit):
+        job.main(["--export", str(tmp_path), "--variant", "fclopt_ptnu", "--local"])
+    assert "--local trains each site alone" in capsys.readouterr().err
