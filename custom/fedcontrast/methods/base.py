@@ -59,10 +59,10 @@ def pack(kind: str, entries: Mapping[str, Any]) -> Message:
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A CPU numpy copy of a tensor, array or scalar."""
+    """A CPU numpy copy of a tensor, array or scalar (never a view: the caller keeps training)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    return np.asarray(value)
+        return value.detach().cpu().numpy().copy()
+    return np.array(value)
 
 
 def count_bytes(message: Mapping[str, np.ndarray]) -> dict[str, int]:

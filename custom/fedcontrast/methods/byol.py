@@ -246,11 +246,5 @@ class BYOLTrainer(ContrastivePretrainer):
         return {**(target if upload else {}), **stats}
 
     def upload(self) -> Message:
-        """The online weights plus :meth:`target_message`, as copies.
-
-        :func:`~fedcontrast.methods.base.pack` gives views of CPU tensors; in one process the
-        server would otherwise hold arrays that change while this site trains on (the
-        BatchNorm counters the server forwards unchanged), and the sites' targets would differ.
-        """
-        message = {**self.weights_message(), **self.target_message()}
-        return {key: value.copy() for key, value in message.items()}
+        """The online weights plus :meth:`target_message`."""
+        return {**self.weights_message(), **self.target_message()}
