@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedcontrast.methods.banks import PartitionBank
 from fedcontrast.methods.base import Message, ServerStrategy, SiteUpdate, message_key, select
 from fedcontrast.methods.partitions import site_tag
 
@@ -76,3 +78,16 @@ class FeatureExchange(ServerStrategy):
             if len(set(lengths.values())) != 1:
                 raise ValueError(f"{site} uploaded features/ entries of different lengths: {lengths}")
             self.features[site] = entries
+
+
+def refill_remote_bank(bank: PartitionBank, incoming: Message) -> None:
+    """Replace ``bank``'s contents with the other sites' features of ``incoming`` (empty in round 0)."""
+    features = select(incoming, "features")
+    if not features:
+        bank.clear()
+        return
+    bank.replace(
+        torch.as_tensor(features["embeddings"]),
+        torch.as_tensor(features["partitions"]),
+        torch.as_tensor(features[SITES_ENTRY]),
+    )

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from fedcontrast.methods.banks import PartitionBank
-from fedcontrast.methods.base import Message, pack, select
-from fedcontrast.methods.exchange import SITES_ENTRY, FeatureExchange
+from fedcontrast.methods.base import Message, pack
+from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.losses import fcl_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
@@ -93,15 +93,7 @@ class FCLTrainer(ContrastivePretrainer):
         if self.momentum_model is None or self.config["momentum_init"] == "global":
             self.momentum_model = momentum_copy(self.model)
         self.momentum_model.train()
-        features = select(incoming, "features")
-        if features:
-            self.remote_bank.replace(
-                torch.as_tensor(features["embeddings"]),
-                torch.as_tensor(features["partitions"]),
-                torch.as_tensor(features[SITES_ENTRY]),
-            )
-        else:
-            self.remote_bank.clear()
+        refill_remote_bank(self.remote_bank, incoming)
 
     def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
         """Both FCL terms with each view as the query in turn; the first view's keys enter the local bank."""

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 from fedcontrast.methods.banks import PartitionBank
-from fedcontrast.methods.base import Message, pack, select
+from fedcontrast.methods.base import Message, pack
 from fedcontrast.methods.byol import DEFAULTS as BYOL_DEFAULTS
 from fedcontrast.methods.byol import BYOLTrainer, byol_loss, structural_matching_loss
-from fedcontrast.methods.exchange import SITES_ENTRY, FeatureExchange
+from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.registry import MethodSpec, register
@@ -102,15 +102,7 @@ class FCLOptTrainer(BYOLTrainer):
     def begin_round(self, incoming: Message) -> None:
         """Set the target (:class:`BYOLTrainer`) and refill the remote bank with the received features."""
         super().begin_round(incoming)
-        features = select(incoming, "features")
-        if features:
-            self.remote_bank.replace(
-                torch.as_tensor(features["embeddings"]),
-                torch.as_tensor(features["partitions"]),
-                torch.as_tensor(features[SITES_ENTRY]),
-            )
-        else:
-            self.remote_bank.clear()
+        refill_remote_bank(self.remote_bank, incoming)
 
     def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
         """BYOL's local term plus the structural matching of both views' predictions."""
