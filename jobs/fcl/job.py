@@ -14,7 +14,7 @@ bundle's ``pretrained_encoder``), ``bytes.json``, ``metrics.json``, ``tensorboar
 
 import sys
 
-from fedcontrast.flare.jobs import build_job, datalist_template, job_parser, read_config, run_or_export
+from fedcontrast.flare.jobs import add_privacy_options, job_parser, run_from_args
 from fedcontrast.methods.registry import available_methods
 
 
@@ -22,29 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = job_parser("fcl", __doc__.splitlines()[0])
     parser.add_argument("--method", default="fcl", choices=available_methods(pretraining=True))
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--feature-clip", type=float, default=0.0, help="clip each feature to this norm")
-    parser.add_argument("--feature-noise", type=float, default=0.0, help="Gaussian noise std on features")
+    add_privacy_options(parser)
     args = parser.parse_args(argv)
-    config = {
-        "local_epochs": args.local_epochs,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        **read_config(args.config),
-    }
-    job = build_job(
-        args.method,
-        config,
-        num_rounds=args.rounds,
-        num_sites=args.sites,
-        datalist=datalist_template(args.datalist_dir),
-        name=f"{args.method}_local" if args.local else args.method,
-        min_volumes=args.min_volumes,
-        federated=not args.local,
-        feature_clip=args.feature_clip,
-        feature_noise=args.feature_noise,
-        record_messages=args.record_messages,
-    )
-    return run_or_export(job, args)
+    return run_from_args(args.method, args, {"batch_size": args.batch_size})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ round, site, direction and kind: weights, target, features, stats), ``metrics.js
 
 import sys
 
-from fedcontrast.flare.jobs import build_job, datalist_template, job_parser, read_config, run_or_export
+from fedcontrast.flare.jobs import add_privacy_options, job_parser, run_from_args
 from fedcontrast.methods.fclopt import DEFAULTS, EXCHANGES, VARIANTS
 
 
@@ -43,34 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         help="DP safety sync: every site uploads its target every T-th round (default %(default)s)",
     )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--feature-clip", type=float, default=0.0, help="clip each feature to this norm")
-    parser.add_argument("--feature-noise", type=float, default=0.0, help="Gaussian noise std on features")
+    add_privacy_options(parser)
     args = parser.parse_args(argv)
     if args.local and args.variant != "fclopt":
         parser.error("--local trains each site alone, with its own target: use --variant fclopt")
     config = {
-        "local_epochs": args.local_epochs,
         "batch_size": args.batch_size,
-        "seed": args.seed,
         "exchange": args.exchange,
         "delta": args.delta,
         "sync_every": args.sync_every,
-        **read_config(args.config),
     }
-    job = build_job(
-        args.variant,
-        config,
-        num_rounds=args.rounds,
-        num_sites=args.sites,
-        datalist=datalist_template(args.datalist_dir),
-        name=f"{args.variant}_local" if args.local else args.variant,
-        min_volumes=args.min_volumes,
-        federated=not args.local,
-        feature_clip=args.feature_clip,
-        feature_noise=args.feature_noise,
-        record_messages=args.record_messages,
-    )
-    return run_or_export(job, args)
+    return run_from_args(args.variant, args, config)
 
 
 if __name__ == "__main__":

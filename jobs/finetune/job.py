@@ -15,7 +15,7 @@ Results (server): ``global_model.pt`` (for the bundle's ``--ckpt_path``), ``byte
 import sys
 from pathlib import Path
 
-from fedcontrast.flare.jobs import build_job, datalist_template, job_parser, read_config, run_or_export
+from fedcontrast.flare.jobs import job_parser, run_from_args
 
 METHOD = "supervised"
 
@@ -28,26 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-key", default="test", help="site datalist list validated every round")
     args = parser.parse_args(argv)
     config = {
-        "local_epochs": args.local_epochs,
         "lr": args.lr,
         "batch_size": args.batch_size,
-        "seed": args.seed,
         "pretrained_encoder": str(args.pretrained_encoder.resolve()) if args.pretrained_encoder else "",
-        **read_config(args.config),
     }
-    job = build_job(
-        METHOD,
-        config,
-        num_rounds=args.rounds,
-        num_sites=args.sites,
-        datalist=datalist_template(args.datalist_dir),
-        name="finetune_local" if args.local else "finetune",
-        validation_key=args.validation_key,
-        min_volumes=args.min_volumes,
-        federated=not args.local,
-        record_messages=args.record_messages,
-    )
-    return run_or_export(job, args)
+    return run_from_args(METHOD, args, config, name="finetune", validation_key=args.validation_key)
 
 
 if __name__ == "__main__":

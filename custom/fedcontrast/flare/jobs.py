@@ -254,6 +254,42 @@ def datalist_template(datalist_dir: Path | None) -> str:
     return str(datalist_dir.resolve() / f"{SITE_PLACEHOLDER}.json") if datalist_dir else ""
 
 
+def add_privacy_options(parser: argparse.ArgumentParser) -> None:
+    """``--feature-clip`` and ``--feature-noise``: the feature privacy filter of pre-training jobs."""
+    parser.add_argument("--feature-clip", type=float, default=0.0, help="clip each feature to this norm")
+    parser.add_argument("--feature-noise", type=float, default=0.0, help="Gaussian noise std on features")
+
+
+def run_from_args(
+    method: str, args: argparse.Namespace, config: Mapping[str, Any], name: str | None = None, **options: Any
+) -> int:
+    """Build ``method``'s job from :func:`job_parser`'s options, then run or export it.
+
+    Args:
+        method: registered method name.
+        args: parsed options of :func:`job_parser` (plus :func:`add_privacy_options` where given).
+        config: the job's own method settings; ``--config`` overrides them.
+        name: job name (default: the method name); ``_local`` is appended with ``--local``.
+        options: further :func:`build_job` keyword arguments.
+    """
+    name = name or method
+    job = build_job(
+        method,
+        {"local_epochs": args.local_epochs, "seed": args.seed, **config, **read_config(args.config)},
+        num_rounds=args.rounds,
+        num_sites=args.sites,
+        datalist=datalist_template(args.datalist_dir),
+        name=f"{name}_local" if args.local else name,
+        min_volumes=args.min_volumes,
+        federated=not args.local,
+        feature_clip=getattr(args, "feature_clip", 0.0),
+        feature_noise=getattr(args, "feature_noise", 0.0),
+        record_messages=args.record_messages,
+        **options,
+    )
+    return run_or_export(job, args)
+
+
 def run_or_export(job: FedJob, args: argparse.Namespace) -> int:
     """``--export DIR``: write the job folder; else run it in the simulator and report the results."""
     if args.export:
