@@ -15,3 +15,29 @@ def _single_thread_torch():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def phantom_images(tmp_path_factory):
+    """A factory of image-only datalists ``{site: [{"image": path}, ...]}`` on a small phantom.
+
+    ``phantom_images(patients_per_site)`` generates two sites (``site-1``, ``site-2``) once per
+    patient count and session; every ED and ES frame of every patient is an entry.
+    """
+    from pathlib import Path
+
+    from fedcontrast.data.phantom import synthesize_dataset
+
+    cache: dict[int, dict[str, list[dict]]] = {}
+
+    def make(patients_per_site: int = 1) -> dict[str, list[dict]]:
+        if patients_per_site not in cache:
+            root = tmp_path_factory.mktemp(f"phantom{patients_per_site}") / "sites"
+            synthesize_dataset(root, sites=2, patients_per_site=patients_per_site, seed=0, size="small")
+            cache[patients_per_site] = {
+                site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
+                for site in ("site-1", "site-2")
+            }
+        return cache[patients_per_site]
+
+    return make

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.methods.base import SiteUpdate, count_bytes, select, weighted_average
 from fedcontrast.methods.byol import DEFAULTS as BYOL_DEFAULTS
 from fedcontrast.methods.byol import byol_loss, negative_cosine, structural_matching_loss
@@ -37,13 +36,8 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def datalists(tmp_path_factory) -> dict[str, list[dict]]:
-    root = tmp_path_factory.mktemp("phantom") / "sites"
-    synthesize_dataset(root, sites=2, patients_per_site=1, seed=0, size="small")
-    return {
-        site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
-        for site in SITES
-    }
+def datalists(phantom_images) -> dict[str, list[dict]]:
+    return phantom_images(1)
 
 
 def test_negative_cosine_and_byol_loss_by_hand():

@@ -1,13 +1,11 @@
 """Two sites, two rounds of FCL, local CL and FedSimCLR in process, on a tiny phantom."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.methods.base import message_to_state_dict, select
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.partitions import site_tag
@@ -30,23 +28,9 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny convolutions gain nothing from two, and a busy 2-core machine loses much."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def datalists(tmp_path_factory) -> dict[str, list[dict]]:
-    root = tmp_path_factory.mktemp("phantom") / "sites"
-    synthesize_dataset(root, sites=2, patients_per_site=2, seed=0, size="small")
-    return {
-        site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
-        for site in SITES
-    }
+def datalists(phantom_images) -> dict[str, list[dict]]:
+    return phantom_images(2)
 
 
 def strip(entries: dict, prefix: str) -> dict:

@@ -1,12 +1,10 @@
 """PTNU and DP: the prediction, the upload and correction rules, on the server and at the sites."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.methods.base import SiteUpdate, count_bytes, select, weighted_average
 from fedcontrast.methods.fclopt import FCLOptPTNUDPTrainer, FCLOptPTNUStrategy, FCLOptTrainer
 from fedcontrast.methods.registry import get_method
@@ -38,13 +36,8 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def datalists(tmp_path_factory) -> dict[str, list[dict]]:
-    root = tmp_path_factory.mktemp("phantom") / "sites"
-    synthesize_dataset(root, sites=2, patients_per_site=1, seed=0, size="small")
-    return {
-        site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
-        for site in SITES
-    }
+def datalists(phantom_images) -> dict[str, list[dict]]:
+    return phantom_images(1)
 
 
 def state(value: float, counter: int = 0) -> dict[str, np.ndarray]:

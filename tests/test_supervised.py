@@ -25,15 +25,6 @@ TINY = {
 CONFIG = {"network": TINY, "local_epochs": 1, "batch_size": 2, "lr": 3e-3, "seed": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny convolutions gain nothing from two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def datalists(tmp_path_factory) -> dict[str, list[dict]]:
     """Two sites of 3 patients: 4 labelled training volumes and 1 test patient (2 volumes) each."""
