@@ -273,6 +273,10 @@ def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch)
     average_real = select(weighted_average(final, "target"), "target")
     last = strategy.sync_log[-1]
     assert last["target_gap"] == pytest.approx(relative_distance(server[rounds - 1], average_real))
+    # and the same bookkeeping reaches the run's server metrics (metrics.json in NVFlare runs)
+    assert [m["round"] for m in result.server_metrics] == list(range(rounds))
+    assert result.server_metrics[-1]["target_gap"] == pytest.approx(last["target_gap"])
+    assert result.server_metrics[-1]["target_uploads"] == 2  # PTNU without DP: every site uploads
     assert 0 < last["target_gap"] < 0.5 and not last["correction"]
 
 

@@ -152,6 +152,10 @@ class ServerStrategy:
         """Fold the sites' uploads of ``round_num`` into the global state."""
         self.global_message.update(weighted_average(updates, kind="weights"))
 
+    def round_metrics(self, round_num: int) -> dict[str, float]:
+        """Server-side scalars of the round just aggregated (logged under the site ``"server"``)."""
+        return {}
+
     def global_weights(self) -> Message:
         """The current global ``weights`` entries (what is saved as the global model)."""
         return {k: v for k, v in self.global_message.items() if kind_of(k) == "weights"}

@@ -35,6 +35,7 @@ class RunResult:
         global_message: the server's final global message (federated runs), else empty.
         final_messages: site -> the last message each site uploaded.
         history: one dict per (round, site): metrics, bytes by kind and direction, seconds.
+        server_metrics: one dict per round of the strategy's :meth:`ServerStrategy.round_metrics`.
         wall_s: total wall-clock seconds.
     """
 
@@ -42,6 +43,7 @@ class RunResult:
     global_message: Message
     final_messages: dict[str, Message]
     history: list[dict[str, Any]] = field(default_factory=list)
+    server_metrics: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
 
 
@@ -74,6 +76,7 @@ def run_in_process(
     strategy = spec.strategy(config, initial) if federated and spec.federated else None
     own: dict[str, Message] = {site: dict(initial) for site in trainers}
     history: list[dict[str, Any]] = []
+    server_metrics: list[dict[str, float]] = []
     for round_num in range(rounds):
         updates: dict[str, SiteUpdate] = {}
         for site, trainer in trainers.items():
@@ -95,6 +98,7 @@ def run_in_process(
             logger.info("round %d %s %s", round_num, site, update.metrics)
         if strategy:
             strategy.aggregate(updates, round_num)
+            server_metrics.append({"round": round_num, **strategy.round_metrics(round_num)})
         if on_round:
             on_round(round_num, updates)
     return RunResult(
@@ -102,5 +106,6 @@ def run_in_process(
         global_message=dict(strategy.global_message) if strategy else {},
         final_messages=own,
         history=history,
+        server_metrics=server_metrics,
         wall_s=time.perf_counter() - start,
     )

@@ -275,3 +275,15 @@ class TargetSync(ServerStrategy):
                 "correction": self.correction,
             }
         )
+
+    def round_metrics(self, round_num: int) -> dict[str, float]:
+        """The round's PTNU/DP bookkeeping: EMA factor, prediction gap, target uploads, correction."""
+        entry = next((e for e in reversed(self.sync_log) if e["round"] == round_num), None)
+        if entry is None:
+            return {}
+        return {
+            "ema_factor": float(entry["ema_factor"]),
+            "target_gap": float(entry["target_gap"]),
+            "target_uploads": float(len(entry["uploads"])),
+            "target_correction": float(entry["correction"]),
+        }
