@@ -1,0 +1,138 @@
+"""A provisioned deployment on this machine: real server and site processes, mutual TLS on loopback.
+
+One deployment (2 sites, tiny phantom) serves the module; it runs the exported FCL job
+as every hospital would, then the same job with one site pointing at a datalist that
+does not exist. Every process it started is gone when the module ends.
+"""
+
+import ipaddress
+import json
+from contextlib import closing
+from types import SimpleNamespace
+
+import psutil
+import pytest
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
+
+from fedcontrast.demo import prepare_data
+from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, export_job, run_job
+from fedcontrast.deploy.poc import LOCALHOST, LocalDeployment, provision_local, site_datalists
+from fedcontrast.deploy.project import site_names
+from fedcontrast.deploy.site import write_site_config
+from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
+
+pytestmark = pytest.mark.poc
+
+SITES = site_names(2)
+#: FCL shrunk for the tiny phantom (as in the simulator test).
+FCL_CONFIG = {
+    "network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
+    "preprocessing": {"roi_size": [32, 32]},
+    "batch_size": 2,
+    "head_hidden": 32,
+    "features_per_partition": 3,
+    "local_samples": 2,
+    "remote_samples": 2,
+}
+JOB_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    """Kits provisioned from deploy/project.yml, each site pointing at its own datalist, all processes up."""
+    root = tmp_path_factory.mktemp("poc")
+    splits = prepare_data(root / "phantom", sites=len(SITES), patients_per_site=4, seed=0)
+    job_dir = export_job(
+        "fcl", root / "job", len(SITES), ["--rounds", "2", "--config", json.dumps(FCL_CONFIG)]
+    )
+    prod_dir, project = provision_local(root, site_datalists(splits, SITES))
+    deployment = LocalDeployment(prod_dir, project)
+    started: list[psutil.Process] = []
+    try:
+        deployment.start()
+        started = [psutil.Process(p.pid) for p in deployment.processes.values()]
+        yield SimpleNamespace(root=root, splits=splits, job_dir=job_dir, deployment=deployment)
+    finally:
+        # the job processes too: the deployment's processes and all their descendants
+        started += [child for p in started if p.is_running() for child in p.children(recursive=True)]
+        deployment.stop()
+        assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def run(poc, results: str):
+    with closing(poc.deployment.session()) as session:
+        return run_job(session, poc.job_dir, poc.root / results, timeout=JOB_TIMEOUT)
+
+
+def site_job_log(poc, site: str, job_id: str) -> str:
+    """The site's own log of one job, in its workspace (which the admin cannot see)."""
+    return (poc.deployment.kit(site) / job_id / "log.txt").read_text()
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
+def test_kits_listen_on_loopback_only_and_allow_fedcontrast(poc):
+    deployment = poc.deployment
+    for participant, process in deployment.processes.items():
+        listening = [
+            c.laddr.ip for c in psutil.Process(process.pid).net_connections() if c.status == "LISTEN"
+        ]
+        assert listening and all(map(is_loopback, listening)), (participant, listening)
+    authorizer = ComponentPathAuthorizer()
+    for participant in [LOCALHOST, *SITES]:
+        workspace = Workspace(str(deployment.kit(participant)), participant)
+        for path in (
+            "fedcontrast.flare.executor.MethodExecutor",
+            "nvflare.app_common.workflows.fedavg.FedAvg",
+        ):
+            authorizer.authorize_component_config({"path": path}, workspace=workspace)  # raises if refused
+
+
+def test_exported_fcl_job_runs_on_provisioned_sites(poc):
+    outcome = run(poc, "results")
+    assert outcome.completed, outcome.reports
+    assert [(r.name, r.status) for r in outcome.reports] == [
+        ("server", "ok"),
+        ("site-1", "ok"),
+        ("site-2", "ok"),
+    ]
+
+    result = outcome.result_dir / WORKSPACE_DIR
+    assert outcome.result_dir.parent == poc.root / "results"
+    network = build_network(overrides=FCL_CONFIG["network"])
+    assert load_pretrained_encoder(network, result / "pretrained_encoder.pt")
+    ledger = json.loads((result / "bytes.json").read_text())
+    assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {
+        (r, s, d) for r in (0, 1) for s in SITES for d in ("down", "up")
+    }
+    assert ledger["totals"]["up"]["weights"] > 0 and ledger["totals"]["up"]["features"] > 0
+    metrics = json.loads((result / "metrics.json").read_text())["records"]
+    assert {(m["round"], m["site"]) for m in metrics if m["site"] in SITES} == {
+        (r, s) for r in (0, 1) for s in SITES
+    }
+    for site in SITES:  # each site read the datalist its own workspace names
+        config = poc.deployment.kit(site) / "local" / "fedcontrast.json"
+        assert f"{site}: datalist {poc.splits.resolve() / site}.json (from {config})" in site_job_log(
+            poc, site, outcome.job_id
+        )
+
+
+def test_a_site_without_its_data_is_named_in_its_log_and_in_the_report(poc, tmp_path):
+    missing = tmp_path / "not-mounted" / "site-2.json"
+    write_site_config(poc.deployment.kit("site-2"), missing)
+    try:
+        outcome = run(poc, "results-misconfigured")
+    finally:
+        write_site_config(poc.deployment.kit("site-2"), poc.splits / "site-2.json")
+
+    message = f"site-2: cannot use its datalist: {missing}: site datalist not found"
+    assert not outcome.completed
+    reports = {r.name: r for r in outcome.reports}
+    assert (reports["site-2"].status, reports["site-2"].detail) == ("failed", message)
+    assert reports["site-1"].status != "failed" and reports["server"].status != "failed"
+    assert message in site_job_log(poc, "site-2", outcome.job_id)
+    assert message in (outcome.result_dir / COMPONENTS_DIR / "ERRORLOG_site-2").read_text()
