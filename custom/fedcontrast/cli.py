@@ -16,6 +16,7 @@ from importlib import import_module
 COMMAND_MODULES: tuple[str, ...] = (
     "fedcontrast.data.cli",
     "fedcontrast.demo",
+    "fedcontrast.bench",
     "fedcontrast.deploy.cli",
 )
 
