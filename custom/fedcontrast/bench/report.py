@@ -394,6 +394,8 @@ def write_communication(
     records = pretrain_records(run_dir, methods)
     per_round: dict[str, dict[str, float]] = {}
     for method, recs in records.items():
+        if not recs:
+            continue
         totals: dict[str, list[float]] = defaultdict(list)
         for rec in recs:
             for r in rec["per_round"]:

@@ -1,0 +1,176 @@
+"""The benchmark's row format, resumption and reports (no training: rows are synthetic or stubbed)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fedcontrast.bench import protocol
+from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, completed_units, finetune_units
+from fedcontrast.bench.report import (
+    RESULT_KEYS,
+    ordering_sentences,
+    table,
+    write_communication,
+    write_fcl_vs_baselines,
+    write_report,
+)
+
+SITES = ("site-1", "site-2")
+
+
+def fake_row(method: str, mode: str, n: int, seed: int, site: str, dice: float) -> dict:
+    """A row as finetune_unit writes it."""
+    kinds = {
+        f"{k}_{d}": 1000 * (k == "weights") for k in ("weights", "target", "features") for d in ("up", "down")
+    }
+    return {
+        "unit": FinetuneUnit(method, seed, mode, n).key,
+        "method": method,
+        "finetune": mode,
+        "n_labeled": n,
+        "seed": seed,
+        "site": site,
+        "dice_mean": dice,
+        "dice": {"RV": dice, "MYO": dice, "LV": dice},
+        "hd95_mean": 5.0,
+        "pretrain_bytes_up": 1000,
+        "pretrain_bytes_down": 1000,
+        "bytes_by_kind": kinds,
+        "pretrain_wall_s": 1.0,
+        "finetune_wall_s": 2.0,
+        "peak_rss_mb": 300.0,
+    }
+
+
+@pytest.fixture()
+def config() -> BenchConfig:
+    return BenchConfig(methods=["random_init", "fcl", "fedsimclr"], budgets=[1, 2], seeds=[0, 1], sites=2)
+
+
+@pytest.fixture()
+def rows(config) -> list[dict]:
+    """FCL better than random init better than FedSimCLR, everywhere; site-2 scores 0.1 higher."""
+    quality = {"fcl": 0.6, "random_init": 0.4, "fedsimclr": 0.3}
+    return [
+        fake_row(m, mode, n, seed, site, quality[m] + 0.05 * n + 0.1 * (site == "site-2"))
+        for m in config.methods
+        for mode in ("local", "federated")
+        for n in config.budgets
+        for seed in config.seeds
+        for site in SITES
+    ]
+
+
+def test_units_come_smallest_budget_first_and_cover_the_grid(config):
+    units = finetune_units(config)
+    assert len(units) == len(config.methods) * 2 * len(config.budgets) * len(config.seeds)
+    assert [u.n_labeled for u in units] == sorted(u.n_labeled for u in units)
+    assert len({u.key for u in units}) == len(units)
+
+
+def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows, monkeypatch):
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    assert completed_units(rows_file) == {rows[0]["unit"], rows[2]["unit"]}
+
+    done_pretraining = tmp_path / "pretrain"
+    for m in ("fcl", "fedsimclr"):
+        for s in config.seeds:
+            folder = done_pretraining / f"{m}_s{s}"
+            folder.mkdir(parents=True)
+            (folder / "record.json").write_text(json.dumps({"sites": {}, "wall_s": 0, "peak_rss_mb": 0}))
+    submitted = []
+
+    class InlinePool:
+        """Runs submitted work at once and records it, instead of training."""
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            from concurrent.futures import Future
+
+            submitted.append((fn.__name__, args[1]))
+            future = Future()
+            unit = args[1]
+            future.set_result([fake_row(unit.method, unit.mode, unit.n_labeled, unit.seed, "site-1", 0.5)])
+            return future
+
+    monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
+    monkeypatch.setattr(protocol, "prepare_splits", lambda config, out, *a: {n: {} for n in config.budgets})
+    protocol.run_benchmark(config, tmp_path)
+    names = {name for name, _ in submitted}
+    assert names == {"finetune_unit"}, "completed pre-training units must not run again"
+    keys = [unit.key for _, unit in submitted]
+    assert rows[0]["unit"] not in keys and rows[2]["unit"] not in keys
+    assert len(keys) == len(finetune_units(config)) - 2
+    # a second call finds everything done and submits nothing
+    submitted.clear()
+    protocol.run_benchmark(config, tmp_path)
+    assert submitted == []
+
+
+def test_results_file_has_every_results_format_key(tmp_path, config, rows):
+    write_report(rows, config, tmp_path, tmp_path / "report")
+    document = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert {"dataset", "config", "environment", "rows"} <= set(document)
+    assert {"python", "torch", "monai", "nvflare", "cpu", "date"} <= set(document["environment"])
+    for row in document["rows"]:
+        assert set(row) == set(RESULT_KEYS)
+        assert isinstance(row["dice"], dict) and set(row["dice"]) == {"RV", "MYO", "LV"}
+        assert set(row["bytes_by_kind"]) == {
+            f"{k}_{d}" for k in ("weights", "target", "features") for d in ("up", "down")
+        }
+        assert row["finetune"] in ("local", "federated") and math.isfinite(row["dice_mean"])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "every unit of the grid completed" in report
+    assert (tmp_path / "report" / "dice_vs_n.png").stat().st_size > 0
+
+
+def test_tables_are_mean_and_std_across_sites_of_the_seed_means(rows):
+    markdown = table(rows, "federated", ["fcl"], [1], lambda r: r["dice_mean"])
+    # site-1: 0.65, site-2: 0.75 (both seeds equal) -> 0.700 ± 0.050
+    assert "| fcl | 0.700 ± 0.050 |" in markdown
+
+
+def test_ordering_sentences_are_computed_from_the_rows(rows):
+    sentences = ordering_sentences(rows, [1], ["random_init", "fcl", "fedsimclr"])
+    assert "federated fine-tuning, N=1: here fcl > random_init > fedsimclr; published fcl > random_init > " \
+           "fedsimclr (the same ordering)." in sentences  # fmt: skip
+    swapped = [dict(r, dice_mean=1 - r["dice_mean"]) for r in rows]
+    assert any("a different ordering" in s for s in ordering_sentences(swapped, [1], ["random_init", "fcl"]))
+
+
+def test_subset_reports_hold_only_their_methods_and_budgets(tmp_path, config, rows):
+    write_fcl_vs_baselines(rows, config, tmp_path, tmp_path)
+    subset = json.loads((tmp_path / "fcl_vs_baselines.json").read_text())["rows"]
+    assert {r["method"] for r in subset} <= {"random_init", "local_cl", "fedsimclr", "fcl"}
+    assert {r["n_labeled"] for r in subset} <= {1, 2}
+    record = {
+        "per_round": [
+            {
+                "round": 0,
+                "site": s,
+                "bytes_up": {"weights": 100, "target": 50},
+                "bytes_down": {"weights": 100},
+            }
+            for s in SITES
+        ],
+        "server_metrics": [{"round": 0, "target_gap": 1e-4}],
+    }
+    for method in ("fcl", "fedbyol"):
+        folder = tmp_path / "pretrain" / f"{method}_s0"
+        folder.mkdir(parents=True)
+        (folder / "record.json").write_text(json.dumps(record))
+    report = write_communication(rows, config, tmp_path, tmp_path).read_text()
+    document = json.loads(Path(tmp_path / "communication.json").read_text())
+    assert document["total_bytes_per_site_per_round"] == {"fcl": 250.0, "fedbyol": 250.0}
+    assert "fcl: 1.00x the bytes of federated BYOL" in report
