@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+from fedcontrast.cli import UserError
 from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, JobOutcome, job_folder, run_job
 from fedcontrast.deploy.project import (
     DEFAULT_PROJECT,
@@ -85,6 +88,20 @@ def _add_job_arguments(parser: argparse.ArgumentParser, results: Path | None) ->
     parser.add_argument("job_args", nargs="*", metavar="-- JOB_OPTION", help="options of jobs/<JOB>/job.py")
 
 
+def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report run-time failures (provisioning, an exited process, a timeout) without a traceback."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except (RuntimeError, TimeoutError) as exc:
+            raise UserError(str(exc)) from exc
+
+    return wrapper
+
+
+@user_errors
 def run_provision(args: argparse.Namespace) -> int:
     """``deploy provision``."""
     project_file = args.project
@@ -117,10 +134,18 @@ def admin_user(admin_kit: Path) -> str:
     return json.loads(config.read_text())["admin"].get("username") or admin_kit.resolve().name
 
 
+def quiet_nvflare(args: argparse.Namespace) -> None:
+    """Keep NVFlare's client-side INFO records (connections, transfers) out of the output unless ``-v``."""
+    if not args.verbose:
+        logging.getLogger("nvflare").setLevel(logging.WARNING)
+
+
+@user_errors
 def run_submit(args: argparse.Namespace) -> int:
     """``deploy submit``."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
+    quiet_nvflare(args)
     user = admin_user(args.admin_kit)
     job_dir = job_folder(args.job, args.results / "exported-job", args.sites, args.job_args)
     with closing(new_secure_session(user, str(args.admin_kit.resolve()), timeout=30.0)) as session:
@@ -138,10 +163,12 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@user_errors
 def run_poc(args: argparse.Namespace) -> int:
     """``deploy poc``."""
     from fedcontrast.deploy.poc import LocalDeployment, provision_local, site_datalists
 
+    quiet_nvflare(args)
     workspace = args.workspace.resolve()
     sites = site_names(args.sites)
     if args.data is None:
@@ -152,10 +179,14 @@ def run_poc(args: argparse.Namespace) -> int:
     datalists = site_datalists(args.data, sites)
     job_dir = job_folder(args.job, workspace / "exported-job", args.sites, args.job_args)
     prod_dir, project = provision_local(workspace, datalists, args.project)
-    with sigterm_as_exit(), LocalDeployment(prod_dir, project) as deployment:
-        deployment.start()
-        with closing(deployment.session()) as session:
-            outcome = run_job(session, job_dir, workspace / "results", args.timeout)
+    try:
+        with sigterm_as_exit(), LocalDeployment(prod_dir, project) as deployment:
+            deployment.start()
+            with closing(deployment.session()) as session:
+                outcome = run_job(session, job_dir, workspace / "results", args.timeout)
+    except KeyboardInterrupt:
+        print("interrupted; every process this run started is stopped", file=sys.stderr)
+        return 130
     print(f"kits and site logs: {prod_dir}/<participant>/")
     return report(outcome)
 

@@ -12,20 +12,22 @@ the FLARE API.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
 from nvflare.lighter.utils import update_storage_locations
+from nvflare.tool.api_utils import shutdown_system_by_session
 
 from fedcontrast.deploy.project import (
     DEFAULT_PROJECT,
@@ -86,7 +88,8 @@ def provision_local(
 
     Writes ``WORKSPACE/project.yml`` (server ``localhost`` on two free ports, one client per
     site) and its kits under ``WORKSPACE/kits``; the server keeps its job store in
-    ``WORKSPACE/server-storage`` (not NVFlare's default under /tmp).
+    the kits' folder (``prod_NN/server-storage``, not NVFlare's default under /tmp), so no run
+    sees the jobs of an earlier one.
 
     Returns:
         ``(prod_dir, project)``: the kits' folder and the project they come from.
@@ -94,7 +97,7 @@ def provision_local(
     workspace = Path(workspace).resolve()
     project = with_server(with_sites(load_project(project_file), list(datalists)), LOCALHOST, *free_ports(2))
     prod_dir = provision(write_project(project, workspace / "project.yml"), workspace / "kits")
-    storage = workspace / "server-storage"
+    storage = prod_dir / "server-storage"
     update_storage_locations(local_dir=str(local_dir(prod_dir / LOCALHOST)), workspace=str(storage))
     for site, datalist in datalists.items():
         write_site_config(prod_dir / site, datalist)
@@ -187,13 +190,8 @@ class LocalDeployment:
             return
         # job processes run in sessions of their own: list them while their parents still exist
         descendants = [child for p in running.values() for child in _descendants(p.pid)]
-        if self.server in running:
-            try:
-                with closing(self.session(timeout=5.0)) as session:
-                    session.shutdown("all", wait=True, timeout=timeout)
-            except Exception as exc:  # the server may be unreachable; the processes are ended below
-                self.say(f"graceful shutdown failed ({exc}); ending the processes")
-        deadline = time.monotonic() + timeout
+        graceful = self.server in running and self.shutdown(timeout)
+        deadline = time.monotonic() + (timeout if graceful else 0.0)
         for process in running.values():
             try:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -204,6 +202,29 @@ class LocalDeployment:
         for orphan in alive:
             orphan.kill()
         self.say(f"stopped {len(running)} process(es)" + (f" and {len(alive)} job process(es)" * bool(alive)))
+
+    def shutdown(self, timeout: float) -> bool:
+        """NVFlare's shutdown through the FLARE API: abort running jobs, stop the server and every
+        client. Returns whether it went through (the server may be unreachable or wedged)."""
+        try:
+            with closing(self.session(timeout=5.0)) as session, _quiet("nvflare"):
+                shutdown_system_by_session(session, timeout_in_sec=int(timeout), verbose=False)
+        except Exception as exc:
+            self.say(f"graceful shutdown failed ({exc}); ending the processes")
+            return False
+        return True
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger for a while: a shutdown makes the FLARE API log the server's absence as errors."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
