@@ -152,12 +152,18 @@ def ordering_sentences(
             if len(published) < 2:
                 continue
             ours = [m for m in ranking(rows, mode, n, methods) if m in published]
+            if len(ours) < len(published):
+                continue
             theirs = sorted(published, key=lambda m: -PUBLISHED[mode, m][n])
             verdict = "the same ordering" if ours == theirs else "a different ordering"
             sentences.append(
                 f"{mode} fine-tuning, N={n}: here {' > '.join(ours) or 'no data'}; published "
                 f"{' > '.join(theirs)} ({verdict})."
             )
+    firsts = [s for s in sentences if s.split("here ", 1)[1].startswith("fcl ")]
+    if sentences and any("fcl" in s for s in sentences):
+        columns = len(sentences)
+        sentences.append(f"FCL ranks first in {len(firsts)} of {columns} such columns (published: all).")
     return sentences
 
 
