@@ -15,7 +15,13 @@ from fedcontrast.deploy.admin import (
     participant_reports,
 )
 from fedcontrast.deploy.cli import admin_user
-from fedcontrast.deploy.poc import INHERITED_DATALIST, free_ports, site_datalists, site_environment
+from fedcontrast.deploy.poc import (
+    INHERITED_DATALIST,
+    LocalDeployment,
+    free_ports,
+    site_datalists,
+    site_environment,
+)
 from fedcontrast.deploy.project import (
     admin_name,
     load_project,
@@ -119,6 +125,27 @@ def test_local_processes_get_this_python_and_no_inherited_datalist(monkeypatch):
     assert int(env["OMP_NUM_THREADS"]) >= 1
     ports = free_ports(2)
     assert len(set(ports)) == 2 and all(1024 <= p < 65536 for p in ports)
+
+
+def test_a_start_that_fails_says_why_and_leaves_no_process(tmp_path):
+    """Kits whose server exits at once (e.g. its port is taken) and whose sites would run on."""
+    scripts = {"localhost": "echo 'bind: address already in use'; exit 3", "site-1": "exec sleep 120"}
+    for participant, body in scripts.items():
+        script = tmp_path / participant / "startup" / "sub_start.sh"
+        script.parent.mkdir(parents=True)
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    project = {"participants": [
+        {"name": "localhost", "type": "server"}, {"name": "site-1", "type": "client"},
+        {"name": "admin@example.org", "type": "admin", "role": "project_admin"},
+    ]}  # fmt: skip
+    deployment = LocalDeployment(tmp_path, project, say=lambda line: None)
+    with (
+        pytest.raises(RuntimeError, match=r"(?s)localhost exited with code 3.*address already in use"),
+        deployment,
+    ):
+        deployment.start(timeout=30)
+    assert deployment.processes["site-1"].poll() is not None  # stopped on the way out
 
 
 # ---- jobs and reports ------------------------------------------------------------------------

@@ -169,19 +169,31 @@ class LocalDeployment:
                 raise RuntimeError(f"{participant} exited with code {process.returncode}; {log}:\n{tail}")
 
     def wait_for_sites(self, timeout: float) -> None:
-        """Wait until every site is connected to the server."""
+        """Wait until every site is connected to the server, checking that every process still runs."""
         deadline = time.monotonic() + timeout
-        with closing(self.session(timeout=timeout)) as session:
-            connected: set[str] = set()
+        connected: set[str] = set()
+        session, last_error = None, None
+        try:
             while time.monotonic() < deadline:
                 self.check_alive()
-                connected = {c.name for c in session.get_system_info().client_info}
-                if connected >= set(self.sites):
-                    self.say(f"sites connected: {', '.join(sorted(connected))}")
-                    return
+                try:
+                    session = session or self.session(timeout=5.0)
+                except Exception as exc:  # the server is not listening yet
+                    last_error = exc
+                else:
+                    connected = {c.name for c in session.get_system_info().client_info}
+                    if connected >= set(self.sites):
+                        self.say(f"sites connected: {', '.join(sorted(connected))}")
+                        return
                 time.sleep(1.0)
+        finally:
+            if session is not None:
+                session.close()
         missing = sorted(set(self.sites) - connected)
-        raise RuntimeError(f"sites {missing} did not connect in {timeout:.0f} s; see their {CONSOLE_LOG}")
+        reason = (
+            f"the admin cannot log in ({last_error})" if session is None else f"sites {missing} are missing"
+        )
+        raise RuntimeError(f"not ready after {timeout:.0f} s: {reason}; see the kits' {CONSOLE_LOG}")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Shut everything down through the FLARE API, then end whatever is left of what was started."""
