@@ -38,6 +38,22 @@ FCL_CONFIG = {
 JOB_TIMEOUT = 240.0
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants (job processes run in sessions of their own)."""
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
     """Kits provisioned from deploy/project.yml, each site pointing at its own datalist, all processes up."""
@@ -48,16 +64,13 @@ def poc(tmp_path_factory):
     )
     prod_dir, project = provision_local(root, site_datalists(splits, SITES))
     deployment = LocalDeployment(prod_dir, project)
-    started: list[psutil.Process] = []
     try:
         deployment.start()
-        started = [psutil.Process(p.pid) for p in deployment.processes.values()]
         yield SimpleNamespace(root=root, splits=splits, job_dir=job_dir, deployment=deployment)
     finally:
-        # the job processes too: the deployment's processes and all their descendants
-        started += [child for p in started if p.is_running() for child in p.children(recursive=True)]
+        started = [member for p in deployment.processes.values() for member in tree(p.pid)]
         deployment.stop()
-        assert not [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not [p.pid for p in started if alive(p)]
 
 
 def run(poc, results: str):
