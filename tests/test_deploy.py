@@ -254,3 +254,8 @@ def test_reports_of_deployment_and_server_failures(tmp_path):
         "failed",
         "Component refused",
     )
+    reports = statuses(
+        participant_reports(write_result(tmp_path / "c"), meta("FINISHED:EXECUTION_EXCEPTION"))
+    )
+    assert [status for status, _ in reports.values()] == ["stopped"] * 3
+    assert "no cause" in reports["server"][1]

@@ -159,8 +159,9 @@ def participant_reports(result_dir: str | Path, meta: dict) -> list[ParticipantR
 
     When the job did not complete, a site failed if it logged an error (its streamed error
     log) or an error of the server names it (NVFlare's "Result from <site> is bad", "Client
-    <site> is deemed disconnected!"); the server failed if no site did. A site whose deployment
-    failed failed. Everyone else is ``ok`` when the job completed, else ``stopped``.
+    <site> is deemed disconnected!"); if no site did, the server failed when it logged an
+    error. A site whose deployment failed failed. Everyone else is ``ok`` when the job
+    completed, else ``stopped``.
     """
     result_dir = Path(result_dir)
     completed = meta.get("status") == COMPLETED
@@ -178,11 +179,15 @@ def participant_reports(result_dir: str | Path, meta: dict) -> list[ParticipantR
             reports.append(ParticipantReport(site, "failed", (errors or bad)[0]))
         else:
             reports.append(ParticipantReport(site, "ok" if completed else "stopped"))
+    errors = log_messages(_read(result_dir / WORKSPACE_DIR / "error_log.txt"), "ERROR")
     if completed or any(r.status == "failed" for r in reports):
         server = ParticipantReport("server", "ok" if completed else "stopped")
-    else:
-        errors = log_messages(_read(result_dir / WORKSPACE_DIR / "error_log.txt"), "ERROR")
-        server = ParticipantReport("server", "failed", errors[0] if errors else meta.get("status", "unknown"))
+    elif errors:
+        server = ParticipantReport("server", "failed", errors[0])
+    else:  # e.g. a site's training process died: only the server's own log.txt says which
+        server = ParticipantReport(
+            "server", "stopped", "the job's logs name no cause; see the server's log.txt"
+        )
     return [server, *reports]
 
 

@@ -57,8 +57,8 @@ def configure_site(kit_dir: str | Path, datalist: str | Path) -> list[str]:
     content = load_site_datalist(datalist)
     counts = {key: len(content[key]) for key in ("training", "unlabeled", "test")}
     lines = [
-        f"{content['site']}: {counts['training']} labelled, {counts['unlabeled']} unlabelled and "
-        f"{counts['test']} test volume(s) in {Path(datalist).resolve()}",
+        f"{Path(datalist).resolve()}: {counts['training']} labelled, {counts['unlabeled']} unlabelled "
+        f"and {counts['test']} test volume(s)",
         f"wrote {write_site_config(kit_dir, datalist)}",
     ]
     if not allows_package(kit_dir):
