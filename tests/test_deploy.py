@@ -14,7 +14,7 @@ from fedcontrast.deploy.admin import (
     log_messages,
     participant_reports,
 )
-from fedcontrast.deploy.cli import admin_user
+from fedcontrast.deploy.cli import admin_user, job_options
 from fedcontrast.deploy.poc import (
     INHERITED_DATALIST,
     LocalDeployment,
@@ -165,6 +165,8 @@ def test_job_folders_and_job_names(tmp_path):
 def test_cli_passes_options_after_dashes_to_the_job_script():
     args = build_parser().parse_args(["deploy", "poc", "--sites", "2", "--", "--rounds", "1", "--local"])
     assert (args.sites, args.job, args.job_args) == (2, "fcl", ["--rounds", "1", "--local"])
+    args = build_parser().parse_args(["deploy", "poc", "--rounds", "3", "--", "--local"])
+    assert job_options(args) == ["--rounds", "3", "--local"]
 
 
 def test_admin_user_comes_from_the_admin_kit(tmp_path):

@@ -32,7 +32,7 @@ ports, certificates), point each site at WORKSPACE/data/splits/site-k.json (or D
 in its own local/fedcontrast.json, start the server and one process per site, submit the job
 through the FLARE API, follow it, download its results into WORKSPACE/results/<job id> and
 stop every process it started. Options after `--` go to jobs/<JOB>/job.py, e.g.
-`-- --rounds 2 --config '{"network": {"init_filters": 8}}'`."""
+`--rounds 2 -- --config '{"network": {"init_filters": 8}}'`."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,8 +84,14 @@ def _add_job_arguments(parser: argparse.ArgumentParser, results: Path | None) ->
     parser.add_argument("--job", default="fcl", help="jobs/<JOB>/job.py to export, or an exported job folder")
     if results is not None:
         parser.add_argument("--results", type=Path, default=results, help="download folder (%(default)s)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (the job script's --rounds)")
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds to wait (0: no limit)")
     parser.add_argument("job_args", nargs="*", metavar="-- JOB_OPTION", help="options of jobs/<JOB>/job.py")
+
+
+def job_options(args: argparse.Namespace) -> list[str]:
+    """The job script's options: ``--rounds`` when given, then those after ``--``."""
+    return (["--rounds", str(args.rounds)] if args.rounds is not None else []) + list(args.job_args)
 
 
 def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -147,7 +153,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
     quiet_nvflare(args)
     user = admin_user(args.admin_kit)
-    job_dir = job_folder(args.job, args.results / "exported-job", args.sites, args.job_args)
+    job_dir = job_folder(args.job, args.results / "exported-job", args.sites, job_options(args))
     with closing(new_secure_session(user, str(args.admin_kit.resolve()), timeout=30.0)) as session:
         outcome = run_job(session, job_dir, args.results, args.timeout)
     return report(outcome)
@@ -177,7 +183,7 @@ def run_poc(args: argparse.Namespace) -> int:
         print(f"generating a phantom for {args.sites} site(s) in {workspace / 'data'}")
         args.data = prepare_data(workspace / "data", args.sites, patients_per_site=4, seed=0)
     datalists = site_datalists(args.data, sites)
-    job_dir = job_folder(args.job, workspace / "exported-job", args.sites, args.job_args)
+    job_dir = job_folder(args.job, workspace / "exported-job", args.sites, job_options(args))
     prod_dir, project = provision_local(workspace, datalists, args.project)
     try:
         with sigterm_as_exit(), LocalDeployment(prod_dir, project) as deployment:
