@@ -134,7 +134,8 @@ class MethodController(ModelController):
                     return
                 if strategy:
                     strategy.aggregate(updates, round_num)
-                    ledger.record_metrics(round_num, "server", strategy.round_metrics(round_num), 0)
+                    if server_metrics := strategy.round_metrics(round_num):
+                        ledger.record_metrics(round_num, "server", server_metrics, 0)
                 else:
                     own.update({s: u.message for s, u in updates.items()})
                 ledger.end_round(round_num)
