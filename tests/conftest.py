@@ -41,3 +41,26 @@ def phantom_images(tmp_path_factory):
         return cache[patients_per_site]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def site_splits(tmp_path_factory):
+    """Split folder of a 2-site phantom (4 patients a site): per site 1 labelled, 5 unlabelled
+    and 2 test volumes (``site-1.json``, ``site-2.json``), generated once per session."""
+    from fedcontrast.demo import prepare_data
+
+    return prepare_data(tmp_path_factory.mktemp("site-splits"), sites=2, patients_per_site=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fcl_config() -> dict:
+    """FCL shrunk for the tiny phantom: what the simulator and POC jobs run."""
+    return {
+        "network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
+        "preprocessing": {"roi_size": [32, 32]},
+        "batch_size": 2,
+        "head_hidden": 32,
+        "features_per_partition": 3,
+        "local_samples": 2,
+        "remote_samples": 2,
+    }

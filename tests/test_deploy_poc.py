@@ -15,7 +15,6 @@ import pytest
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
-from fedcontrast.demo import prepare_data
 from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, export_job, run_job
 from fedcontrast.deploy.poc import LOCALHOST, LocalDeployment, provision_local, site_datalists
 from fedcontrast.deploy.project import site_names
@@ -25,16 +24,6 @@ from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
 pytestmark = pytest.mark.poc
 
 SITES = site_names(2)
-#: FCL shrunk for the tiny phantom (as in the simulator test).
-FCL_CONFIG = {
-    "network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
-    "preprocessing": {"roi_size": [32, 32]},
-    "batch_size": 2,
-    "head_hidden": 32,
-    "features_per_partition": 3,
-    "local_samples": 2,
-    "remote_samples": 2,
-}
 JOB_TIMEOUT = 240.0
 
 
@@ -55,18 +44,17 @@ def tree(pid: int) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def poc(tmp_path_factory):
+def poc(tmp_path_factory, site_splits, tiny_fcl_config):
     """Kits provisioned from deploy/project.yml, each site pointing at its own datalist, all processes up."""
     root = tmp_path_factory.mktemp("poc")
-    splits = prepare_data(root / "phantom", sites=len(SITES), patients_per_site=4, seed=0)
     job_dir = export_job(
-        "fcl", root / "job", len(SITES), ["--rounds", "2", "--config", json.dumps(FCL_CONFIG)]
+        "fcl", root / "job", len(SITES), ["--rounds", "2", "--config", json.dumps(tiny_fcl_config)]
     )
-    prod_dir, project = provision_local(root, site_datalists(splits, SITES))
+    prod_dir, project = provision_local(root, site_datalists(site_splits, SITES))
     deployment = LocalDeployment(prod_dir, project)
     try:
         deployment.start()
-        yield SimpleNamespace(root=root, splits=splits, job_dir=job_dir, deployment=deployment)
+        yield SimpleNamespace(root=root, splits=site_splits, job_dir=job_dir, deployment=deployment)
     finally:
         started = [member for p in deployment.processes.values() for member in tree(p.pid)]
         deployment.stop()
@@ -105,7 +93,7 @@ def test_kits_listen_on_loopback_only_and_allow_fedcontrast(poc):
             authorizer.authorize_component_config({"path": path}, workspace=workspace)  # raises if refused
 
 
-def test_exported_fcl_job_runs_on_provisioned_sites(poc):
+def test_exported_fcl_job_runs_on_provisioned_sites(poc, tiny_fcl_config):
     outcome = run(poc, "results")
     assert outcome.completed, outcome.reports
     assert [(r.name, r.status) for r in outcome.reports] == [
@@ -116,7 +104,7 @@ def test_exported_fcl_job_runs_on_provisioned_sites(poc):
 
     result = outcome.result_dir / WORKSPACE_DIR
     assert outcome.result_dir.parent == poc.root / "results"
-    network = build_network(overrides=FCL_CONFIG["network"])
+    network = build_network(overrides=tiny_fcl_config["network"])
     assert load_pretrained_encoder(network, result / "pretrained_encoder.pt")
     ledger = json.loads((result / "bytes.json").read_text())
     assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {

@@ -16,7 +16,6 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils.class_utils import get_component_init_parameters
 
-from fedcontrast.cli import main as fedcontrast_cli
 from fedcontrast.flare.controller import ENCODER_FILE, MODEL_FILE, MethodController, save_models
 from fedcontrast.flare.executor import DATALIST_ENV, MethodExecutor, resolve_datalist, site_entries
 from fedcontrast.flare.filters import FeaturePrivacyFilter, privatize_features
@@ -34,20 +33,6 @@ from fedcontrast.methods.registry import MethodSpec
 from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
 
 TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory) -> Path:
-    """Site datalists of a 2-site phantom: 1 labelled, 5 unlabelled, 2 test volumes each."""
-    root = tmp_path_factory.mktemp("flare-units")
-    fedcontrast_cli(
-        ["data", "synth", "--out", str(root / "data"), "--sites", "2", "--patients-per-site", "4"]
-    )
-    fedcontrast_cli(
-        ["data", "split", "--dataset", str(root / "data"), "--format", "acdc", "--out", str(root / "splits"),
-         "--labeled-per-site", "1", "--test-per-site", "1"]
-    )  # fmt: skip
-    return root / "splits"
 
 
 def features_message(rows: int = 5, width: int = 128) -> Message:
@@ -117,18 +102,18 @@ def test_datalist_resolution_errors_name_the_site(tmp_path):
         resolve_datalist("site-3", "", tmp_path, environ={})
 
 
-def test_site_entries_select_lists_and_tag_validation(splits):
-    entries = site_entries("site-1", splits / "site-1.json", ["training", "unlabeled"], "test", 6)
+def test_site_entries_select_lists_and_tag_validation(site_splits):
+    entries = site_entries("site-1", site_splits / "site-1.json", ["training", "unlabeled"], "test", 6)
     assert len(entries) == 8
     assert [e.get("split") for e in entries] == [None] * 6 + ["validation"] * 2
 
 
-def test_site_entries_refuse_missing_or_short_datalists(splits, tmp_path):
+def test_site_entries_refuse_missing_or_short_datalists(site_splits, tmp_path):
     missing = tmp_path / "site-9.json"
     with pytest.raises(ValueError, match=f"site-9: cannot use its datalist: {missing}"):
         site_entries("site-9", missing, ["training"])
     with pytest.raises(ValueError, match=r"site-1: the job needs at least 2 volume\(s\) in \['training'\]"):
-        site_entries("site-1", splits / "site-1.json", ["training"], min_volumes=2)
+        site_entries("site-1", site_splits / "site-1.json", ["training"], min_volumes=2)
 
 
 # ---- executor -------------------------------------------------------------------------------
@@ -162,11 +147,11 @@ def task(round_num: int) -> object:
     return FLModelUtils.to_shareable(message_to_flmodel({"weights/w": np.ones(2)}, round_num, 2))
 
 
-def test_executor_runs_the_method_on_the_site_datalist(splits, tmp_path, monkeypatch):
+def test_executor_runs_the_method_on_the_site_datalist(site_splits, tmp_path, monkeypatch):
     spec = MethodSpec("toy", trainer=CountingTrainer, pretraining=False)
     monkeypatch.setattr("fedcontrast.flare.executor.get_method", lambda name: spec)
     executor = MethodExecutor(
-        "toy", datalist=str(splits / "{site}.json"), datalist_keys=["training", "unlabeled"]
+        "toy", datalist=str(site_splits / "{site}.json"), datalist_keys=["training", "unlabeled"]
     )
     reply = executor.execute("train", task(1), site_context("site-2", tmp_path), Signal())
     update = flmodel_to_update(FLModelUtils.from_shareable(reply))
@@ -174,14 +159,14 @@ def test_executor_runs_the_method_on_the_site_datalist(splits, tmp_path, monkeyp
     np.testing.assert_array_equal(update.message["weights/w"], [2.0, 2.0])
 
 
-def test_executor_failure_names_the_site_and_its_datalist(splits, tmp_path, monkeypatch, caplog):
+def test_executor_failure_names_the_site_and_its_datalist(site_splits, tmp_path, monkeypatch, caplog):
     spec = MethodSpec("toy", trainer=CountingTrainer, pretraining=False)
     monkeypatch.setattr("fedcontrast.flare.executor.get_method", lambda name: spec)
     short = tmp_path / "short.json"
     (tmp_path / "fedcontrast.json").write_text(json.dumps({"datalist": str(short)}))
-    site = json.loads((splits / "site-1.json").read_text())
+    site = json.loads((site_splits / "site-1.json").read_text())
     short.write_text(json.dumps({**site, "unlabeled": [], "test": []}))
-    executor = MethodExecutor("toy", datalist=str(splits / "{site}.json"), min_volumes=3)
+    executor = MethodExecutor("toy", datalist=str(site_splits / "{site}.json"), min_volumes=3)
     with caplog.at_level(logging.ERROR):
         reply = executor.execute("train", task(0), site_context("site-1", tmp_path), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedcontrast.cli import main as fedcontrast_cli
 from fedcontrast.methods.base import kind_of, message_to_state_dict
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.partitions import site_tag
@@ -27,15 +26,6 @@ pytestmark = pytest.mark.simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2")
-FCL_CONFIG = {
-    "network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
-    "preprocessing": {"roi_size": [32, 32]},
-    "batch_size": 2,
-    "head_hidden": 32,
-    "features_per_partition": 3,
-    "local_samples": 2,
-    "remote_samples": 2,
-}
 #: The bundle network shrunk for the small phantom (about 3.3 mm pixels, 7-9 slices).
 TINY_BUNDLE = {
     "init_filters": 4,
@@ -54,35 +44,21 @@ def job_main(name: str) -> Callable[[list[str]], int]:
     return module.main
 
 
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory) -> Path:
-    """2 sites x 4 patients; per site 1 labelled, 5 unlabelled and 2 test volumes."""
-    root = tmp_path_factory.mktemp("flare-sim")
-    fedcontrast_cli(
-        ["data", "synth", "--out", str(root / "data"), "--sites", "2", "--patients-per-site", "4"]
-    )
-    fedcontrast_cli(
-        ["data", "split", "--dataset", str(root / "data"), "--format", "acdc", "--out", str(root / "splits"),
-         "--labeled-per-site", "1", "--test-per-site", "1"]
-    )  # fmt: skip
-    return root / "splits"
-
-
 def recorded(result_dir: Path, round_num: int, site: str, direction: str) -> dict[str, np.ndarray]:
     with np.load(result_dir / "messages" / f"r{round_num}_{site}_{direction}.npz") as data:
         return {key: data[key] for key in data.files}
 
 
-def test_fcl_job_exchanges_only_other_sites_features(splits, tmp_path):
+def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_config, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
     code = job_main("fcl")(
-        ["--datalist-dir", str(splits), "--rounds", "2", "--workspace", str(workspace),
+        ["--datalist-dir", str(site_splits), "--rounds", "2", "--workspace", str(workspace),
          "--output", str(output), "--record-messages", "--feature-clip", "0.5",
-         "--config", json.dumps(FCL_CONFIG)]
+         "--config", json.dumps(tiny_fcl_config)]
     )  # fmt: skip
     assert code == 0
     result = workspace / "server" / "simulate_job"
-    model = FCLTrainer.build_model(merge_config(FCLTrainer.DEFAULTS, FCL_CONFIG)).state_dict()
+    model = FCLTrainer.build_model(merge_config(FCLTrainer.DEFAULTS, tiny_fcl_config)).state_dict()
 
     for site in SITES:
         (other,) = set(SITES) - {site}
@@ -116,7 +92,7 @@ def test_fcl_job_exchanges_only_other_sites_features(splits, tmp_path):
     }
     metrics = json.loads((output / "metrics.json").read_text())["records"]
     assert len(metrics) == 4 and all(m["metrics"]["loss_remote"] > 0 for m in metrics if m["round"] == 1)
-    network = build_network(overrides=FCL_CONFIG["network"])
+    network = build_network(overrides=tiny_fcl_config["network"])
     assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
 
 
@@ -137,10 +113,10 @@ def mean_test_dice(checkpoint: Path, splits: Path, out_dir: Path) -> float:
     return json.loads((out_dir / "summary.json").read_text())["dice"]["mean"]
 
 
-def test_finetune_job_beats_the_untrained_network(splits, tmp_path):
+def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
     code = job_main("finetune")(
-        ["--datalist-dir", str(splits), "--rounds", "3", "--local-epochs", "10", "--lr", "0.01",
+        ["--datalist-dir", str(site_splits), "--rounds", "3", "--local-epochs", "10", "--lr", "0.01",
          "--workspace", str(workspace), "--output", str(output),
          "--config", json.dumps({"network": TINY_BUNDLE})]
     )  # fmt: skip
@@ -153,6 +129,6 @@ def test_finetune_job_beats_the_untrained_network(splits, tmp_path):
     untrained = tmp_path / "untrained.pt"
     initial = get_method("supervised").trainer.initial_message({"network": TINY_BUNDLE, "seed": 0})
     torch.save(message_to_state_dict(initial), untrained)
-    before = mean_test_dice(untrained, splits, tmp_path / "eval-untrained")
-    after = mean_test_dice(output / "global_model.pt", splits, tmp_path / "eval-global")
+    before = mean_test_dice(untrained, site_splits, tmp_path / "eval-untrained")
+    after = mean_test_dice(output / "global_model.pt", site_splits, tmp_path / "eval-global")
     assert after > before + 0.03, (before, after)

@@ -52,7 +52,7 @@ from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.losses import fcl_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer
+from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.encoder import ema_update, momentum_copy
 
@@ -76,10 +76,7 @@ class FCLTrainer(ContrastivePretrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         super().__init__(config, datalist, site, device)
-        if self.config["momentum_init"] not in MOMENTUM_INITS:
-            raise ValueError(
-                f"momentum_init must be one of {MOMENTUM_INITS}, got {self.config['momentum_init']!r}"
-            )
+        check_choice(self.config, "momentum_init", MOMENTUM_INITS)
         num_partitions, dim = int(self.config["partitions"]), int(self.config["embedding_dim"])
         self.local_bank = PartitionBank(num_partitions, dim, capacity=int(self.config["local_bank_size"]))
         self.remote_bank = PartitionBank(num_partitions, dim, exclude_site=self.tag)

@@ -46,6 +46,7 @@ from fedcontrast.methods.byol import BYOLTrainer, byol_loss, structural_matching
 from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.partitions import PartitionBatch
+from fedcontrast.methods.pretrain import check_choice
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.target_sync import TargetSync
 
@@ -89,8 +90,7 @@ class FCLOptTrainer(BYOLTrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         super().__init__(config, datalist, site, device)
-        if self.config["exchange"] not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.config['exchange']!r}")
+        check_choice(self.config, "exchange", EXCHANGES)
         self.remote_bank = PartitionBank(
             int(self.config["partitions"]), int(self.config["embedding_dim"]), exclude_site=self.tag
         )

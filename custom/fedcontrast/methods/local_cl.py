@@ -25,7 +25,7 @@ import torch
 from fedcontrast.methods.losses import GLOBAL_STRATEGIES, global_contrastive_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer
+from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice
 from fedcontrast.methods.registry import MethodSpec, register
 
 DEFAULTS: dict[str, Any] = {**PRETRAIN_DEFAULTS, "loss_strategy": "G^D"}
@@ -38,10 +38,7 @@ class GlobalContrastiveTrainer(ContrastivePretrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         super().__init__(config, datalist, site, device)
-        if self.config["loss_strategy"] not in GLOBAL_STRATEGIES:
-            raise ValueError(
-                f"loss_strategy must be one of {GLOBAL_STRATEGIES}, got {self.config['loss_strategy']!r}"
-            )
+        check_choice(self.config, "loss_strategy", GLOBAL_STRATEGIES)
 
     def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
         """The global contrastive loss of both views of the batch."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -62,6 +62,12 @@ DEFAULTS: dict[str, Any] = {
     "embedding_dim": 128,
     "augment": {},
 }
+
+
+def check_choice(config: Mapping[str, Any], key: str, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``key`` when ``config[key]`` is not one of ``choices``."""
+    if config[key] not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {config[key]!r}")
 
 
 def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedcontrast.methods.base import Message, ServerStrategy, SiteUpdate, pack, select, weighted_average
-from fedcontrast.methods.pretrain import merge_config
+from fedcontrast.methods.pretrain import check_choice, merge_config
 
 State = Mapping[str, np.ndarray]
 
@@ -81,8 +81,7 @@ SYNC_DEFAULTS: dict[str, Any] = {
 
 def check_sync_config(config: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` on an unknown ``target_update``, m outside [0, 1], δ < 0 or ``sync_every < 1``."""
-    if config["target_update"] not in TARGET_UPDATES:
-        raise ValueError(f"target_update must be one of {TARGET_UPDATES}, got {config['target_update']!r}")
+    check_choice(config, "target_update", TARGET_UPDATES)
     if not 0.0 <= float(config["momentum"]) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {config['momentum']}")
     if float(config["delta"]) < 0:
