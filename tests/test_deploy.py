@@ -33,7 +33,7 @@ from fedcontrast.deploy.project import (
     write_project,
 )
 from fedcontrast.deploy.site import allows_package, configure_site
-from fedcontrast.flare.jobs import ALLOW_LIST_PREFIX
+from fedcontrast.flare.site_config import ALLOW_LIST_PREFIX
 
 BUILDER = "fedcontrast.deploy.builder.InstalledPackageBuilder"
 

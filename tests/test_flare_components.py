@@ -17,9 +17,9 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils.class_utils import get_component_init_parameters
 
 from fedcontrast.flare.controller import ENCODER_FILE, MODEL_FILE, MethodController, save_models
-from fedcontrast.flare.executor import DATALIST_ENV, MethodExecutor, resolve_datalist, site_entries
+from fedcontrast.flare.executor import MethodExecutor, site_entries
 from fedcontrast.flare.filters import FeaturePrivacyFilter, privatize_features
-from fedcontrast.flare.jobs import ALLOW_LIST_PREFIX, allow_installed_package, build_job, export_job
+from fedcontrast.flare.jobs import build_job, export_job
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import (
     NUM_SAMPLES,
@@ -27,6 +27,12 @@ from fedcontrast.flare.messages import (
     flmodel_to_update,
     message_to_flmodel,
     update_to_flmodel,
+)
+from fedcontrast.flare.site_config import (
+    ALLOW_LIST_PREFIX,
+    DATALIST_ENV,
+    allow_installed_package,
+    resolve_datalist,
 )
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, pack
 from fedcontrast.methods.registry import MethodSpec

@@ -17,7 +17,7 @@ from pathlib import Path
 from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from fedcontrast.flare.jobs import allow_installed_package
+from fedcontrast.flare.site_config import allow_installed_package
 
 
 class InstalledPackageBuilder(Builder):

@@ -4,7 +4,7 @@
   written by ``fedcontrast data split`` (or by hand). Its ``training`` list is the site's
   labelled volumes, so the datalist a site points at is also its label budget. The
   environment variable ``FEDCONTRAST_DATALIST`` of the site's process takes precedence
-  (see :func:`fedcontrast.flare.executor.resolve_datalist`).
+  (see :func:`fedcontrast.flare.site_config.resolve_datalist`).
 - ``local/resources.json``: NVFlare's component policy; its ``class_allow_list`` must
   allow ``"fedcontrast."`` (kits provisioned from ``deploy/project.yml`` already do).
 """
@@ -18,8 +18,7 @@ from nvflare.apis.fl_constant import WorkspaceConstants
 from nvflare.app_common.widgets.component_path_authorizer import ALLOW_ALL, CLASS_ALLOW_LIST
 
 from fedcontrast.data.datalist import load_site_datalist
-from fedcontrast.flare.executor import SITE_CONFIG_FILE
-from fedcontrast.flare.jobs import ALLOW_LIST_PREFIX, allow_installed_package
+from fedcontrast.flare.site_config import ALLOW_LIST_PREFIX, SITE_CONFIG_FILE, allow_installed_package
 
 
 def local_dir(kit_dir: str | Path) -> Path:

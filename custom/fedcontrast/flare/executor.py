@@ -20,9 +20,7 @@ returns an error, which stops the run on the server (see
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,55 +35,10 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.flare.messages import as_message, update_to_flmodel
+from fedcontrast.flare.site_config import resolve_datalist
 from fedcontrast.methods.base import SiteTrainer
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.supervised import VALIDATION
-
-#: Environment variable with the path of this site's datalist (first choice).
-DATALIST_ENV = "FEDCONTRAST_DATALIST"
-#: The site's configuration file in its workspace's ``local/`` folder (second choice).
-SITE_CONFIG_FILE = "fedcontrast.json"
-#: Placeholder of the site name in the job's datalist template (last choice).
-SITE_PLACEHOLDER = "{site}"
-
-
-def resolve_datalist(
-    site: str,
-    template: str,
-    site_config_dir: str | os.PathLike | None,
-    environ: Mapping[str, str] = os.environ,
-) -> tuple[Path, str]:
-    """Where ``site``'s datalist is, and which setting said so.
-
-    Args:
-        site: the site's name.
-        template: the job's datalist path, ``{site}`` standing for the site name ("" for none).
-        site_config_dir: the site workspace's ``local/`` folder (None when there is none).
-        environ: the environment to read ``FEDCONTRAST_DATALIST`` from.
-
-    Returns:
-        ``(path, source)``; ``source`` names the setting for messages.
-
-    Raises:
-        ValueError: the site's configuration file is malformed, or nothing names a datalist.
-    """
-    if environ.get(DATALIST_ENV):
-        return Path(environ[DATALIST_ENV]).expanduser(), f"${DATALIST_ENV}"
-    config_file = Path(site_config_dir) / SITE_CONFIG_FILE if site_config_dir else None
-    if config_file is not None and config_file.is_file():
-        try:
-            settings = json.loads(config_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{site}: {config_file} is not valid JSON ({exc})") from exc
-        if not isinstance(settings, dict) or not isinstance(settings.get("datalist"), str):
-            raise ValueError(f'{site}: {config_file} must hold {{"datalist": "<path>"}}')
-        return config_file.parent / Path(settings["datalist"]).expanduser(), str(config_file)
-    if not template:
-        raise ValueError(
-            f"{site}: no datalist: set ${DATALIST_ENV}, write {config_file or SITE_CONFIG_FILE} "
-            f'with {{"datalist": "<path>"}}, or give the job a datalist template'
-        )
-    return Path(template.replace(SITE_PLACEHOLDER, site)), "the job's datalist template"
 
 
 def site_entries(

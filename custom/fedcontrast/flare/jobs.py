@@ -13,7 +13,7 @@ folder names ``fedcontrast.*`` classes and carries no code (``custom/`` is absen
 so neither fedcontrast nor torch/MONAI is copied into it). Every site and the
 server install the same ``fedcontrast`` (``pip install fedcontrast`` or this
 repository) and allow its classes in their ``local/resources.json``
-``class_allow_list`` (:func:`allow_installed_package` adds ``"fedcontrast."``);
+``class_allow_list`` (:func:`~fedcontrast.flare.site_config.allow_installed_package` adds ``"fedcontrast."``);
 submitting needs no ``byoc`` right. The simulator run here does the same in its
 workspace.
 """
@@ -28,21 +28,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
 from fedcontrast.flare.controller import ENCODER_FILE, LOCAL_DIR, MODEL_FILE, MethodController
-from fedcontrast.flare.executor import SITE_PLACEHOLDER, MethodExecutor
+from fedcontrast.flare.executor import MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
+from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, allow_installed_package
 from fedcontrast.methods.registry import get_method
 
-#: The installed package the job's components come from.
-PACKAGE = "fedcontrast"
-#: What a site's ``class_allow_list`` needs for these jobs.
-ALLOW_LIST_PREFIX = f"{PACKAGE}."
 #: Task names: the feature privacy filter is bound to the pre-training task.
 PRETRAIN_TASK = "pretrain"
 TRAIN_TASK = "train"
@@ -137,25 +132,6 @@ def build_job(
         privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
         job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
     return job
-
-
-def allow_installed_package(local_dir: str | Path) -> Path:
-    """Add ``"fedcontrast."`` to the ``class_allow_list`` of a site's ``local/resources.json``.
-
-    Starts from ``resources.json``, else ``resources.json.default``, else an empty policy
-    (NVFlare's default allow list); writes ``resources.json``. Returns its path.
-    """
-    local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    target = local_dir / "resources.json"
-    source = next((p for p in (target, local_dir / "resources.json.default") if p.is_file()), None)
-    resources = json.loads(source.read_text()) if source else {"format_version": 2}
-    allowed = list(resources.get(CLASS_ALLOW_LIST, DEFAULT_CLASS_ALLOW_LIST))
-    if "*" not in allowed and ALLOW_LIST_PREFIX not in allowed:
-        allowed.append(ALLOW_LIST_PREFIX)
-    resources[CLASS_ALLOW_LIST] = allowed
-    target.write_text(json.dumps(resources, indent=4))
-    return target
 
 
 def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
