@@ -144,10 +144,11 @@ def load_job_module():
 def test_job_exports_the_variant_with_its_options(tmp_path, capsys):
     job = load_job_module()
     argv = ["--export", str(tmp_path), "--variant", "fclopt_ptnu_dp", "--delta", "0.02", "--sync-every", "3"]
-    assert job.main([*argv, "--exchange", "prototypes"]) == 0
+    assert job.main([*argv, "--exchange", "prototypes", "--task-timeout", "900"]) == 0
     server = json.loads((tmp_path / "fclopt_ptnu_dp/app/config/config_fed_server.json").read_text())
     args = server["workflows"][0]["args"]
     assert args["method"] == "fclopt_ptnu_dp" and args["task_name"] == "pretrain"
+    assert args["task_timeout"] == 900
     assert {k: args["config"][k] for k in ("delta", "sync_every", "exchange")} == {
         "delta": 0.02,
         "sync_every": 3,

@@ -194,6 +194,13 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-volumes", type=int, default=1, help="fewest training volumes a site needs")
     parser.add_argument(
+        "--task-timeout",
+        type=int,
+        default=0,
+        metavar="S",
+        help="stop the run when a site has not answered a round after S seconds (default 0: wait)",
+    )
+    parser.add_argument(
         "--local", action="store_true", help="each site trains alone: no averaging, one model per site"
     )
     parser.add_argument(
@@ -257,6 +264,7 @@ def run_from_args(
         datalist=datalist_template(args.datalist_dir),
         name=f"{name}_local" if args.local else name,
         min_volumes=args.min_volumes,
+        task_timeout=args.task_timeout,
         federated=not args.local,
         feature_clip=getattr(args, "feature_clip", 0.0),
         feature_noise=getattr(args, "feature_noise", 0.0),
