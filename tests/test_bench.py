@@ -154,23 +154,41 @@ def test_subset_reports_hold_only_their_methods_and_budgets(tmp_path, config, ro
     subset = json.loads((tmp_path / "fcl_vs_baselines.json").read_text())["rows"]
     assert {r["method"] for r in subset} <= {"random_init", "local_cl", "fedsimclr", "fcl"}
     assert {r["n_labeled"] for r in subset} <= {1, 2}
-    record = {
-        "per_round": [
-            {
-                "round": 0,
-                "site": s,
-                "bytes_up": {"weights": 100, "target": 50},
-                "bytes_down": {"weights": 100},
-            }
-            for s in SITES
-        ],
-        "server_metrics": [{"round": 0, "target_gap": 1e-4}],
+
+    def record(target_up: int, server_metrics: list[dict]) -> dict:
+        bytes_up = {"weights": 100, "target": target_up}
+        per_round = [
+            {"round": 0, "site": s, "bytes_up": bytes_up, "bytes_down": {"weights": 100}} for s in SITES
+        ]
+        return {"per_round": per_round, "server_metrics": server_metrics}
+
+    sync = {
+        "round": 0,
+        "ema_factor": 0.9,
+        "target_gap": 1e-4,
+        "target_uploads": 1.0,
+        "target_correction": 1.0,
     }
-    for method in ("fcl", "fedbyol"):
+    records = {"fcl": record(0, []), "fedbyol": record(50, []), "fclopt_ptnu_dp": record(25, [sync])}
+    for method, content in records.items():
         folder = tmp_path / "pretrain" / f"{method}_s0"
         folder.mkdir(parents=True)
-        (folder / "record.json").write_text(json.dumps(record))
+        (folder / "record.json").write_text(json.dumps(content))
     report = write_communication(rows, config, tmp_path, tmp_path).read_text()
     document = json.loads(Path(tmp_path / "communication.json").read_text())
-    assert document["total_bytes_per_site_per_round"] == {"fcl": 250.0, "fedbyol": 250.0}
-    assert "fcl: 1.00x the bytes of federated BYOL" in report
+    assert document["total_bytes_per_site_per_round"] == {
+        "fcl": 200.0,
+        "fedbyol": 250.0,
+        "fclopt_ptnu_dp": 225.0,
+    }
+    assert document["target_sync"] == {
+        "fclopt_ptnu_dp": {
+            "target_gap": 1e-4,
+            "upload_share": 1 / len(SITES),
+            "corrections": 1.0,
+            "rounds": 1,
+        }
+    }
+    assert "fclopt_ptnu_dp: 0.90x the bytes of federated BYOL and 1.12x those of FCL." in report
+    assert "lies 1.00e-04 (relative L2" in report and "1 correction(s) sent" in report
+    assert "fcl: 0.80x the bytes of federated BYOL" in report

@@ -392,79 +392,119 @@ def write_fcl_vs_baselines(
     return report
 
 
+COMMUNICATION_METHODS = ["fcl", "fedbyol", "fclopt", "fclopt_ptnu", "fclopt_ptnu_dp"]
+#: What ``target_gap`` compares the sites' predicted target with, by method (see ``TargetSync``).
+GAP_REFERENCE = {
+    "fclopt_ptnu": "the average of the sites' real targets (every site uploads its target)",
+    "fclopt_ptnu_dp": "the server's running target (real targets where sites uploaded, "
+    "predictions elsewhere)",
+}
+
+
+def bytes_per_round(records: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """method -> ``{kind_direction: bytes}``, the mean over sites, rounds and seeds of one site's round."""
+    per_round: dict[str, dict[str, float]] = {}
+    for method, recs in records.items():
+        values: dict[str, list[float]] = defaultdict(list)
+        for r in (r for rec in recs for r in rec["per_round"]):
+            for direction in ("up", "down"):
+                for kind, value in r[f"bytes_{direction}"].items():
+                    values[f"{kind}_{direction}"].append(value)
+        if values:
+            per_round[method] = {k: float(np.mean(v)) for k, v in sorted(values.items())}
+    return per_round
+
+
+def target_sync_summary(records: dict[str, list[dict[str, Any]]], sites: int) -> dict[str, dict[str, float]]:
+    """method -> mean ``target_gap``, share of site-rounds that uploaded a target, corrections sent."""
+    summary = {}
+    for method, recs in records.items():
+        logs = [s for rec in recs for s in rec["server_metrics"] if "target_gap" in s]
+        if logs:
+            summary[method] = {
+                "target_gap": float(np.mean([s["target_gap"] for s in logs])),
+                "upload_share": float(np.mean([s["target_uploads"] for s in logs]) / sites),
+                "corrections": float(np.sum([s["target_correction"] for s in logs])),
+                "rounds": len(logs),
+            }
+    return summary
+
+
+def savings_sentences(total: dict[str, float], floor: float) -> list[str]:
+    """The saving of each mechanism as ratios of bytes per site and round."""
+    sentences = [
+        f"{m}: {total[m] / total['fedbyol']:.2f}x the bytes of federated BYOL and "
+        f"{total[m] / total['fcl']:.2f}x those of FCL."
+        for m in total
+        if "fedbyol" in total and "fcl" in total
+    ]
+    steps = [
+        ("fclopt", "fedbyol", "Dropping negatives while keeping both networks in sync"),
+        ("fclopt_ptnu", "fclopt", "PTNU (no target download)"),
+        ("fclopt_ptnu_dp", "fclopt_ptnu", "DP (target uploads only when needed)"),
+    ]
+    sentences += [
+        f"{what}: {new} sends {total[new] / total[old]:.2f}x the bytes of {old}."
+        for new, old, what in steps
+        if new in total and old in total
+    ]
+    if floor:
+        sentences.append(
+            f"Floor (FedAvg of FCLOpt's online network alone: encoder, projection head and predictor, up "
+            f"and down): {floor / 1e3:.1f} KB; "
+            + ", ".join(f"{m} is {total[m] / floor:.2f}x it" for m in total)
+            + ". FCL's network has no predictor, so its weights alone are smaller than this floor."
+        )
+    return sentences
+
+
 def write_communication(
     rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path, out_dir: Path
 ) -> Path:
     """Issue 5's communication comparison: bytes per site per round by kind, savings, floor, Dice."""
-    methods, budgets = ["fcl", "fedbyol", "fclopt", "fclopt_ptnu", "fclopt_ptnu_dp"], [1, 2]
+    methods, budgets = COMMUNICATION_METHODS, [1, 2]
     records = pretrain_records(run_dir, methods)
-    per_round: dict[str, dict[str, float]] = {}
-    for method, recs in records.items():
-        if not recs:
-            continue
-        totals: dict[str, list[float]] = defaultdict(list)
-        for rec in recs:
-            for r in rec["per_round"]:
-                for direction in ("up", "down"):
-                    for kind, value in r[f"bytes_{direction}"].items():
-                        totals[f"{kind}_{direction}"].append(value)
-        per_round[method] = {k: float(np.mean(v)) for k, v in sorted(totals.items())}
+    per_round = bytes_per_round(records)
     total = {m: sum(v.values()) for m, v in per_round.items()}
-    floor = per_round.get("fclopt", {}).get("weights_up", 0.0) + per_round.get("fclopt", {}).get(
-        "weights_down", 0.0
-    )
-    gaps = {
-        m: [s.get("target_gap") for rec in recs for s in rec["server_metrics"] if "target_gap" in s]
-        for m, recs in records.items()
-    }
+    fclopt = per_round.get("fclopt", {})
+    floor = fclopt.get("weights_up", 0.0) + fclopt.get("weights_down", 0.0)
+    sync = target_sync_summary(records, config.sites)
     extra = {
         "bytes_per_site_per_round": per_round,
         "total_bytes_per_site_per_round": total,
         "floor_bytes_per_site_per_round": floor,
-        "target_gap": {m: float(np.mean(g)) for m, g in gaps.items() if g},
+        "target_sync": sync,
     }
     subset = write_subset(rows, config, run_dir, out_dir / "communication.json", methods, budgets, extra)
-    header = "| method | " + " | ".join(f"{k} (KB)" for k in per_round.get("fcl", {})) + " | total (KB) |"
-    kinds = list(per_round.get("fcl", {}))
-    lines = [header, "|---|" + "---|" * (len(kinds) + 1)]
-    for m in methods:
-        if m in per_round:
-            cells = [f"{per_round[m].get(k, 0) / 1e3:.1f}" for k in kinds]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {total[m] / 1e3:.1f} |")
-    sentences = []
-    for m in methods:
-        if m in total and "fedbyol" in total and "fcl" in total:
-            sentences.append(
-                f"{m}: {total[m] / total['fedbyol']:.2f}x the bytes of federated BYOL and "
-                f"{total[m] / total['fcl']:.2f}x those of FCL per site and round."
+    kinds = sorted({k for v in per_round.values() for k in v})
+    lines = [
+        "| method | " + " | ".join(f"{k} (KB)" for k in kinds) + " | total (KB) |",
+        "|---|" + "---|" * (len(kinds) + 1),
+        *(
+            "| "
+            + " | ".join(
+                [m, *(f"{per_round[m].get(k, 0) / 1e3:.1f}" for k in kinds), f"{total[m] / 1e3:.1f}"]
             )
-    steps = [
-        ("fclopt", "fedbyol", "dropping negatives while keeping both networks in sync"),
-        ("fclopt_ptnu", "fclopt", "PTNU (no target download)"),
-        ("fclopt_ptnu_dp", "fclopt_ptnu", "DP (target uploads only when needed)"),
+            + " |"
+            for m in methods
+            if m in per_round
+        ),
     ]
-    for new, old, what in steps:
-        if new in total and old in total:
-            sentences.append(f"{what}: {new} sends {total[new] / total[old]:.2f}x the bytes of {old}.")
-    if floor:
-        sentences.append(
-            f"Floor (FedAvg of the online network alone): {floor / 1e3:.1f} KB per site and round; "
-            + ", ".join(f"{m} is {total[m] / floor:.2f}x it" for m in methods if m in total)
-            + "."
-        )
     parts = [
         "# Communication of the federated pre-training methods\n",
         f"Payload bytes (`ndarray.nbytes`, counted by `count_bytes` on the messages the protocol sends) per "
         f"site and round, mean over {config.sites} sites, {config.pretrain_rounds} rounds and "
         f"{len(config.seeds)} seeds; same data and rounds for every method.\n",
         "\n".join(lines),
-        "\n## Savings\n",
-        *(f"- {s}" for s in sentences),
-        "\n## PTNU prediction gap\n",
+        "\n## Savings (bytes per site and round)\n",
+        *(f"- {s}" for s in savings_sentences(total, floor)),
+        "\n## Target synchronisation (PTNU, DP)\n",
         *(
-            f"- {m}: mean relative distance between the predicted target and the average of the sites' real "
-            f"targets {g:.2e}."
-            for m, g in extra["target_gap"].items()
+            f"- {m}: the sites' predicted target lies {v['target_gap']:.2e} (relative L2, mean over "
+            f"{v['rounds']} rounds x seeds) from {GAP_REFERENCE.get(m, 'the server target')}; "
+            f"{100 * v['upload_share']:.0f}% of site-rounds uploaded a target; "
+            f"{v['corrections']:.0f} correction(s) sent."
+            for m, v in sync.items()
         ),
     ]
     for mode in MODES:
