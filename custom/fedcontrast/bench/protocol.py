@@ -13,8 +13,10 @@ Work is split into units:
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
-fine-tuning from their average. Every finished unit is appended to ``rows.jsonl`` (and its
-pre-training record to ``pretrain/``), so an interrupted run continues where it stopped.
+fine-tuning from their average. Each unit runs in a fresh worker process, so the peak
+resident memory it reports (sites run one after another) is its own. Every finished unit
+is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
+interrupted run continues where it stopped.
 The data split is fixed (its seed is ``data_seed``); run seeds change the training only.
 """
 
@@ -291,7 +293,8 @@ def run_benchmark(
     todo = [(m, s) for m, s in pretraining if not (out / "pretrain" / f"{m}_s{s}" / "record.json").exists()]
     first = splits[min(config.budgets)]
     context = get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    # one fresh process per unit: its peak RSS is that unit's alone
+    with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {
             pool.submit(pretrain_unit, config, m, s, first, out / "pretrain" / f"{m}_s{s}"): (m, s)
             for m, s in todo

@@ -171,7 +171,7 @@ def bytes_table(rows: list[dict[str, Any]], methods: Sequence[str]) -> str:
     """Per method: mean per-site pre-training bytes by kind (MB), wall times and peak memory."""
     kinds = ("weights", "target", "features")
     header = ["method", *(f"{k} {d} (MB)" for k in kinds for d in ("up", "down"))]
-    header += ["pre-train wall (s)", "fine-tune wall (s)", "peak RSS (MB)"]
+    header += ["pre-train wall (s)", "fine-tune wall (s)", "peak RSS of a unit (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
     for method in methods:
         sel = [r for r in rows if r["method"] == method]
