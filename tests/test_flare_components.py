@@ -140,12 +140,16 @@ class CountingTrainer(SiteTrainer):
 
 
 def site_context(site: str, local_dir: Path) -> FLContext:
-    """An FLContext as a site sees it: its name and a workspace whose ``local/`` is ``local_dir``."""
-    workspace = SimpleNamespace(get_site_config_dir=lambda: str(local_dir))
+    """An FLContext as a site sees it: its name, job ``job-1`` and a workspace whose ``local/`` is
+    ``local_dir`` (job run folders beside it)."""
+    workspace = SimpleNamespace(
+        get_site_config_dir=lambda: str(local_dir), get_run_dir=lambda job_id: str(local_dir / job_id)
+    )
     engine = SimpleNamespace(get_workspace=lambda: workspace, fire_event=lambda *a, **k: None)
     fl_ctx = FLContext()
     fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
     fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=False, sticky=False)
     return fl_ctx
 
 
@@ -163,6 +167,7 @@ def test_executor_runs_the_method_on_the_site_datalist(site_splits, tmp_path, mo
     update = flmodel_to_update(FLModelUtils.from_shareable(reply))
     assert update.num_samples == 6 and update.metrics == {"loss": 1.0}
     np.testing.assert_array_equal(update.message["weights/w"], [2.0, 2.0])
+    assert executor.trainer.config["workdir"] == str(tmp_path / "job-1" / "fedcontrast")
 
 
 def test_executor_failure_names_the_site_and_its_datalist(site_splits, tmp_path, monkeypatch, caplog):

@@ -4,7 +4,8 @@ The executor only moves tensors: it turns the task's ``FLModel`` into a
 :data:`~fedcontrast.methods.base.Message`, calls ``trainer.local_round`` and
 returns the site's :class:`~fedcontrast.methods.base.SiteUpdate` as an ``FLModel``
 (see :mod:`fedcontrast.flare.messages`). The trainer is built on the first task,
-from the site's own datalist, found in this order (:func:`resolve_datalist`):
+from the site's own datalist, found in this order
+(:func:`~fedcontrast.flare.site_config.resolve_datalist`):
 
 1. the environment variable ``FEDCONTRAST_DATALIST`` (a path);
 2. the site workspace's ``local/fedcontrast.json``: ``{"datalist": path}`` (relative paths
@@ -15,7 +16,9 @@ So one job folder serves every hospital: each one points at its data in its own
 workspace or environment. A site whose datalist cannot be read, or that has fewer
 volumes than the job needs, logs a message that names the site and the file and
 returns an error, which stops the run on the server (see
-:class:`~fedcontrast.flare.controller.MethodController`).
+:class:`~fedcontrast.flare.controller.MethodController`). The method's local outputs (the
+bundle's checkpoints and TensorBoard logs while fine-tuning) go to ``fedcontrast/`` in the
+site's folder of the job run, never to a temporary folder that a killed process would leave.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def site_entries(
         )
     held_out = datalist.get(validation_key, []) if validation_key else []
     return entries + [{**e, "split": VALIDATION} for e in held_out]
+
+
+#: Folder of the site's job run directory for the method's local outputs.
+LOCAL_OUTPUT_DIR = "fedcontrast"
 
 
 class MethodExecutor(Executor):
@@ -113,8 +120,11 @@ class MethodExecutor(Executor):
         self.log_info(fl_ctx, f"{site}: datalist {path} (from {source})")
         entries = site_entries(site, path, self.datalist_keys, self.validation_key, self.min_volumes)
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # local outputs (e.g. the bundle's checkpoints and logs) stay in the site's job folder
+        workdir = Path(workspace.get_run_dir(fl_ctx.get_job_id())) / LOCAL_OUTPUT_DIR
+        config = {"workdir": str(workdir), **self.config}
         try:
-            return get_method(self.method).trainer(self.config, entries, site, device)
+            return get_method(self.method).trainer(config, entries, site, device)
         except Exception as exc:
             raise RuntimeError(f"{site}: cannot set up {self.method!r} on {path}: {exc}") from exc
 

@@ -105,7 +105,9 @@ class SiteTrainer(ABC):
 
     Args:
         config: method hyper-parameters (see each method's docstring) plus the
-            common keys ``bundle_dir``, ``seed``, ``local_epochs``, ``batch_size``.
+            common keys ``bundle_dir``, ``seed``, ``local_epochs``, ``batch_size`` and
+            ``workdir`` (a folder of the site's for local outputs such as checkpoints and
+            logs; methods that write none ignore it).
         datalist: this site's volumes as MONAI datalist entries
             (``{"image": path, ...}``; ``"label"`` where the method needs it).
         site: the site's name (tags its features).
