@@ -192,3 +192,27 @@ def test_subset_reports_hold_only_their_methods_and_budgets(tmp_path, config, ro
     assert "fclopt_ptnu_dp: 0.90x the bytes of federated BYOL and 1.12x those of FCL." in report
     assert "lies 1.00e-04 (relative L2" in report and "1 correction(s) sent" in report
     assert "fcl: 0.80x the bytes of federated BYOL" in report
+
+
+def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
+    """`fedcontrast bench --quick` for two methods: real pre-training, fine-tuning and scoring."""
+    from fedcontrast.cli import main as fedcontrast_cli
+
+    out = tmp_path / "run"
+    argv = ["bench", "--quick", "--methods", "random_init", "fcl", "--out", str(out)]
+    assert fedcontrast_cli(argv) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert len(document["rows"]) == 2 * 2 * 2  # methods x modes x sites (N = 1, one seed)
+    assert all(0.0 <= r["dice_mean"] <= 1.0 for r in document["rows"])
+    fcl = [r for r in document["rows"] if r["method"] == "fcl"]
+    assert all(r["pretrain_bytes_up"] > 0 and r["bytes_by_kind"]["features_up"] > 0 for r in fcl)
+    report = (out / "report.md").read_text()
+    assert "every unit of the grid completed" in report and "| fcl |" in report
+    assert all((out / f"{plot}.png").stat().st_size > 0 for plot in ("dice_vs_n", "bytes", "examples"))
+
+    rows_before = (out / "rows.jsonl").read_text()
+    assert fedcontrast_cli(argv) == 0  # resumed: nothing left to do
+    assert (out / "rows.jsonl").read_text() == rows_before
+    capsys.readouterr()
+    assert fedcontrast_cli([*argv, "--seeds", "5"]) != 0
+    assert "holds a run with other settings (seeds)" in capsys.readouterr().err

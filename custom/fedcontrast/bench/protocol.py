@@ -282,11 +282,30 @@ def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
     ]
 
 
+def check_resumable(config: BenchConfig, out: Path) -> None:
+    """Refuse to continue a run folder whose configuration differs from ``config``.
+
+    Raises:
+        ValueError: ``out`` holds rows of another configuration; the message names what differs.
+    """
+    saved = out / "bench_config.json"
+    if not saved.exists():
+        return
+    previous, current = json.loads(saved.read_text()), json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in current if previous.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"{out} holds a run with other settings ({', '.join(changed)}); "
+            "resume it with the same options or choose another --out"
+        )
+
+
 def run_benchmark(
     config: BenchConfig, out: Path, workers: int = 2, dataset: Path | None = None, fmt: str = "acdc"
 ) -> list[dict[str, Any]]:
     """Run (or resume) every unit; returns all rows. Progress goes to the log."""
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(config, out)
     (out / "bench_config.json").write_text(json.dumps(asdict(config), indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
     pretraining = [(m, s) for m in config.methods if m != RANDOM_INIT for s in config.seeds]
