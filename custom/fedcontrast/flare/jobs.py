@@ -142,7 +142,11 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
     """
     workspace = Path(workspace).resolve()
     allow_installed_package(workspace / "local")
-    code = job.simulator_run(str(workspace), clients=site_names(num_sites), threads=num_sites)
+    # One client thread: with more, NVFlare 2.9's simulator can start a site's worker under
+    # another site's name (SimulatorClientRunner.do_one_task writes the name into a build
+    # context shared by its threads before sending it), and that site then trains on the
+    # other's data. Sites take their turns within a round; the round's result is the same.
+    code = job.simulator_run(str(workspace), clients=site_names(num_sites), threads=1)
     result_dir = workspace / SIMULATOR_RESULT_DIR
     if code not in (None, 0):
         raise RuntimeError(
