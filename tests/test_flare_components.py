@@ -309,3 +309,42 @@ def test_allow_list_gains_the_package_prefix_once(tmp_path):
     assert path.name == "resources.json" and resources["x"] == 1
     assert resources["class_allow_list"].count(ALLOW_LIST_PREFIX) == 1
     assert "nvflare.app_common.workflows.fedavg.FedAvg" in resources["class_allow_list"]
+
+
+# ---- simulator entry point -------------------------------------------------------------------
+
+
+def test_build_context_is_private_to_each_thread_and_pickles_as_a_dict():
+    import pickle
+    import threading
+
+    from fedcontrast.flare.simulator import ThreadBuildContext
+
+    context = ThreadBuildContext({"client_name": None, "kit": "k"})
+    started, sent = threading.Barrier(2), {}
+
+    def start_worker(name: str) -> None:  # what do_one_task does, both threads at once
+        context["client_name"] = name
+        started.wait()
+        sent[name] = pickle.loads(pickle.dumps(context))
+
+    threads = [threading.Thread(target=start_worker, args=(n,)) for n in ("site-1", "site-2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sent == {s: {"client_name": s, "kit": "k"} for s in ("site-1", "site-2")}
+    assert type(sent["site-1"]) is dict and context.get("client_name") is None
+
+
+def test_simulator_entry_point_installs_its_runner_patch(monkeypatch):
+    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+
+    from fedcontrast.flare import simulator
+
+    monkeypatch.setattr(SimulatorClientRunner, "do_one_task", SimulatorClientRunner.do_one_task)
+    simulator.install()
+    runner = SimpleNamespace(build_ctx={"client_name": None})
+    monkeypatch.setattr(simulator, "_nvflare_do_one_task", lambda self, client: self.build_ctx)
+    context = SimulatorClientRunner.do_one_task(runner, "site-1")
+    assert isinstance(context, simulator.ThreadBuildContext) and runner.build_ctx is context

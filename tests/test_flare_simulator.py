@@ -61,6 +61,9 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
     model = FCLTrainer.build_model(merge_config(FCLTrainer.DEFAULTS, tiny_fcl_config)).state_dict()
 
     for site in SITES:
+        # each site ran as itself, in one worker that kept its trainer (built once) for both rounds
+        site_log = (workspace / site / "log.txt").read_text()
+        assert site_log.count(": datalist ") == 1 and f"{site}: datalist " in site_log
         (other,) = set(SITES) - {site}
         assert not any(kind_of(k) == "features" for k in recorded(result, 0, site, "down"))
         down = recorded(result, 1, site, "down")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,18 +139,22 @@ def build_job(
 def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
     """Run ``job`` in the NVFlare simulator with ``site-1 … site-K``; returns the server's result folder.
 
+    One client thread per site, so every site keeps its worker process, and its trainer's
+    state, for the whole run; started through :mod:`fedcontrast.flare.simulator`, which keeps
+    the threads from starting a site under another site's name.
+
     Raises:
         RuntimeError: the simulation failed; the message says where the logs are.
     """
     workspace = Path(workspace).resolve()
     allow_installed_package(workspace / "local")
-    # One client thread: with more, NVFlare 2.9's simulator can start a site's worker under
-    # another site's name (SimulatorClientRunner.do_one_task writes the name into a build
-    # context shared by its threads before sending it), and that site then trains on the
-    # other's data. Sites take their turns within a round; the round's result is the same.
-    code = job.simulator_run(str(workspace), clients=site_names(num_sites), threads=1)
+    with tempfile.TemporaryDirectory() as job_root:
+        job_dir = export_job(job, job_root)
+        command = [sys.executable, "-m", "fedcontrast.flare.simulator", str(job_dir), "-w", str(workspace)]
+        command += ["-c", ",".join(site_names(num_sites)), "-t", str(num_sites)]
+        code = subprocess.run(command, check=False).returncode
     result_dir = workspace / SIMULATOR_RESULT_DIR
-    if code not in (None, 0):
+    if code != 0:
         raise RuntimeError(
             f"simulation failed (exit code {code}); logs: {result_dir / 'log.txt'} and "
             f"{workspace}/<site>/simulate_job/log.txt"
