@@ -334,7 +334,7 @@ def test_build_context_is_private_to_each_thread_and_pickles_as_a_dict():
     for t in threads:
         t.join()
     assert sent == {s: {"client_name": s, "kit": "k"} for s in ("site-1", "site-2")}
-    assert type(sent["site-1"]) is dict and context.get("client_name") is None
+    assert type(sent["site-1"]) is dict and context["client_name"] is None
 
 
 def test_simulator_entry_point_installs_its_runner_patch(monkeypatch):

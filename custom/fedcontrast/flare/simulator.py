@@ -52,9 +52,6 @@ class ThreadBuildContext:
     def __setitem__(self, key: str, value: Any) -> None:
         self._own()[key] = value
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self._own().get(key, default)
-
     def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
         return dict, (self._own(),)
 
