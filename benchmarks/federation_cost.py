@@ -31,7 +31,7 @@ from fedcontrast.methods.volumes import pretraining_entries
 
 SITES = 2
 NETWORK = {"init_filters": 8, "blocks_down": [1, 2, 2], "inplane_spacing": 3.0, "roi_size": [48, 48]}
-CONFIG = {"network": NETWORK, "preprocessing": NETWORK, "local_epochs": 1, "batch_size": 4, "seed": 0}
+CONFIG = {"bundle": NETWORK, "local_epochs": 1, "batch_size": 4, "seed": 0}
 
 
 def timed(fn) -> float:

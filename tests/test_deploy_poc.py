@@ -104,7 +104,7 @@ def test_exported_fcl_job_runs_on_provisioned_sites(poc, tiny_fcl_config):
 
     result = outcome.result_dir / WORKSPACE_DIR
     assert outcome.result_dir.parent == poc.root / "results"
-    network = build_network(overrides=tiny_fcl_config["network"])
+    network = build_network(overrides=tiny_fcl_config["bundle"])
     assert load_pretrained_encoder(network, result / "pretrained_encoder.pt")
     ledger = json.loads((result / "bytes.json").read_text())
     assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {

@@ -22,8 +22,7 @@ from fedcontrast.nets.heads import PredictionHead
 SITES = ("site-1", "site-2")
 S, DIM = 4, 16
 CONFIG = {
-    "network": {"init_filters": 4, "blocks_down": [1, 1, 1]},
-    "preprocessing": {"roi_size": [32, 32]},
+    "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
     "batch_size": 2,
     "head_hidden": 16,
     "predictor_hidden": 16,

@@ -241,14 +241,14 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
     network = build_network(overrides=TINY)
     weights = pack("weights", network.state_dict())
     written = save_models(
-        {**weights, "weights/head.fc.weight": np.zeros((2, 2))}, tmp_path, {"network": TINY}, pretraining=True
+        {**weights, "weights/head.fc.weight": np.zeros((2, 2))}, tmp_path, {"bundle": TINY}, pretraining=True
     )
     assert written == [tmp_path / MODEL_FILE, tmp_path / ENCODER_FILE]
     fresh = build_network(overrides=TINY)
     fresh.load_state_dict(torch.load(tmp_path / MODEL_FILE))
     assert load_pretrained_encoder(fresh, tmp_path / ENCODER_FILE)
     encoder_only = {k: v for k, v in weights.items() if k.startswith("weights/encoder.")}
-    assert save_models(encoder_only, tmp_path / "enc", {"network": TINY}, pretraining=True) == [
+    assert save_models(encoder_only, tmp_path / "enc", {"bundle": TINY}, pretraining=True) == [
         tmp_path / "enc" / ENCODER_FILE
     ]
 
@@ -259,7 +259,7 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
 def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
     job = build_job(
         "fcl",
-        {"network": TINY, "seed": 4},
+        {"bundle": TINY, "seed": 4},
         num_rounds=3,
         num_sites=2,
         datalist="/data/{site}.json",
@@ -298,7 +298,7 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         # config (the filter's noise seed stays None: fresh entropy at each site)
         for param in set(get_component_init_parameters(rebuilt)) - {"self", "seed"}:
             assert param in entry["args"], f"{cls.__name__}.{param} is missing from the job config"
-    assert server["workflows"][0]["args"]["config"] == {"network": TINY, "seed": 4}
+    assert server["workflows"][0]["args"]["config"] == {"bundle": TINY, "seed": 4}
 
 
 def test_allow_list_gains_the_package_prefix_once(tmp_path):

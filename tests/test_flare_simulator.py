@@ -95,7 +95,7 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
     }
     metrics = json.loads((output / "metrics.json").read_text())["records"]
     assert len(metrics) == 4 and all(m["metrics"]["loss_remote"] > 0 for m in metrics if m["round"] == 1)
-    network = build_network(overrides=tiny_fcl_config["network"])
+    network = build_network(overrides=tiny_fcl_config["bundle"])
     assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
 
 
@@ -121,7 +121,7 @@ def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):
     code = job_main("finetune")(
         ["--datalist-dir", str(site_splits), "--rounds", "3", "--local-epochs", "10", "--lr", "0.01",
          "--workspace", str(workspace), "--output", str(output),
-         "--config", json.dumps({"network": TINY_BUNDLE})]
+         "--config", json.dumps({"bundle": TINY_BUNDLE})]
     )  # fmt: skip
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())["records"]
@@ -130,7 +130,7 @@ def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
 
     untrained = tmp_path / "untrained.pt"
-    initial = get_method("supervised").trainer.initial_message({"network": TINY_BUNDLE, "seed": 0})
+    initial = get_method("supervised").trainer.initial_message({"bundle": TINY_BUNDLE, "seed": 0})
     torch.save(message_to_state_dict(initial), untrained)
     before = mean_test_dice(untrained, site_splits, tmp_path / "eval-untrained")
     after = mean_test_dice(output / "global_model.pt", site_splits, tmp_path / "eval-global")

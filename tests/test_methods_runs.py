@@ -14,10 +14,9 @@ from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_network
 
 SITES = ("site-1", "site-2")
-TINY_NETWORK = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+TINY_BUNDLE = {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]}
 CONFIG = {
-    "network": TINY_NETWORK,
-    "preprocessing": {"roi_size": [32, 32]},
+    "bundle": TINY_BUNDLE,
     "batch_size": 2,
     "head_hidden": 32,
     "embedding_dim": 16,
@@ -74,7 +73,7 @@ def test_fcl_two_sites_two_rounds(datalists, monkeypatch):
     before = initial_encoder("fcl")
     for site in SITES:
         assert encoder_changed(before, result.encoders[site])
-        build_network(overrides=TINY_NETWORK).encoder.load_state_dict(result.encoders[site])
+        build_network(overrides=TINY_BUNDLE).encoder.load_state_dict(result.encoders[site])
         # the upload: weights under encoder./head. names, 16-d unit features with partition ids, nothing else
         message = result.final_messages[site]
         weights = select(message, "weights")
@@ -127,3 +126,9 @@ def test_volumes_with_fewer_slices_than_partitions_are_named(datalists):
     # the small phantom has 7 to 9 slices per volume
     with pytest.raises(ValueError, match=r"fewer slices than partitions=12 .*\.nii\.gz"):
         FCLTrainer({**CONFIG, "partitions": 12}, datalists["site-1"], "site-1")
+
+
+@pytest.mark.parametrize("method, key", [("fcl", "preprocessing"), ("supervised", "network")])
+def test_old_override_keys_are_refused_naming_bundle(method, key):
+    with pytest.raises(ValueError, match=rf"\['{key}'\] were folded into one 'bundle' dict"):
+        get_method(method).trainer.initial_message({key: TINY_BUNDLE})

@@ -22,7 +22,7 @@ TINY = {
     "roi_size": [48, 48],
     "patch_size": [32, 32, 4],
 }
-CONFIG = {"network": TINY, "local_epochs": 1, "batch_size": 2, "lr": 3e-3, "seed": 1}
+CONFIG = {"bundle": TINY, "local_epochs": 1, "batch_size": 2, "lr": 3e-3, "seed": 1}
 
 
 @pytest.fixture(scope="module")

@@ -215,8 +215,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t = _step(2, f"FCL pre-training in the NVFlare simulator, {args.pretrain_rounds} rounds")
     pretrain_config = {
-        "network": DEMO_BUNDLE,
-        "preprocessing": DEMO_BUNDLE,
+        "bundle": DEMO_BUNDLE,
         "seed": args.seed,
         "local_epochs": 1,
         "batch_size": 4,
@@ -231,7 +230,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for number, (init, encoder_path) in enumerate((("FCL", str(encoder)), ("random init", ""))):
         t = _step(3, f"federated fine-tuning from {init}, {args.finetune_rounds} rounds (run {number + 1}/2)")
         config = {
-            "network": DEMO_BUNDLE,
+            "bundle": DEMO_BUNDLE,
             "pretrained_encoder": encoder_path,
             "local_epochs": args.local_epochs,
             "seed": args.seed,

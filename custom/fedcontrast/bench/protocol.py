@@ -77,8 +77,7 @@ class BenchConfig:
     def pretrain_config(self, seed: int) -> dict[str, Any]:
         """The pre-training methods' configuration for ``seed``."""
         return {
-            "network": self.network,
-            "preprocessing": self.network,
+            "bundle": self.network,
             "seed": seed,
             "local_epochs": self.pretrain_epochs,
             "batch_size": self.batch_size,
@@ -88,7 +87,7 @@ class BenchConfig:
     def finetune_config(self, seed: int, encoder: str) -> dict[str, Any]:
         """The ``supervised`` configuration for ``seed``, starting from ``encoder`` ("" for none)."""
         return {
-            "network": self.network,
+            "bundle": self.network,
             "pretrained_encoder": encoder,
             "local_epochs": self.finetune_epochs,
             "seed": seed,

@@ -32,7 +32,7 @@ ports, certificates), point each site at WORKSPACE/data/splits/site-k.json (or D
 in its own local/fedcontrast.json, start the server and one process per site, submit the job
 through the FLARE API, follow it, download its results into WORKSPACE/results/<job id> and
 stop every process it started. Options after `--` go to jobs/<JOB>/job.py, e.g.
-`--rounds 2 -- --config '{"network": {"init_filters": 8}}'`."""
+`--rounds 2 -- --config '{"bundle": {"init_filters": 8}}'`."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -58,7 +58,7 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = message_to_state_dict(weights, "weights")
-    network_keys = build_network(config.get("bundle_dir"), config.get("network", {})).state_dict().keys()
+    network_keys = build_network(config.get("bundle_dir"), config.get("bundle", {})).state_dict().keys()
     written = []
     if network_keys <= state.keys():
         torch.save({k: state[k] for k in network_keys}, out_dir / MODEL_FILE)

@@ -170,7 +170,7 @@ class BYOLTrainer(ContrastivePretrainer):
     def build_model(cls, config: Mapping[str, Any]) -> OnlineNetwork:
         """The bundle encoder with a projection head and a :class:`PredictionHead`."""
         base = build_encoder_with_head(
-            config["bundle_dir"], config["network"], int(config["head_hidden"]), int(config["embedding_dim"])
+            config["bundle_dir"], config["bundle"], int(config["head_hidden"]), int(config["embedding_dim"])
         )
         predictor = PredictionHead(int(config["embedding_dim"]), int(config["predictor_hidden"]))
         return OnlineNetwork(base.encoder, base.head, predictor)

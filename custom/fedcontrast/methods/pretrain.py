@@ -12,8 +12,8 @@ Configuration (:data:`DEFAULTS`; a method's config is merged over them, nested
 dicts key by key):
 
 - ``bundle_dir``: bundle folder (None: the repository's bundle);
-- ``network``: bundle overrides for the network (e.g. ``{"init_filters": 8}``);
-- ``preprocessing``: bundle overrides for the preprocessing;
+- ``bundle``: bundle config overrides, one dict for the network and the preprocessing
+  (any id of the train config, e.g. ``{"init_filters": 8, "roi_size": [64, 64]}``);
 - ``seed``: seeds the head/network initialisation, the sampling and the augmentation;
 - ``device``: torch device; None uses the device the trainer was built with;
 - ``local_epochs``: E, passes over the site's volumes per round;
@@ -47,8 +47,7 @@ from fedcontrast.nets.encoder import build_encoder_with_head
 
 DEFAULTS: dict[str, Any] = {
     "bundle_dir": None,
-    "network": {},
-    "preprocessing": {},
+    "bundle": {},
     "seed": 0,
     "device": None,
     "local_epochs": 1,
@@ -70,8 +69,23 @@ def check_choice(config: Mapping[str, Any], key: str, choices: Sequence[str]) ->
         raise ValueError(f"{key} must be one of {tuple(choices)}, got {config[key]!r}")
 
 
+#: Config keys folded into ``bundle`` (one override dict for the network and the preprocessing).
+RENAMED_TO_BUNDLE = ("network", "preprocessing")
+
+
 def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` over ``defaults``; where both hold a dict, the dicts are merged recursively."""
+    """``config`` over ``defaults``; where both hold a dict, the dicts are merged recursively.
+
+    Raises:
+        ValueError: ``defaults`` has a ``bundle`` key and ``config`` still uses one of the
+            keys it replaced (:data:`RENAMED_TO_BUNDLE`).
+    """
+    stale = [key for key in RENAMED_TO_BUNDLE if key in config and "bundle" in defaults]
+    if stale:
+        raise ValueError(
+            f"config keys {stale} were folded into one 'bundle' dict of bundle overrides "
+            f"(network and preprocessing alike); pass {{'bundle': {{...}}}} instead"
+        )
     merged = dict(defaults)
     for key, value in config.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
@@ -100,7 +114,7 @@ class ContrastivePretrainer(SiteTrainer):
         cfg = self.config
         self.tag = site_tag(site)
         self.rng = np.random.default_rng([int(cfg["seed"]), self.tag])
-        self.volumes = load_volumes(datalist, cfg["bundle_dir"], cfg["preprocessing"])
+        self.volumes = load_volumes(datalist, cfg["bundle_dir"], cfg["bundle"])
         short = [e["image"] for e, v in zip(datalist, self.volumes) if v.shape[-1] < int(cfg["partitions"])]
         if short:
             raise ValueError(f"{site}: fewer slices than partitions={cfg['partitions']} in {short}")
@@ -113,7 +127,7 @@ class ContrastivePretrainer(SiteTrainer):
     def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
         """The network trained and exchanged (the encoder with its projection head)."""
         return build_encoder_with_head(
-            config["bundle_dir"], config["network"], int(config["head_hidden"]), int(config["embedding_dim"])
+            config["bundle_dir"], config["bundle"], int(config["head_hidden"]), int(config["embedding_dim"])
         )
 
     @classmethod

@@ -15,7 +15,7 @@ builds such a list from a site datalist (its ``training`` part to train, its
 Configuration (:data:`DEFAULTS`, merged under the config given):
 
 - ``bundle_dir``: bundle folder (None: the repository's bundle);
-- ``network``: bundle config overrides (any id of the train config, e.g.
+- ``bundle``: bundle config overrides (any id of the train config, e.g.
   ``{"init_filters": 8, "spatial_dims": 2, "roi_size": [64, 64]}``);
 - ``pretrained_encoder``: encoder checkpoint loaded into the round-0 network ("" for none);
 - ``local_epochs``, ``lr``, ``batch_size``, ``seed``: the bundle's ``epochs`` (per round),
@@ -47,7 +47,7 @@ from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrai
 
 DEFAULTS: dict[str, Any] = {
     "bundle_dir": None,
-    "network": {},
+    "bundle": {},
     "pretrained_encoder": "",
     "local_epochs": 1,
     "lr": 1e-3,
@@ -101,7 +101,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         workdir = Path(cfg["workdir"] or self._tmp.name) / site
         local_epochs = int(cfg["local_epochs"])
         overrides = {
-            **cfg["network"],
+            **cfg["bundle"],
             "train_datalist": train,
             "val_datalist": val,
             "pretrained_encoder": "",  # the round-0 global weights already carry it
@@ -132,7 +132,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         cfg = merge_config(DEFAULTS, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
-            network = build_network(cfg["bundle_dir"], cfg["network"])
+            network = build_network(cfg["bundle_dir"], cfg["bundle"])
         if cfg["pretrained_encoder"]:
             load_pretrained_encoder(network, cfg["pretrained_encoder"])
         return pack("weights", network.state_dict())
