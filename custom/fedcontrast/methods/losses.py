@@ -153,3 +153,51 @@ def global_contrastive_loss(
         if strategy == "G^D":
             positive_mask = other_view | (same_partition & (vol[:, None] != vol[None, :]))
     return info_nce(embeddings, embeddings, embeddings, temperature, positive_mask, negative_mask)
+
+
+#: Forms of FedCRLD's mutual-information term between shared and private features (SPEC §5).
+MI_FORMS: tuple[str, ...] = ("infonce", "symmetric_kl")
+
+
+def cross_encoder_info_nce(
+    shared: torch.Tensor, private: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """FedCRLD's contrastive mutual-information term, InfoNCE form (SPEC §5), symmetrised.
+
+    Image ``i``'s shared embedding and its private embedding are a positive pair; the other
+    images' embeddings from the other encoder are its negatives. Each private embedding is a
+    query against the shared candidates and each shared embedding a query against the private
+    ones (:func:`info_nce` with a one-element positive set); the two means are averaged.
+
+    Args:
+        shared: ``(B, C)`` L2-normalised embeddings of the shared encoder.
+        private: ``(B, C)`` L2-normalised embeddings of the private encoder, same image order.
+        temperature: τ.
+
+    Returns:
+        Scalar. With ``B = 1`` there are no negatives and the term is 0 (still differentiable).
+    """
+    if shared.shape != private.shape or shared.ndim != 2:
+        raise ValueError(
+            f"expected two (B, C) embeddings, got {tuple(shared.shape)} and {tuple(private.shape)}"
+        )
+    same = torch.eye(shared.shape[0], dtype=torch.bool, device=shared.device)
+    to_shared = info_nce(private, shared, shared, temperature, same, ~same)
+    to_private = info_nce(shared, private, private, temperature, same, ~same)
+    return 0.5 * (to_shared + to_private)
+
+
+def symmetric_kl(shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL divergence between softmax-normalised features (the authors' code's "MI" term).
+
+    Args:
+        shared, private: ``(B, C)`` features (any scale); softmax is taken over ``C``.
+
+    Returns:
+        Scalar ``(KL(p_s || p_p) + KL(p_p || p_s)) / 2``, averaged over the batch; 0 when equal.
+    """
+    log_s = torch.log_softmax(shared, dim=1)
+    log_p = torch.log_softmax(private, dim=1)
+    kl_sp = (log_s.exp() * (log_s - log_p)).sum(dim=1)
+    kl_ps = (log_p.exp() * (log_p - log_s)).sum(dim=1)
+    return 0.5 * (kl_sp + kl_ps).mean()
