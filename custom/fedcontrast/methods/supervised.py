@@ -69,7 +69,7 @@ def supervised_entries(site_datalist: Mapping[str, Any], validation_key: str = "
     ]
 
 
-def _image_label(entries: list[dict]) -> list[dict[str, str]]:
+def image_label(entries: list[dict]) -> list[dict[str, str]]:
     """Only the ``image`` and ``label`` paths of labelled entries (what the bundle's loaders read)."""
     unlabelled = [e.get("image") for e in entries if "label" not in e]
     if unlabelled:
@@ -91,8 +91,8 @@ class SupervisedBundleTrainer(SiteTrainer):
         merged = merge_config(DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
-        train = _image_label([e for e in datalist if e.get("split") != VALIDATION])
-        val = _image_label([e for e in datalist if e.get("split") == VALIDATION])
+        train = image_label([e for e in datalist if e.get("split") != VALIDATION])
+        val = image_label([e for e in datalist if e.get("split") == VALIDATION])
         if not train:
             raise ValueError(f"site {site}: no labelled training volume to fine-tune on")
         self.num_train = len(train)
