@@ -6,7 +6,16 @@ Method modules are added to ``_METHOD_MODULES`` as they are written.
 
 from importlib import import_module
 
-_METHOD_MODULES: tuple[str, ...] = ("fcl", "local_cl", "fedsimclr", "supervised", "fedbyol", "fclopt")
+_METHOD_MODULES: tuple[str, ...] = (
+    "fcl",
+    "local_cl",
+    "fedsimclr",
+    "supervised",
+    "fedbyol",
+    "fclopt",
+    "fedprox",
+    "fedcrld",
+)
 
 for _name in _METHOD_MODULES:
     import_module(f"fedcontrast.methods.{_name}")
