@@ -35,7 +35,7 @@ TINY = {
     "patch_size": [32, 32, 4],
     "samples_per_volume": 2,
 }
-CONFIG = {"network": TINY, "local_epochs": 1, "batch_size": 1, "lr": 3e-3, "seed": 1}
+CONFIG = {"bundle": TINY, "local_epochs": 1, "batch_size": 1, "lr": 3e-3, "seed": 1}
 
 
 def fedcrld_network() -> torch.nn.Module:

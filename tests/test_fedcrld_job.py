@@ -42,7 +42,7 @@ def recorded(result_dir: Path, round_num: int, site: str, direction: str) -> dic
 
 def test_fedcrld_job_sends_only_the_shared_encoder(site_splits, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
-    config = {"network": TINY, "batch_size": 1}
+    config = {"bundle": TINY, "batch_size": 1}
     code = job_main()(
         ["--datalist-dir", str(site_splits), "--rounds", "2", "--workspace", str(workspace),
          "--output", str(output), "--record-messages", "--config", json.dumps(config)]

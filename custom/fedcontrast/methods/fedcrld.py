@@ -41,7 +41,7 @@ the private ones) and the decoder (``up_layers.*``, skips from the private encod
 (``aggregation="samples"``, the project's default) or unweighted (``"uniform"``, as in the
 authors' code), and refuses an upload that holds anything else, naming the site.
 
-Configuration (:data:`DEFAULTS`): ``bundle_dir``, ``network`` (bundle config overrides),
+Configuration (:data:`DEFAULTS`): ``bundle_dir``, ``bundle`` (bundle config overrides),
 ``pretrained_encoder`` (loaded into the shared encoder), ``local_epochs``, ``lr``,
 ``batch_size``, ``seed``, ``device``, ``num_workers``, ``workdir`` as for ``supervised``;
 ``mi_form``, ``mi_weight``, ``temperature`` (τ of the InfoNCE form), ``history_momentum``,
@@ -88,7 +88,7 @@ AGGREGATIONS: tuple[str, ...] = ("samples", "uniform")
 
 DEFAULTS: dict[str, Any] = {
     "bundle_dir": None,
-    "network": {},
+    "bundle": {},
     "pretrained_encoder": "",
     "local_epochs": 1,
     "lr": 1e-3,
@@ -109,8 +109,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def network_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Bundle config overrides building the FedCRLD network: ``network_class`` + ``config["network"]``."""
-    return {"network_class": FEDCRLD_NETWORK, **dict(config.get("network") or {})}
+    """Bundle config overrides building the FedCRLD network: ``network_class`` + ``config["bundle"]``."""
+    return {"network_class": FEDCRLD_NETWORK, **dict(config.get("bundle") or {})}
 
 
 def shared_state(network: nn.Module) -> dict[str, torch.Tensor]:
