@@ -118,14 +118,27 @@ class Scanner:
     centre_on_heart: bool
 
 
-def draw_scanner(name: str, index: int, seed: int, size: Size, sequence: str = "bssfp") -> Scanner:
-    """Draw the acquisition protocol of site number ``index`` (1-based) for ``seed``."""
+def draw_scanner(
+    name: str, index: int, seed: int, size: Size, sequence: str = "bssfp", site_shift: float = 1.0
+) -> Scanner:
+    """Draw the acquisition protocol of site number ``index`` (1-based) for ``seed``.
+
+    ``site_shift`` scales how far a site's scanner departs from the nominal one: the per-tissue
+    contrast jitter around the sequence's intensities (+-12% at 1) and the bias-field amplitude
+    are multiplied by it, the noise by its square root. The random draws are the same for every
+    value, and 1 gives exactly the default scanner.
+    """
+    if site_shift <= 0:
+        raise DataValidationError(f"site_shift must be > 0, got {site_shift}")
     preset = SIZES[size]
     rng = np.random.default_rng([seed, 1, index])
     nx = int(rng.integers(preset.matrix[0] // 4, preset.matrix[1] // 4 + 1)) * 4
     ny = round(nx * rng.uniform(0.85, 1.0) / 4) * 4
     sxy = rng.uniform(*preset.fov_mm) / nx
-    tissue = SEQUENCES[sequence] * rng.uniform(0.88, 1.12, size=len(SEQUENCES[sequence]))
+    jitter = rng.uniform(0.88, 1.12, size=len(SEQUENCES[sequence]))
+    if site_shift != 1.0:
+        jitter = np.clip(1.0 + site_shift * (jitter - 1.0), 0.05, None)
+    tissue = SEQUENCES[sequence] * jitter
     return Scanner(
         name=name,
         sequence=sequence,
@@ -134,8 +147,8 @@ def draw_scanner(name: str, index: int, seed: int, size: Size, sequence: str = "
         n_slices=int(rng.integers(preset.slices[0], preset.slices[1] + 1)),
         tissue=tissue,
         scale=float(rng.uniform(300.0, 2500.0)),
-        bias=float(rng.uniform(0.15, 0.45)),
-        noise=float(rng.uniform(0.03, 0.08)),
+        bias=float(rng.uniform(0.15, 0.45)) * site_shift,
+        noise=float(rng.uniform(0.03, 0.08)) * site_shift**0.5,
         blur=(float(rng.uniform(0.4, 1.0)), float(rng.uniform(0.15, 0.4))),
         centre_on_heart=preset.centre_on_heart,
     )
@@ -420,6 +433,8 @@ def synthesize_dataset(
     seed: int = 0,
     size: Size = "small",
     other_sequence: bool = True,
+    sequences: list[str] | None = None,
+    site_shift: float = 1.0,
 ) -> dict[str, Any]:
     """Generate a multi-site phantom in the ACDC layout.
 
@@ -440,6 +455,9 @@ def synthesize_dataset(
         seed: random seed; the same seed gives the same files.
         size: ``"small"`` (about 48x48x8, for tests) or ``"full"`` (about 200x200x10).
         other_sequence: with three or more sites, the last site uses a gradient-echo contrast.
+        sequences: each site's sequence (keys of :data:`SEQUENCES`), one per site; replaces the
+            ``other_sequence`` rule.
+        site_shift: how strongly the sites' scanners differ (see :func:`draw_scanner`; 1: default).
 
     Returns:
         A JSON-able summary: seed, size, labels, counts and each site's protocol.
@@ -453,6 +471,10 @@ def synthesize_dataset(
     if sites < 1 or patients_per_site < 1:
         raise DataValidationError(
             f"need at least one site and one patient per site (got {sites}, {patients_per_site})"
+        )
+    if sequences is not None and (len(sequences) != sites or any(seq not in SEQUENCES for seq in sequences)):
+        raise DataValidationError(
+            f"sequences {sequences}: expected {sites} value(s) from {sorted(SEQUENCES)}, one per site"
         )
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SUMMARY_FILE).is_file():
         raise DataValidationError(
@@ -470,11 +492,16 @@ def synthesize_dataset(
         "volumes": 2 * sites * patients_per_site,
         "sites": {},
     }
+    if site_shift != 1.0:
+        summary["site_shift"] = site_shift
     try:
         for k in range(1, sites + 1):
             name = f"site-{k}"
-            sequence = "gre" if other_sequence and sites >= 3 and k == sites else "bssfp"
-            scanner = draw_scanner(name, k, seed, size, sequence)
+            if sequences is not None:
+                sequence = sequences[k - 1]
+            else:
+                sequence = "gre" if other_sequence and sites >= 3 and k == sites else "bssfp"
+            scanner = draw_scanner(name, k, seed, size, sequence, site_shift)
             first = (k - 1) * patients_per_site + 1
             for number in range(first, first + patients_per_site):
                 write_patient(work / name, f"patient{number:03d}", scanner, draw_patient(seed, k, number))
