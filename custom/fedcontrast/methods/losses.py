@@ -201,3 +201,95 @@ def symmetric_kl(shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
     kl_sp = (log_s.exp() * (log_s - log_p)).sum(dim=1)
     kl_ps = (log_p.exp() * (log_p - log_s)).sum(dim=1)
     return 0.5 * (kl_sp + kl_ps).mean()
+
+
+#: The local (decoder) contrastive strategies of Chaitanya et al. (SPEC §4).
+LOCAL_STRATEGIES: tuple[str, ...] = ("L^R", "L^D")
+#: Where a region's negatives come from: the other regions of its own image (both views;
+#: the authors' code) or every other region of the batch.
+LOCAL_NEGATIVES: tuple[str, ...] = ("image", "batch")
+
+
+def local_contrastive_masks(
+    volumes: torch.Tensor,
+    partitions: torch.Tensor,
+    num_regions: int,
+    strategy: str = "L^R",
+    negatives: str = "image",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative masks of the local contrastive loss over a two-view region batch.
+
+    Candidates are ordered view-major, then image, then region: candidate
+    ``(v * B + b) * R + r`` is region ``r`` of image ``b`` in view ``v`` (``v`` in {0, 1}).
+
+    - ``"L^R"``: the positive of a region is the same region of the same image in the other view;
+    - ``"L^D"``: as L^R, plus the same region, in either view, of every image of the same
+      partition from another volume;
+    - negatives: regions with another region index, of the same image (``"image"``, both
+      views) or of any image (``"batch"``). A region is never its own positive or negative.
+
+    Args:
+        volumes: ``(B,)`` volume of each image.
+        partitions: ``(B,)`` partition of each image.
+        num_regions: R.
+        strategy: ``"L^R"`` or ``"L^D"``.
+        negatives: ``"image"`` or ``"batch"``.
+
+    Returns:
+        ``(positive_mask, negative_mask)``, each ``(2BR, 2BR)`` bool, query x candidate.
+    """
+    if strategy not in LOCAL_STRATEGIES:
+        raise ValueError(
+            f"unknown local contrastive strategy {strategy!r}; expected one of {LOCAL_STRATEGIES}"
+        )
+    if negatives not in LOCAL_NEGATIVES:
+        raise ValueError(f"unknown local negatives {negatives!r}; expected one of {LOCAL_NEGATIVES}")
+    num = volumes.shape[0]
+    device = volumes.device
+    view = torch.arange(2, device=device).repeat_interleave(num * num_regions)
+    image = torch.arange(num, device=device).repeat_interleave(num_regions).repeat(2)
+    region = torch.arange(num_regions, device=device).repeat(2 * num)
+    vol, part = volumes[image], partitions[image]
+    same_region = region[:, None] == region[None, :]
+    same_image = image[:, None] == image[None, :]
+    positive_mask = same_region & same_image & (view[:, None] != view[None, :])
+    if strategy == "L^D":
+        positive_mask = positive_mask | (
+            same_region & (part[:, None] == part[None, :]) & (vol[:, None] != vol[None, :])
+        )
+    negative_mask = ~same_region & (same_image if negatives == "image" else torch.ones_like(same_image))
+    return positive_mask, negative_mask
+
+
+def local_contrastive_loss(
+    embeddings: torch.Tensor,
+    volumes: torch.Tensor,
+    partitions: torch.Tensor,
+    strategy: str = "L^R",
+    temperature: float = 0.1,
+    negatives: str = "image",
+) -> torch.Tensor:
+    """Local contrastive loss of Chaitanya et al. on decoder region embeddings (SPEC §4).
+
+    Args:
+        embeddings: ``(2B, R, C)`` unit-norm region embeddings: view 1 of the B images, then
+            view 2 in the same order (the views differ in intensity only, so region ``r`` is the
+            same place in both).
+        volumes: ``(B,)`` volume of each image.
+        partitions: ``(B,)`` partition of each image.
+        strategy, negatives: see :func:`local_contrastive_masks`.
+        temperature: τ.
+
+    Returns:
+        Scalar: :func:`info_nce` over every region of every image and view.
+    """
+    num = volumes.shape[0]
+    if embeddings.ndim != 3 or embeddings.shape[0] != 2 * num:
+        raise ValueError(
+            f"expected (2 x {num}, regions, dim) region embeddings, got shape {tuple(embeddings.shape)}"
+        )
+    positive_mask, negative_mask = local_contrastive_masks(
+        volumes, partitions, embeddings.shape[1], strategy, negatives
+    )
+    flat = embeddings.reshape(-1, embeddings.shape[-1])
+    return info_nce(flat, flat, flat, temperature, positive_mask, negative_mask)

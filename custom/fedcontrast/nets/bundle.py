@@ -130,6 +130,38 @@ def build_preprocessing(
     return bundle_parser(bundle_dir, "train", overrides).get_parsed_content("preprocessing")
 
 
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """A description of how ``state``'s keys and shapes differ from ``expected``'s ("" when they match).
+
+    Lists the missing keys, the unexpected keys and the shape mismatches, each sorted.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or wrong_shape):
+        return ""
+    return f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
+
+
+def check_encoder_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the keys unless ``state`` fits ``network.encoder``."""
+    problem = state_mismatch(network.encoder.state_dict(), state)
+    if problem:
+        hint = ""
+        if any(k.startswith("encoder.") for k in state):
+            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
+        raise ValueError(f"{source} does not match the network's encoder{hint}: {problem}")
+
+
+def _is_checkpoint(obj: Any) -> bool:
+    """True for a self-describing fedcontrast checkpoint (see :mod:`fedcontrast.nets.decoder`)."""
+    return isinstance(obj, Mapping) and "contains" in obj and "format" in obj
+
+
 def load_pretrained_encoder(network: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     """Load an encoder checkpoint into ``network.encoder``, refusing any key mismatch.
 
@@ -147,23 +179,11 @@ def load_pretrained_encoder(network: torch.nn.Module, path: str | os.PathLike) -
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained encoder {path}: expected a state dict of tensors, got {type(state)}")
-    expected = network.encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        hint = ""
-        if any(k.startswith("encoder.") for k in unexpected):
-            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
+        hint = " (a decoder-stage checkpoint? pass it as pretrained_decoder)" if _is_checkpoint(state) else ""
         raise ValueError(
-            f"pretrained encoder {path} does not match the network's encoder{hint}: "
-            f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
+            f"pretrained encoder {path}: expected a state dict of tensors, got {type(state)}{hint}"
         )
+    check_encoder_state(network, state, f"pretrained encoder {path}")
     network.encoder.load_state_dict(state, strict=True)
     loaded = sorted(state)
     logger.info("loaded %d encoder tensors from %s: %s", len(loaded), path, loaded)

@@ -1,0 +1,297 @@
+"""The bundle network's decoder blocks for local contrastive pre-training, and their checkpoint.
+
+The bundle network is MONAI ``SegResNetDS``: ``encoder`` returns one feature map per
+level, and ``up_layers[i]`` (``upsample``, ``blocks``, ``head``) climbs one level, adding
+the encoder's skip connection. Local contrastive pre-training (SPEC §4) trains the
+**decoder blocks** of the first ``levels`` up-sampling levels on a frozen encoder: the
+``up_layers.<i>.upsample.*`` and ``up_layers.<i>.blocks.*`` entries for ``i < levels``
+(:func:`decoder_block_keys`). The levels' ``head`` entries (the segmentation and
+deep-supervision heads), the remaining levels and the output head are not pre-trained:
+fine-tuning starts them random, as in the authors' code.
+
+:class:`DecoderTrunk` is the network truncated after those levels: the same modules as a
+network built by :func:`fedcontrast.nets.bundle.build_network`, so its state-dict keys are
+the network's own (``encoder.*``, ``up_layers.*``); no second network is defined here.
+
+**Checkpoint** (:func:`save_decoder_checkpoint`, :func:`load_pretrained_decoder`): a
+``torch.save``-d dict that says what it holds::
+
+    {"format": "fedcontrast.pretrained_network", "version": 1,
+     "contains": ["encoder", "decoder_blocks"],    # "encoder" only when it was available
+     "decoder_levels": k,                          # up-sampling levels pre-trained
+     "encoder": {key: tensor},                     # keys as in network.encoder.state_dict()
+     "decoder": {key: tensor},                     # network keys up_layers.<i>.{upsample,blocks}.*
+     "stages": [{"stage": "encoder", ...}, {"stage": "decoder", ...}],  # provenance
+     "network": {...}}                             # the bundle overrides it was built with
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedcontrast.nets.bundle import check_encoder_state, state_mismatch
+
+logger = logging.getLogger(__name__)
+
+#: ``format`` value of a decoder-stage checkpoint.
+CHECKPOINT_FORMAT = "fedcontrast.pretrained_network"
+CHECKPOINT_VERSION = 1
+
+
+def num_levels(network: nn.Module) -> int:
+    """Up-sampling levels of a bundle network (``len(network.up_layers)``)."""
+    return len(network.up_layers)
+
+
+def resolve_levels(network: nn.Module, levels: int | None) -> int:
+    """``levels`` checked against the network; None: all levels but the last (full-resolution) one, >= 1.
+
+    Raises:
+        ValueError: ``levels`` outside ``[1, num_levels(network)]``.
+    """
+    total = num_levels(network)
+    if levels is None:
+        return max(total - 1, 1)
+    if not 1 <= int(levels) <= total:
+        raise ValueError(f"decoder_levels must be in [1, {total}] for this network, got {levels}")
+    return int(levels)
+
+
+def decoder_block_keys(network: nn.Module, levels: int) -> list[str]:
+    """Network state-dict keys of the decoder blocks of the first ``levels`` levels, sorted.
+
+    ``up_layers.<i>.upsample.*`` and ``up_layers.<i>.blocks.*`` for ``i < levels`` (never ``head``).
+    """
+    prefixes = tuple(f"up_layers.{i}.{part}." for i in range(levels) for part in ("upsample", "blocks"))
+    return sorted(k for k in network.state_dict() if k.startswith(prefixes))
+
+
+def level_channels(network: nn.Module, levels: int) -> int:
+    """Channels of the feature map after ``levels`` up-sampling levels (the last conv's output channels)."""
+    convs = [
+        m for m in network.up_layers[levels - 1]["blocks"].modules() if isinstance(m, nn.modules.conv._ConvNd)
+    ]
+    if not convs:
+        convs = [m for m in network.up_layers[levels - 1].modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return int(convs[-1].out_channels)
+
+
+class DecoderTrunk(nn.Module):
+    """The bundle network truncated after its first ``levels`` up-sampling levels.
+
+    ``forward`` mirrors ``SegResNetDS``: encoder maps, deepest first; each level
+    up-samples, adds the skip connection and runs its blocks. The encoder is frozen:
+    no gradients, always in eval mode (its BatchNorm statistics never change).
+
+    Args:
+        network: a bundle network (its modules are shared, not copied).
+        levels: up-sampling levels kept (see :func:`resolve_levels`).
+    """
+
+    def __init__(self, network: nn.Module, levels: int | None = None):
+        super().__init__()
+        if getattr(network, "preprocess", None) is not None:
+            raise ValueError(
+                "the bundle network has an input preprocess module; DecoderTrunk does not run it"
+            )
+        self.levels = resolve_levels(network, levels)
+        self.encoder = network.encoder
+        self.encoder.requires_grad_(False)
+        self.up_layers = nn.ModuleList(list(network.up_layers)[: self.levels])
+        self.out_channels = level_channels(network, self.levels)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for a slice-wise network, 3 for a volumetric one."""
+        return int(self.encoder.spatial_dims)
+
+    def train(self, mode: bool = True) -> DecoderTrunk:
+        """Set the decoder blocks' mode; the frozen encoder stays in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W[, T])`` images -> ``(B, out_channels, h, w[, T'])`` decoder feature map."""
+        with torch.no_grad():
+            skips = list(self.encoder(x))
+        skips.reverse()
+        out = skips.pop(0)
+        for level in self.up_layers:
+            out = level["upsample"](out) + skips.pop(0)
+            out = level["blocks"](out)
+        return out
+
+    def decoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The decoder blocks' state (network keys, ``head`` entries excluded), CPU copies."""
+        return {
+            f"up_layers.{k}": v.detach().cpu().clone()
+            for k, v in self.up_layers.state_dict().items()
+            if k.split(".")[1] in ("upsample", "blocks")
+        }
+
+
+def build_checkpoint(
+    decoder: Mapping[str, torch.Tensor],
+    levels: int,
+    encoder: Mapping[str, torch.Tensor] | None,
+    stages: Sequence[Mapping[str, Any]] = (),
+    network: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The self-describing checkpoint dict (see the module docstring); ``encoder`` None leaves it out."""
+    contains = (["encoder"] if encoder is not None else []) + ["decoder_blocks"]
+    checkpoint: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "contains": contains,
+        "decoder_levels": int(levels),
+        "decoder": {k: torch.as_tensor(v).detach().cpu().clone() for k, v in decoder.items()},
+        "stages": [dict(s) for s in stages],
+        "network": dict(network or {}),
+    }
+    if encoder is not None:
+        checkpoint["encoder"] = {k: torch.as_tensor(v).detach().cpu().clone() for k, v in encoder.items()}
+    return checkpoint
+
+
+def save_decoder_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` a :func:`build_checkpoint` dict (parent folders created)."""
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(checkpoint), path)
+
+
+def read_decoder_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a decoder-stage checkpoint.
+
+    Raises:
+        ValueError: the file is not such a checkpoint (e.g. a plain encoder state dict), or
+            is of another version; the message names the file.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
+        hint = ""
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            hint = " (a plain state dict: an encoder file goes to pretrained_encoder)"
+        raise ValueError(f"pretrained decoder {path}: not a {CHECKPOINT_FORMAT} checkpoint{hint}")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"pretrained decoder {path}: version {obj.get('version')}, expected {CHECKPOINT_VERSION}"
+        )
+    return dict(obj)
+
+
+def load_pretrained_decoder(
+    network: nn.Module, path: str | os.PathLike, load_encoder: bool = True
+) -> list[str]:
+    """Load a decoder-stage checkpoint's decoder blocks (and encoder) into ``network``, strictly.
+
+    The decoder entries must be exactly :func:`decoder_block_keys` of the checkpoint's
+    ``decoder_levels`` with the network's shapes; anything else is refused with a message
+    that lists the missing, unexpected and mis-shaped keys. The rest of the decoder and
+    the output head keep their (random) initialisation.
+
+    Args:
+        network: a bundle network.
+        path: a checkpoint written by :func:`save_decoder_checkpoint`.
+        load_encoder: True: load the checkpoint's encoder too (it must hold one);
+            False: the network's encoder was loaded otherwise (``pretrained_encoder``), and when
+            the checkpoint holds an encoder it must equal that one (decoder blocks trained
+            against another encoder are refused, the differing keys listed).
+
+    Returns:
+        The loaded network keys (``encoder.*`` and ``up_layers.*``), sorted.
+    """
+    checkpoint = read_decoder_checkpoint(path)
+    levels = int(checkpoint["decoder_levels"])
+    if not 1 <= levels <= num_levels(network):
+        raise ValueError(
+            f"pretrained decoder {path}: {levels} decoder level(s), but the network has {num_levels(network)}"
+        )
+    decoder = checkpoint["decoder"]
+    full = network.state_dict()
+    expected = {k: full[k] for k in decoder_block_keys(network, levels)}
+    problem = state_mismatch(expected, decoder)
+    if problem:
+        raise ValueError(
+            f"pretrained decoder {path} does not match the network's first {levels} decoder level(s): "
+            f"{problem}"
+        )
+    encoder = checkpoint.get("encoder")
+    loaded = []
+    if load_encoder:
+        if encoder is None:
+            raise ValueError(
+                f"pretrained decoder {path} holds no encoder (contains {checkpoint['contains']}); "
+                "give the encoder it was trained against as pretrained_encoder"
+            )
+        check_encoder_state(network, encoder, f"pretrained decoder {path}: its encoder")
+        network.encoder.load_state_dict(encoder, strict=True)
+        loaded += [f"encoder.{k}" for k in encoder]
+    elif encoder is not None:
+        current = network.encoder.state_dict()
+        check_encoder_state(network, encoder, f"pretrained decoder {path}: its encoder")
+        differ = sorted(k for k in encoder if not torch.equal(encoder[k], current[k].cpu()))
+        if differ:
+            raise ValueError(
+                f"pretrained decoder {path} was trained against another encoder than the one loaded "
+                f"(pretrained_encoder); differing keys {differ}"
+            )
+    incompatible = network.load_state_dict(decoder, strict=False)
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys  # checked above
+    loaded += list(decoder)
+    logger.info(
+        "loaded %d decoder tensors (%d level(s)) from %s%s",
+        len(decoder),
+        levels,
+        path,
+        " with its encoder" if load_encoder else "",
+    )
+    return sorted(loaded)
+
+
+class DecoderWithLocalHead(DecoderTrunk):
+    """:class:`DecoderTrunk` plus the local projection g2: images -> region embeddings.
+
+    State-dict keys: ``encoder.*`` and ``up_layers.*`` (the network's own names) and
+    ``local_head.*``. A 3D network's slab map ``(B, C, h, w, T)`` is embedded slice by slice
+    (windows in-plane): the output has ``B * T`` rows, slab-major (row ``b * T + t``).
+
+    Args:
+        network: a bundle network (modules shared).
+        levels: up-sampling levels kept (see :func:`resolve_levels`).
+        grid, window: the region grid (:func:`~fedcontrast.nets.heads.region_grid`).
+        embedding_dim: region embedding size.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        levels: int | None = None,
+        grid: int = 4,
+        window: int = 3,
+        embedding_dim: int = 128,
+    ):
+        from fedcontrast.nets.heads import LocalProjectionHead
+
+        super().__init__(network, levels)
+        self.local_head = LocalProjectionHead(self.out_channels, grid, window, embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W[, T])`` images -> ``(B[*T], grid*grid, embedding_dim)`` unit-norm embeddings."""
+        feature_map = super().forward(x)
+        if feature_map.ndim == 5:  # (B, C, h, w, T) -> (B*T, C, h, w), slab-major
+            feature_map = feature_map.permute(0, 4, 1, 2, 3).flatten(0, 1)
+        return self.local_head(feature_map)
+
+    def exchanged_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the decoder stage trains and exchanges: the decoder blocks and ``local_head.*``."""
+        head = {f"local_head.{k}": v.detach().cpu().clone() for k, v in self.local_head.state_dict().items()}
+        return {**self.decoder_state_dict(), **head}
