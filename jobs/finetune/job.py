@@ -6,6 +6,7 @@ list; the server averages the weights. ``--local`` runs the same job without
 averaging: every site fine-tunes its own model.
 
     python jobs/finetune/job.py --datalist-dir SPLITS [--pretrained-encoder ENC.pt] [--output DIR]
+    python jobs/finetune/job.py --datalist-dir SPLITS --pretrained-decoder DEC.pt  # encoder + decoder
     python jobs/finetune/job.py --export DIR            # deployable job folder
 
 Results (server): ``global_model.pt`` (for the bundle's ``--ckpt_path``), ``bytes.json``,
@@ -23,6 +24,11 @@ METHOD = "supervised"
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser("finetune", __doc__.splitlines()[0])
     parser.add_argument("--pretrained-encoder", type=Path, help="encoder checkpoint to start from")
+    parser.add_argument(
+        "--pretrained-decoder",
+        type=Path,
+        help="decoder-stage checkpoint (jobs/decoder): its encoder and decoder blocks are loaded",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--validation-key", default="test", help="site datalist list validated every round")
@@ -31,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "batch_size": args.batch_size,
         "pretrained_encoder": str(args.pretrained_encoder.resolve()) if args.pretrained_encoder else "",
+        "pretrained_decoder": str(args.pretrained_decoder.resolve()) if args.pretrained_decoder else "",
     }
     return run_from_args(METHOD, args, config, name="finetune", validation_key=args.validation_key)
 

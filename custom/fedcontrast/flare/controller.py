@@ -19,6 +19,9 @@ all updated after every round:
   ``evaluate``/``inference`` load it with ``--ckpt_path``); for a pre-training method
   ``pretrained_encoder.pt``, the ``weights/encoder.*`` entries with ``encoder.`` stripped
   (the bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
+- methods whose trainer defines a ``save_checkpoint(weights, out_dir, config, site)`` class
+  method write their own files too (``local_decoder``: ``pretrained_decoder.pt``, the
+  decoder-stage checkpoint; ``site`` is None for the global model);
 - local runs: the same files per site under ``local/<site>/``;
 - with ``record_messages``: every message as sent, ``messages/r<round>_<site>_<down|up>.npz``
   (an audit of what left each site; uploads are recorded after the sites' result filters).
@@ -41,7 +44,8 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
-from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
+from fedcontrast.methods.registry import MethodSpec, get_method
 from fedcontrast.nets.bundle import build_network
 
 MODEL_FILE = "global_model.pt"
@@ -70,6 +74,25 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
             raise ValueError("a pre-training method's weights hold no 'encoder.*' entry")
         torch.save(encoder, out_dir / ENCODER_FILE)
         written.append(out_dir / ENCODER_FILE)
+    return written
+
+
+def save_outputs(
+    spec: MethodSpec, weights: Message, out_dir: Path, config: dict[str, Any], site: str | None
+) -> list[Path]:
+    """:func:`save_models`, plus the method's own files when its trainer has ``save_checkpoint``.
+
+    Args:
+        spec: the registered method.
+        weights: the final weights (global message, or a site's own last upload).
+        out_dir: where to write.
+        config: the method's configuration.
+        site: the site of a local run's model; None for the global model.
+    """
+    written = save_models(weights, out_dir, config, spec.pretraining)
+    saver = getattr(spec.trainer, "save_checkpoint", None)
+    if saver is not None:
+        written += saver(weights, out_dir, config, site)
     return written
 
 
@@ -142,12 +165,12 @@ class MethodController(ModelController):
         finally:
             ledger.close()
         if strategy:
-            written = save_models(strategy.global_weights(), out_dir, self.config, spec.pretraining)
+            written = save_outputs(spec, strategy.global_weights(), out_dir, self.config, None)
         else:
             written = [
                 path
                 for site in sites
-                for path in save_models(own[site], out_dir / LOCAL_DIR / site, self.config, spec.pretraining)
+                for path in save_outputs(spec, own[site], out_dir / LOCAL_DIR / site, self.config, site)
             ]
         self.info(f"{self.method}: done; wrote {[str(p) for p in written]} and the ledger in {out_dir}")
 

@@ -33,7 +33,7 @@ from typing import Any
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
-from fedcontrast.flare.controller import ENCODER_FILE, LOCAL_DIR, MODEL_FILE, MethodController
+from fedcontrast.flare.controller import DECODER_FILE, ENCODER_FILE, LOCAL_DIR, MODEL_FILE, MethodController
 from fedcontrast.flare.executor import MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
@@ -46,7 +46,7 @@ TRAIN_TASK = "train"
 #: Where the simulator's server writes its results, under the simulator workspace.
 SIMULATOR_RESULT_DIR = Path("server") / "simulate_job"
 #: What :func:`collect_results` copies.
-RESULT_FILES = (MODEL_FILE, ENCODER_FILE, BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR, LOCAL_DIR)
+RESULT_FILES = (MODEL_FILE, ENCODER_FILE, DECODER_FILE, BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR, LOCAL_DIR)
 
 
 def site_names(num_sites: int) -> list[str]:
@@ -231,8 +231,11 @@ def read_config(value: str | None) -> dict[str, Any]:
     """``--config``: a JSON file's content, a JSON string, or {} for None."""
     if not value:
         return {}
-    path = Path(value)
-    text = path.read_text() if path.is_file() else value
+    try:
+        is_file = Path(value).is_file()
+    except OSError:  # a JSON string longer than a file name can be
+        is_file = False
+    text = Path(value).read_text() if is_file else value
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:

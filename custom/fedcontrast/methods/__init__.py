@@ -15,6 +15,8 @@ _METHOD_MODULES: tuple[str, ...] = (
     "fclopt",
     "fedprox",
     "fedcrld",
+    "fedrotation",
+    "local_decoder",
 )
 
 for _name in _METHOD_MODULES:

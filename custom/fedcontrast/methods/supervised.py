@@ -18,6 +18,10 @@ Configuration (:data:`DEFAULTS`, merged under the config given):
 - ``bundle``: bundle config overrides (any id of the train config, e.g.
   ``{"init_filters": 8, "spatial_dims": 2, "roi_size": [64, 64]}``);
 - ``pretrained_encoder``: encoder checkpoint loaded into the round-0 network ("" for none);
+- ``pretrained_decoder``: a decoder-stage checkpoint (``local_decoder``'s ``pretrained_decoder.pt``,
+  :mod:`fedcontrast.nets.decoder`) whose decoder blocks, and encoder, are loaded into the
+  round-0 network with a strict key check ("" for none). With ``pretrained_encoder`` also
+  given, the checkpoint's encoder must equal that one;
 - ``local_epochs``, ``lr``, ``batch_size``, ``seed``: the bundle's ``epochs`` (per round),
   ``learning_rate``, ``batch_size``, ``seed``;
 - ``device``: torch device; None uses the device the trainer was built with;
@@ -44,11 +48,13 @@ from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_t
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrained_encoder
+from fedcontrast.nets.decoder import load_pretrained_decoder
 
 DEFAULTS: dict[str, Any] = {
     "bundle_dir": None,
     "bundle": {},
     "pretrained_encoder": "",
+    "pretrained_decoder": "",
     "local_epochs": 1,
     "lr": 1e-3,
     "batch_size": 2,
@@ -105,6 +111,7 @@ class SupervisedBundleTrainer(SiteTrainer):
             "train_datalist": train,
             "val_datalist": val,
             "pretrained_encoder": "",  # the round-0 global weights already carry it
+            "pretrained_decoder": "",  # likewise
             "device": self.device,
             "epochs": local_epochs,
             "val_interval": local_epochs,
@@ -128,13 +135,22 @@ class SupervisedBundleTrainer(SiteTrainer):
     @classmethod
     def initial_message(cls, config: Mapping[str, Any]) -> Message:
         """The bundle network for ``config["seed"]`` (global RNG untouched), with the optional
-        ``pretrained_encoder`` loaded, as ``weights/`` entries."""
+        ``pretrained_encoder`` and ``pretrained_decoder`` loaded, as ``weights/`` entries.
+
+        Raises:
+            ValueError: a checkpoint whose keys or shapes do not match the network (the message
+                lists them), or a decoder trained against another encoder than ``pretrained_encoder``.
+        """
         cfg = merge_config(DEFAULTS, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
             network = build_network(cfg["bundle_dir"], cfg["bundle"])
         if cfg["pretrained_encoder"]:
             load_pretrained_encoder(network, cfg["pretrained_encoder"])
+        if cfg["pretrained_decoder"]:
+            load_pretrained_decoder(
+                network, cfg["pretrained_decoder"], load_encoder=not cfg["pretrained_encoder"]
+            )
         return pack("weights", network.state_dict())
 
     def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
