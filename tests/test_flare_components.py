@@ -348,3 +348,10 @@ def test_simulator_entry_point_installs_its_runner_patch(monkeypatch):
     monkeypatch.setattr(simulator, "_nvflare_do_one_task", lambda self, client: self.build_ctx)
     context = SimulatorClientRunner.do_one_task(runner, "site-1")
     assert isinstance(context, simulator.ThreadBuildContext) and runner.build_ctx is context
+
+
+def test_read_config_takes_a_json_string_longer_than_a_file_name():
+    from fedcontrast.flare.jobs import read_config
+
+    config = {"network": {"roi_size": [48, 48]}, "note": "x" * 300}
+    assert read_config(json.dumps(config)) == config
