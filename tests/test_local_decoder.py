@@ -27,8 +27,7 @@ from fedcontrast.nets.heads import extract_regions, region_grid
 SITES = ("site-1", "site-2")
 TINY_NETWORK = {"init_filters": 4, "blocks_down": [1, 1, 1]}
 CONFIG = {
-    "network": TINY_NETWORK,
-    "preprocessing": {"roi_size": [32, 32]},
+    "bundle": {**TINY_NETWORK, "roi_size": [32, 32]},
     "batch_size": 2,
     "head_hidden": 32,
     "embedding_dim": 16,
@@ -216,7 +215,7 @@ def _checkpoint(tmp_path, network_overrides=TINY_NETWORK, levels=1, name="dec.pt
 
 def test_finetuning_loads_encoder_and_decoder_blocks(tmp_path):
     path, _ = _checkpoint(tmp_path)
-    config = {"network": TINY_NETWORK, "seed": 1, "pretrained_decoder": str(path)}
+    config = {"bundle": TINY_NETWORK, "seed": 1, "pretrained_decoder": str(path)}
     weights = message_to_state_dict(SupervisedBundleTrainer.initial_message(config))
     random = message_to_state_dict(
         SupervisedBundleTrainer.initial_message({**config, "pretrained_decoder": ""})
@@ -248,7 +247,7 @@ def test_finetuning_refuses_a_mismatching_decoder_and_lists_the_keys(tmp_path):
         ValueError,
         match=r"shape mismatches \['up_layers\.0\.blocks\.0\.conv1\.weight: \(16, 16, 3, 3, 1\) != \(8, 8",
     ):
-        SupervisedBundleTrainer.initial_message({"network": TINY_NETWORK, "pretrained_decoder": str(wide)})
+        SupervisedBundleTrainer.initial_message({"bundle": TINY_NETWORK, "pretrained_decoder": str(wide)})
     # a plain encoder state dict is not a decoder checkpoint
     torch.save(network.encoder.state_dict(), tmp_path / "enc.pt")
     with pytest.raises(ValueError, match="encoder file goes to pretrained_encoder"):
@@ -257,7 +256,7 @@ def test_finetuning_refuses_a_mismatching_decoder_and_lists_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"trained against another encoder.*differing keys"):
         SupervisedBundleTrainer.initial_message(
             {
-                "network": TINY_NETWORK,
+                "bundle": TINY_NETWORK,
                 "pretrained_encoder": str(tmp_path / "enc.pt"),
                 "pretrained_decoder": str(path),
             }

@@ -71,7 +71,7 @@ class RotationTrainer(ContrastivePretrainer):
     @classmethod
     def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
         """The bundle encoder with a 4-way :class:`ClassificationHead` (keys ``encoder.*``, ``head.*``)."""
-        encoder = build_network(config["bundle_dir"], config["network"]).encoder
+        encoder = build_network(config["bundle_dir"], config["bundle"]).encoder
         head = ClassificationHead(deepest_channels(encoder), int(config["head_hidden"]), ROTATIONS)
         return EncoderWithHead(encoder, head)
 

@@ -140,7 +140,7 @@ class DecoderPretrainer(ContrastivePretrainer):
     @classmethod
     def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
         """The bundle network truncated after ``decoder_levels`` levels, with the local head g2."""
-        network = build_network(config["bundle_dir"], config["network"])
+        network = build_network(config["bundle_dir"], config["bundle"])
         return DecoderWithLocalHead(
             network,
             config["decoder_levels"],
@@ -209,7 +209,7 @@ class DecoderPretrainer(ContrastivePretrainer):
         decoder = {k: v for k, v in state.items() if k.startswith("up_layers.")}
         if not decoder:
             raise ValueError("the decoder stage's weights hold no 'up_layers.*' entry")
-        network = build_network(cfg["bundle_dir"], cfg["network"])
+        network = build_network(cfg["bundle_dir"], cfg["bundle"])
         levels = resolve_levels(network, cfg["decoder_levels"])
         path = encoder_path(cfg, site)
         encoder = None
@@ -233,7 +233,7 @@ class DecoderPretrainer(ContrastivePretrainer):
                 "seed": int(cfg["seed"]),
             },
         ]
-        return build_checkpoint(decoder, levels, encoder, stages, cfg["network"])
+        return build_checkpoint(decoder, levels, encoder, stages, cfg["bundle"])
 
     @classmethod
     def save_checkpoint(
@@ -300,7 +300,7 @@ def pretrain_decoder(
             ``global.pt``), one for every site; or site -> file (per-site encoders, local only);
             a path with ``{site}`` also gives per-site files.
         config: ``local_decoder`` configuration (:data:`DEFAULTS`; e.g. the bench's
-            pre-training config: ``network``, ``preprocessing``, ``seed``, ``local_epochs``,
+            pre-training config: ``bundle``, ``seed``, ``local_epochs``,
             ``batch_size``); its ``pretrained_encoder`` is set from ``encoder``.
         datalists: site -> pre-training entries (``{"image": path}``, e.g.
             :func:`~fedcontrast.methods.volumes.pretraining_entries`).

@@ -22,7 +22,7 @@ the network's own (``encoder.*``, ``up_layers.*``); no second network is defined
      "encoder": {key: tensor},                     # keys as in network.encoder.state_dict()
      "decoder": {key: tensor},                     # network keys up_layers.<i>.{upsample,blocks}.*
      "stages": [{"stage": "encoder", ...}, {"stage": "decoder", ...}],  # provenance
-     "network": {...}}                             # the bundle overrides it was built with
+     "bundle": {...}}                              # the bundle overrides it was built with
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def build_checkpoint(
     levels: int,
     encoder: Mapping[str, torch.Tensor] | None,
     stages: Sequence[Mapping[str, Any]] = (),
-    network: Mapping[str, Any] | None = None,
+    bundle: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The self-describing checkpoint dict (see the module docstring); ``encoder`` None leaves it out."""
     contains = (["encoder"] if encoder is not None else []) + ["decoder_blocks"]
@@ -153,7 +153,7 @@ def build_checkpoint(
         "decoder_levels": int(levels),
         "decoder": {k: torch.as_tensor(v).detach().cpu().clone() for k, v in decoder.items()},
         "stages": [dict(s) for s in stages],
-        "network": dict(network or {}),
+        "bundle": dict(bundle or {}),
     }
     if encoder is not None:
         checkpoint["encoder"] = {k: torch.as_tensor(v).detach().cpu().clone() for k, v in encoder.items()}
