@@ -24,7 +24,13 @@ from fedcontrast.deploy.project import (
 )
 
 #: Files of a job's result that the summary points at, when present.
-RESULT_FILES = ("global_model.pt", "pretrained_encoder.pt", "bytes.json", "metrics.json")
+RESULT_FILES = (
+    "global_model.pt",
+    "pretrained_encoder.pt",
+    "pretrained_decoder.pt",
+    "bytes.json",
+    "metrics.json",
+)
 
 POC_HELP = """\
 Provision deploy/project.yml for N sites on this machine (server "localhost", free loopback
