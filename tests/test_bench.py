@@ -135,10 +135,13 @@ def test_results_file_has_every_results_format_key(tmp_path, config, rows):
     assert (tmp_path / "report" / "dice_vs_n.png").stat().st_size > 0
 
 
-def test_tables_are_mean_and_std_across_sites_of_the_seed_means(rows):
+def test_tables_are_mean_and_std_across_seeds_of_the_site_means(rows):
     markdown = table(rows, "federated", ["fcl"], [1], lambda r: r["dice_mean"])
-    # site-1: 0.65, site-2: 0.75 (both seeds equal) -> 0.700 ± 0.050
-    assert "| fcl | 0.700 ± 0.050 |" in markdown
+    # site-1: 0.65, site-2: 0.75, both seeds equal -> seed means 0.70, 0.70 -> 0.700 ± 0.000
+    assert "| fcl | 0.700 ± 0.000 |" in markdown
+    shifted = [dict(r, dice_mean=r["dice_mean"] + 0.1 * r["seed"]) for r in rows]
+    # seed means 0.70 and 0.80: sample std 0.0707
+    assert "| fcl | 0.750 ± 0.071 |" in table(shifted, "federated", ["fcl"], [1], lambda r: r["dice_mean"])
 
 
 def test_ordering_sentences_are_computed_from_the_rows(rows):

@@ -1,27 +1,56 @@
-"""Result files, markdown reports and plots of a benchmark run.
+"""Result files, markdown reports and plots of a benchmark run (SPEC §7 readouts).
 
 Every JSON file follows the project's results format: ``dataset``, ``config``,
-``environment`` and ``rows`` (one per method, fine-tuning mode, label budget, seed and
-site). Tables are in the published shape: methods as rows, label budgets as columns,
-mean ± std across sites of the per-site mean over seeds. Every sentence is computed from
-the numbers.
+``environment`` and ``rows``. A row is one scored model: (method, fine-tuning mode, label
+budget, seed, site) plus ``readout`` (``"finetune"``: the whole network fine-tuned;
+``"probe"``: the decoder trained on a frozen encoder), ``finetune_steps`` (optimiser steps at
+which it was scored: a unit scores several checkpoints, the last is the budget) and
+``eval_split`` (``"test"`` or ``"validation"``).
+
+What the label-efficiency report shows, all computed from the rows:
+
+- the headline: method minus random init, paired on seed, site, split and decoder
+  initialisation (:mod:`fedcontrast.bench.stats`), mean with a 95% percentile bootstrap
+  interval over the (seed, site) pairs, per cell, at the final checkpoint on the test split;
+- Dice tables, mean ± std across seeds of the per-seed site mean;
+- random init's validation curve (the plateau that fixes the fine-tuning budget);
+- Dice against fine-tuning steps at the smallest budget, pre-training curves, bytes;
+- the verdict on the project's target (:data:`TARGET`).
+
+Several run folders of one configuration (a method added later runs as its own column) are
+merged by :func:`merge_runs`; it refuses folders whose settings differ.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, is_dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedcontrast.bench.evaluate import CLASS_NAMES
-from fedcontrast.bench.protocol import MODES, RANDOM_INIT, BenchConfig, pretrain_records
+from fedcontrast.bench.stats import meets_target, paired_differences, summarise, values_summary
+
+if TYPE_CHECKING:
+    from fedcontrast.bench.protocol import BenchConfig
+
+RANDOM_INIT = "random_init"
+MODES = ("local", "federated")
+#: Readouts in report order; rows without ``readout`` are full fine-tuning (the old protocol).
+READOUTS = ("finetune", "probe")
+READOUT_TITLES = {"finetune": "full fine-tuning", "probe": "frozen-encoder probe (decoder only)"}
+#: The project's target (issue 10): method minus random init at budget N, in every mode.
+TARGET = {"method": "fcl", "n_labeled": 1, "difference": 0.05, "readout": "finetune", "modes": MODES}
+#: Random init has reached its plateau when its validation Dice gains less than this over the
+#: second half of the fine-tuning budget.
+PLATEAU_TOLERANCE = 0.01
+PRETRAIN_METRICS = ("loss", "alignment", "uniformity", "partition_accuracy")
 
 #: SPEC §1, ACDC, Dice averaged over sites (fine-tuning, method) -> {N: Dice}.
 PUBLISHED = {
@@ -46,104 +75,494 @@ RESULT_KEYS = [
     "pretrain_wall_s",
     "finetune_wall_s",
     "peak_rss_mb",
+    "finetune_steps",
+    "readout",
+    "eval_split",
 ]
 
+Row = dict[str, Any]
 
-def environment() -> dict[str, Any]:
-    """Versions, processor and date of this run."""
-    import monai
-    import nvflare
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """The configuration as plain JSON data (a dataclass, or any object with attributes)."""
+    data = asdict(config) if is_dataclass(config) else dict(vars(config))
+    return json.loads(json.dumps(data))
+
+
+def normalise_rows(rows: Iterable[Row], config: Any = None) -> list[Row]:
+    """Copies of ``rows`` with ``readout``, ``eval_split`` and ``finetune_steps`` filled in.
+
+    Rows of the old protocol have none of them: they are full fine-tuning, scored on test,
+    at ``config.finetune_steps`` when that is a number (else ``None``: unknown).
+
+    Raises:
+        ValueError: a row lacks a results-format key the report needs; names the key and row.
+    """
+    steps = getattr(config, "finetune_steps", None)
+    default_steps = steps if isinstance(steps, int) else None
+    out = []
+    for row in rows:
+        missing = [
+            k for k in ("method", "finetune", "n_labeled", "seed", "site", "dice_mean") if k not in row
+        ]
+        if missing:
+            raise ValueError(f"row {row.get('unit', row)} lacks {', '.join(missing)}")
+        out.append(
+            {
+                "readout": "finetune",
+                "eval_split": "test",
+                "finetune_steps": default_steps,
+                **row,
+            }
+        )
+    return out
+
+
+def class_names(rows: Iterable[Row]) -> list[str]:
+    """The foreground classes named by the rows' ``dice`` keys, in first-seen order."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row.get("dice") or {}))
+    return list(names)
+
+
+def load_rows_file(path: Path) -> list[Row]:
+    """Rows of a ``rows.jsonl`` file (one JSON object a line); ``[]`` when it does not exist.
+
+    Raises:
+        ValueError: a line is not valid JSON; names the file and line.
+    """
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not a JSON row ({err})") from err
+    return rows
+
+
+def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dict[str, Any]]:
+    """Settings, rows and provenance of one or more run folders of the same configuration.
+
+    Each folder holds ``bench_config.json`` and ``rows.jsonl``. The settings must be equal
+    apart from ``methods`` (a method added later runs as its own column). A method found in
+    several folders (random init is usually run with every new column) is taken from the
+    first folder that has it; how far its rows in the later folders lie from those taken is
+    recorded (a reproducibility check).
+
+    Returns:
+        ``(config, rows, provenance)``: the first folder's settings with ``methods`` the union
+        in order of appearance; the rows; ``{"sources": {method: folder}, "duplicates":
+        {method: {"folders": [...], "max_abs_dice_difference": float | None}}}``.
+
+    Raises:
+        ValueError: no folder, a folder without ``bench_config.json``, or settings that
+            differ (names both folders and the keys).
+    """
+    if not run_dirs:
+        raise ValueError("no run folder given")
+    configs = []
+    for folder in run_dirs:
+        file = Path(folder) / "bench_config.json"
+        if not file.exists():
+            raise ValueError(f"{folder} is not a benchmark run folder (no bench_config.json)")
+        configs.append(json.loads(file.read_text()))
+    first = configs[0]
+    for folder, config in zip(run_dirs[1:], configs[1:]):
+        differ = sorted(
+            k for k in set(first) | set(config) if k != "methods" and first.get(k) != config.get(k)
+        )
+        if differ:
+            raise ValueError(
+                f"{run_dirs[0]} and {folder} were run with different settings ({', '.join(differ)}); "
+                "only runs of one configuration can be merged"
+            )
+    methods: list[str] = []
+    for config in configs:
+        methods += [m for m in config.get("methods", []) if m not in methods]
+    sources: dict[str, str] = {}
+    taken: dict[tuple, float] = {}
+    rows: list[Row] = []
+    duplicates: dict[str, dict[str, Any]] = {}
+    for folder in run_dirs:
+        by_method: dict[str, list[Row]] = defaultdict(list)
+        for row in load_rows_file(Path(folder) / "rows.jsonl"):
+            by_method[row["method"]].append(row)
+        for method, method_rows in by_method.items():
+            if method not in sources:
+                sources[method] = str(folder)
+                rows += method_rows
+                taken.update({_row_key(r): r["dice_mean"] for r in method_rows})
+                continue
+            entry = duplicates.setdefault(method, {"folders": [], "max_abs_dice_difference": None})
+            entry["folders"].append(str(folder))
+            gaps = [
+                abs(r["dice_mean"] - taken[_row_key(r)])
+                for r in method_rows
+                if _row_key(r) in taken and _finite(r["dice_mean"]) and _finite(taken[_row_key(r)])
+            ]
+            if gaps:
+                entry["max_abs_dice_difference"] = max([*gaps, entry["max_abs_dice_difference"] or 0.0])
+    return {**first, "methods": methods}, rows, {"sources": sources, "duplicates": duplicates}
+
+
+def _row_key(row: Row) -> tuple:
+    keys = ("method", "seed", "site", "finetune", "n_labeled", "readout", "finetune_steps", "eval_split")
+    return tuple(row.get(k) for k in keys)
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _run_dirs(run_dir: Path | Sequence[Path]) -> list[Path]:
+    return [Path(run_dir)] if isinstance(run_dir, str | Path) else [Path(d) for d in run_dir]
+
+
+def load_pretrain_records(run_dirs: Sequence[Path], methods: Iterable[str]) -> dict[str, list[dict]]:
+    """method -> its saved pre-training records (``pretrain/<method>_s<seed>/record.json``).
+
+    Each method's records come from the first run folder that has any.
+    """
+    records: dict[str, list[dict]] = {}
+    for method in methods:
+        for folder in run_dirs:
+            files = sorted((Path(folder) / "pretrain").glob(f"{method}_s*/record.json"))
+            if files:
+                records[method] = [json.loads(f.read_text()) for f in files]
+                break
+    return records
+
+
+def environment(run_dir: Path | None = None) -> dict[str, Any]:
+    """Versions, processor and date: the run's own ``environment.json`` if it saved one, else this
+    machine's now."""
+    if run_dir is not None and (Path(run_dir) / "environment.json").exists():
+        return json.loads((Path(run_dir) / "environment.json").read_text())
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    cpu = (
-        next(
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next(
             (
                 line.split(":", 1)[1].strip()
                 for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")
             ),
-            platform.processor(),
+            cpu,
         )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "monai": monai.__version__,
-        "nvflare": nvflare.__version__,
+        "monai": installed("monai"),
+        "nvflare": installed("nvflare"),
         "cpu": cpu,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": date.today().isoformat(),
     }
 
 
-def dataset_info(config: BenchConfig, run_dir: Path) -> dict[str, Any]:
+def dataset_info(config: Any, run_dir: Path) -> dict[str, Any]:
     """What the run used: the phantom's description (or the dataset folder) and the split."""
-    phantom = run_dir / "data" / "phantom.json"
-    info: dict[str, Any] = {
-        "name": "fedcontrast phantom" if phantom.exists() else str(run_dir),
-        "sites": config.sites,
-        "patients_per_site": config.patients_per_site,
-        "volumes_per_site": 2 * config.patients_per_site,
-        "test_patients_per_site": config.test_per_site,
-        "size": config.size,
-        "seed": config.data_seed,
-    }
+    settings = config_dict(config)
+    phantom = Path(run_dir) / "data" / "phantom.json"
+    info: dict[str, Any] = {"name": "fedcontrast phantom" if phantom.exists() else str(run_dir)}
+    for key in ("sites", "patients_per_site", "test_per_site", "validation_per_site", "data_seed", "size"):
+        if key in settings:
+            info[key] = settings[key]
+    if "patients_per_site" in settings:
+        info["volumes_per_site"] = 2 * settings["patients_per_site"]
     if phantom.exists():
         summary = json.loads(phantom.read_text())
         info["image_size"] = summary.get("sites") or summary.get("scanners") or summary
     return info
 
 
-def result_document(rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path) -> dict[str, Any]:
-    """The results-format object for ``rows``."""
+def result_document(rows: list[Row], config: Any, run_dir: Path | Sequence[Path]) -> dict[str, Any]:
+    """The results-format object for ``rows`` (:data:`RESULT_KEYS` of each row)."""
+    first = _run_dirs(run_dir)[0]
+    rows = normalise_rows(rows, config)
     return {
-        "dataset": dataset_info(config, run_dir),
-        "config": asdict(config),
-        "environment": environment(),
-        "rows": [{k: row[k] for k in RESULT_KEYS} for row in rows],
+        "dataset": dataset_info(config, first),
+        "config": config_dict(config),
+        "environment": environment(first)
+        if (first / "environment.json").exists()
+        else {**environment(), "recorded": "when the report was written (the run saved none)"},
+        "rows": [{k: row.get(k) for k in RESULT_KEYS} for row in rows],
     }
 
 
-def site_means(rows: Iterable[dict[str, Any]], value) -> dict[tuple[str, str, int], list[float]]:
-    """(mode, method, N) -> the per-site means over seeds of ``value(row)`` (NaN-free)."""
-    per_site: dict[tuple, list[float]] = defaultdict(list)
+# ----------------------------------------------------------------------------- selection
+
+
+def final_steps(rows: Iterable[Row]) -> dict[tuple[str, str], int | None]:
+    """(mode, readout) -> the fine-tuning budget: the largest ``finetune_steps`` on test rows."""
+    steps: dict[tuple[str, str], int | None] = {}
     for row in rows:
-        v = value(row)
-        if v is not None and np.isfinite(v):
-            per_site[row["finetune"], row["method"], row["n_labeled"], row["site"]].append(v)
-    grouped: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for (mode, method, n, _site), values in sorted(per_site.items()):
-        grouped[mode, method, n].append(float(np.mean(values)))
+        if row["eval_split"] != "test":
+            continue
+        key = row["finetune"], row["readout"]
+        value = row["finetune_steps"]
+        if key not in steps or (value is not None and (steps[key] is None or value > steps[key])):
+            steps[key] = value
+    return steps
+
+
+def headline_rows(rows: Iterable[Row], split: str = "test") -> list[Row]:
+    """Rows scored at the final checkpoint of their (mode, readout) on ``split``."""
+    rows = list(rows)
+    budget = final_steps(rows)
+    return [
+        r
+        for r in rows
+        if r["eval_split"] == split and r["finetune_steps"] == budget.get((r["finetune"], r["readout"]))
+    ]
+
+
+def cells(rows: Iterable[Row]) -> dict[tuple[str, str, str, int], list[Row]]:
+    """(mode, readout, method, N) -> rows."""
+    grouped: dict[tuple[str, str, str, int], list[Row]] = defaultdict(list)
+    for row in rows:
+        grouped[row["finetune"], row["readout"], row["method"], row["n_labeled"]].append(row)
     return grouped
 
 
-def table(
-    rows: list[dict[str, Any]], mode: str, methods: Sequence[str], budgets: Sequence[int], value
+def difference_cells(
+    rows: list[Row], methods: Sequence[str], n_boot: int = 10_000
+) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """(mode, readout, method, N) -> :func:`~fedcontrast.bench.stats.summarise` of the paired
+    differences method minus random init on ``rows`` (already one checkpoint and split)."""
+    out = {}
+    for method in methods:
+        if method == RANDOM_INIT:
+            continue
+        grouped: dict[tuple[str, str, str, int], list[dict]] = defaultdict(list)
+        for pair in paired_differences(rows, method):
+            grouped[pair["finetune"], pair["readout"], method, pair["n_labeled"]].append(pair)
+        out.update({key: summarise(pairs, n_boot=n_boot) for key, pairs in grouped.items()})
+    return out
+
+
+def value_cells(
+    rows: list[Row], value: Callable[[Row], float | None] = lambda r: r["dice_mean"], n_boot: int = 10_000
+) -> dict[tuple[str, str, str, int], dict[str, Any]]:
+    """(mode, readout, method, N) -> :func:`~fedcontrast.bench.stats.values_summary` of ``value``."""
+    return {key: values_summary(group, value, n_boot) for key, group in cells(rows).items()}
+
+
+def target_verdict(differences: dict[tuple[str, str, str, int], dict[str, Any]]) -> dict[str, Any]:
+    """Whether :data:`TARGET` is met, per mode and overall, from the headline differences."""
+    per_mode = {}
+    for mode in TARGET["modes"]:
+        summary = differences.get((mode, TARGET["readout"], TARGET["method"], TARGET["n_labeled"]))
+        per_mode[mode] = {
+            "summary": summary,
+            "met": bool(summary and meets_target(summary, TARGET["difference"])),
+        }
+    return {"target": dict(TARGET), "per_mode": per_mode, "met": all(v["met"] for v in per_mode.values())}
+
+
+def verdict_line(verdict: dict[str, Any]) -> str:
+    """The report's one-line verdict on the target, every number computed."""
+    target = verdict["target"]
+    parts = []
+    for mode, result in verdict["per_mode"].items():
+        summary = result["summary"]
+        if not summary or not summary["n_pairs"]:
+            parts.append(f"{mode}: no paired rows")
+        else:
+            parts.append(f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'}")
+    return (
+        f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
+        f"+{target['difference']:.2f} with the 95% interval above 0, in "
+        f"{' and '.join(target['modes'])} fine-tuning: {'met' if verdict['met'] else 'not met'}** "
+        f"({'; '.join(parts)})."
+    )
+
+
+def plateau_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """Random init's validation Dice against fine-tuning steps, per (mode, readout, N).
+
+    Each entry: ``mode``, ``readout``, ``n_labeled``, ``steps`` (checkpoints), ``dice`` (mean over
+    seeds and sites at each), ``budget`` (the last checkpoint), ``half_steps`` (the last
+    checkpoint at or before half of it, or ``None``), ``gain`` (Dice at the budget minus at
+    ``half_steps``) and ``plateau`` (``gain < PLATEAU_TOLERANCE``; ``None`` when unmeasured).
+    """
+    curves: dict[tuple[str, str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if (
+            row["method"] == RANDOM_INIT
+            and row["eval_split"] == "validation"
+            and row["finetune_steps"] is not None
+            and _finite(row["dice_mean"])
+        ):
+            curves[row["finetune"], row["readout"], row["n_labeled"]][row["finetune_steps"]].append(
+                row["dice_mean"]
+            )
+    out = []
+    for (mode, readout, n), by_step in sorted(curves.items(), key=lambda kv: _order(kv[0])):
+        steps = sorted(by_step)
+        dice = [float(np.mean(by_step[s])) for s in steps]
+        budget = steps[-1]
+        earlier = [s for s in steps if s <= budget / 2]
+        half = earlier[-1] if earlier else None
+        gain = dice[-1] - dice[steps.index(half)] if half is not None else None
+        out.append(
+            {
+                "mode": mode,
+                "readout": readout,
+                "n_labeled": n,
+                "steps": steps,
+                "dice": dice,
+                "budget": budget,
+                "half_steps": half,
+                "gain": gain,
+                "plateau": None if gain is None else bool(gain < PLATEAU_TOLERANCE),
+            }
+        )
+    return out
+
+
+def _order(key: tuple[str, str, int]) -> tuple:
+    mode, readout, n = key
+    return (
+        MODES.index(mode) if mode in MODES else len(MODES),
+        READOUTS.index(readout) if readout in READOUTS else len(READOUTS),
+        n,
+    )
+
+
+def learning_curves(
+    rows: list[Row], n_labeled: int, split: str = "test", readout: str = "finetune"
+) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    """(mode, method) -> steps -> :func:`values_summary` of Dice at ``n_labeled`` on ``split``."""
+    grouped: dict[tuple[str, str], dict[int, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if (
+            row["n_labeled"] == n_labeled
+            and row["eval_split"] == split
+            and row["readout"] == readout
+            and row["finetune_steps"] is not None
+        ):
+            grouped[row["finetune"], row["method"]][row["finetune_steps"]].append(row)
+    return {
+        key: {s: values_summary(group, n_boot=1000) for s, group in sorted(by_step.items())}
+        for key, by_step in grouped.items()
+    }
+
+
+def pretrain_curves(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
+    """method -> per-round means (over seeds and sites) of :data:`PRETRAIN_METRICS`, plus throughput.
+
+    Uses each record's ``curve`` (per-round dicts with ``round``, ``step``, ``site`` and any of
+    the metrics). Site entries are averaged; a metric that only ``site == "global"`` entries
+    carry is taken from those. Returns ``{"rounds": [...], metric: [...] (NaN where absent),
+    "steps": [...], "samples_per_s": float | None, "seeds": int}``; methods without a curve are
+    left out.
+    """
+    out = {}
+    for method, recs in records.items():
+        entries = [e for rec in recs for e in rec.get("curve") or []]
+        if not entries:
+            continue
+        rounds = sorted({e["round"] for e in entries})
+        summary: dict[str, Any] = {"rounds": rounds, "seeds": len(recs)}
+        for metric in (*PRETRAIN_METRICS, "step"):
+            series = []
+            for r in rounds:
+                at = [e for e in entries if e["round"] == r and _finite(e.get(metric))]
+                local = [e[metric] for e in at if e.get("site") != "global"]
+                series.append(float(np.mean(local or [e[metric] for e in at])) if at else float("nan"))
+            summary["steps" if metric == "step" else metric] = series
+        rates = [rec["samples_per_s"] for rec in recs if _finite(rec.get("samples_per_s"))]
+        summary["samples_per_s"] = float(np.mean(rates)) if rates else None
+        out[method] = summary
+    return out
+
+
+def missing_units(rows: list[Row], config: Any) -> list[str]:
+    """``method|seed|mode|N`` of the configured grid that has no rows (an interrupted or partial run)."""
+    settings = config_dict(config)
+    done = {(r["method"], r["seed"], r["finetune"], r["n_labeled"]) for r in rows}
+    return [
+        f"{m}|{s}|{mode}|{n}"
+        for n in sorted(settings.get("budgets", []))
+        for s in settings.get("seeds", [])
+        for m in settings.get("methods", [])
+        for mode in MODES
+        if (m, s, mode, n) not in done
+    ]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_difference(summary: dict[str, Any] | None) -> str:
+    """``+0.052 [0.021, 0.080]``; ``—`` without pairs."""
+    if not summary or not summary["n_pairs"]:
+        return "—"
+    return f"{summary['mean']:+.3f} [{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]"
+
+
+def format_value(summary: dict[str, Any] | None, digits: int = 3) -> str:
+    """``0.452 ± 0.031`` (mean ± std across seeds); ``(1 seed)`` in place of the std; ``—`` when empty."""
+    if not summary or not summary["n_pairs"]:
+        return "—"
+    spread = summary["std_seeds"]
+    tail = f" ± {spread:.{digits}f}" if _finite(spread) else " (1 seed)"
+    return f"{summary['mean']:.{digits}f}{tail}"
+
+
+def grid_table(
+    summaries: dict[tuple, dict[str, Any]],
+    prefix: tuple,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    formatter: Callable[[dict[str, Any] | None], str],
 ) -> str:
-    """Markdown: methods as rows, N as columns, mean ± std across sites."""
-    grouped = site_means(rows, value)
+    """Markdown: ``methods`` as rows, N as columns, ``formatter(summaries[(*prefix, method, N)])``."""
     lines = ["| method | " + " | ".join(f"N={n}" for n in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for method in methods:
-        cells = []
-        for n in budgets:
-            values = grouped.get((mode, method, n))
-            cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "—")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        row = [formatter(summaries.get((*prefix, method, n))) for n in budgets]
+        if any(c != "—" for c in row):
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def ranking(rows: list[dict[str, Any]], mode: str, n: int, methods: Sequence[str]) -> list[str]:
-    """Methods ordered by mean Dice (best first) for one column."""
-    grouped = site_means(rows, lambda r: r["dice_mean"])
-    scored = [(np.mean(grouped[mode, m, n]), m) for m in methods if grouped.get((mode, m, n))]
+def table(rows: list[Row], mode: str, methods: Sequence[str], budgets: Sequence[int], value) -> str:
+    """Markdown of ``value`` at the final test checkpoint of full fine-tuning in ``mode``: methods as
+    rows, N as columns, mean ± std across seeds of the per-seed site mean."""
+    selected = [r for r in headline_rows(normalise_rows(rows)) if r["readout"] == "finetune"]
+    return grid_table(value_cells(selected, value, 1), (mode, "finetune"), methods, budgets, format_value)
+
+
+def ranking(rows: list[Row], mode: str, n: int, methods: Sequence[str]) -> list[str]:
+    """Methods ordered by mean Dice (best first) at one (mode, N), full fine-tuning, final test rows."""
+    selected = [r for r in headline_rows(normalise_rows(rows)) if r["readout"] == "finetune"]
+    grouped = cells(selected)
+    scored = [
+        (float(np.nanmean([r["dice_mean"] for r in grouped[mode, "finetune", m, n]])), m)
+        for m in methods
+        if grouped.get((mode, "finetune", m, n))
+    ]
     return [m for _, m in sorted(scored, reverse=True)]
 
 
-def ordering_sentences(
-    rows: list[dict[str, Any]], budgets: Sequence[int], methods: Sequence[str]
-) -> list[str]:
+def ordering_sentences(rows: list[Row], budgets: Sequence[int], methods: Sequence[str]) -> list[str]:
     """Per column, our ordering against the published one (SPEC §1) for the methods both have."""
     sentences = []
     for mode in MODES:
@@ -167,7 +586,7 @@ def ordering_sentences(
     return sentences
 
 
-def bytes_table(rows: list[dict[str, Any]], methods: Sequence[str]) -> str:
+def bytes_table(rows: list[Row], methods: Sequence[str]) -> str:
     """Per method: mean per-site pre-training bytes by kind (MB), wall times and peak memory."""
     kinds = ("weights", "target", "features")
     header = ["method", *(f"{k} {d} (MB)" for k in kinds for d in ("up", "down"))]
@@ -177,63 +596,215 @@ def bytes_table(rows: list[dict[str, Any]], methods: Sequence[str]) -> str:
         sel = [r for r in rows if r["method"] == method]
         if not sel:
             continue
-        cells = [
-            f"{np.mean([r['bytes_by_kind'][f'{k}_{d}'] for r in sel]) / 1e6:.2f}"
+        cells_ = [
+            f"{np.mean([r['bytes_by_kind'].get(f'{k}_{d}', 0) for r in sel]) / 1e6:.2f}"
             for k in kinds
             for d in ("up", "down")
         ]
-        cells += [
+        cells_ += [
             f"{np.mean([r['pretrain_wall_s'] for r in sel]):.0f}",
             f"{np.mean([r['finetune_wall_s'] for r in sel]):.0f}",
             f"{max(r['peak_rss_mb'] for r in sel):.0f}",
         ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(cells_) + " |")
     return "\n".join(lines)
 
 
-def missing_units(rows: list[dict[str, Any]], config: BenchConfig) -> list[str]:
-    """Units of the configured grid that have no rows (an interrupted or partial run)."""
-    from fedcontrast.bench.protocol import finetune_units
+def plateau_section(plateau: list[dict[str, Any]], budgets: dict[tuple[str, str], int | None]) -> list[str]:
+    """Markdown: the fine-tuning budgets and random init's validation curve with the plateau test."""
+    parts = []
+    for (mode, readout), steps in sorted(budgets.items(), key=lambda kv: _order((*kv[0], 0))):
+        parts.append(
+            f"- {mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}: "
+            f"**{steps if steps is not None else 'unknown'} optimiser steps** for every method and budget."
+        )
+    if not plateau:
+        return [*parts, "", "No validation rows of random init: the plateau was not measured."]
+    measured = [p for p in plateau if p["plateau"] is not None]
+    reached = [p for p in measured if p["plateau"]]
+    parts += [
+        "",
+        f"Random init's mean validation Dice (over seeds and sites) at each checkpoint. Plateau: it gains "
+        f"less than {PLATEAU_TOLERANCE} over the second half of the budget. Reached in {len(reached)} of "
+        f"{len(measured)} measured (mode, readout, N) curves"
+        + (
+            f"; not measured (no checkpoint at half the budget) in {len(plateau) - len(measured)}"
+            if len(measured) < len(plateau)
+            else ""
+        )
+        + ".",
+        "",
+        "| mode | readout | N | Dice at steps | gain over the second half | plateau |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in plateau:
+        curve = ", ".join(f"{s}: {d:.3f}" for s, d in zip(p["steps"], p["dice"]))
+        gain = "—" if p["gain"] is None else f"{p['gain']:+.3f} ({p['half_steps']} -> {p['budget']})"
+        status = {None: "not measured", True: "reached", False: "**not reached**"}[p["plateau"]]
+        parts.append(f"| {p['mode']} | {p['readout']} | {p['n_labeled']} | {curve} | {gain} | {status} |")
+    return parts
 
-    done = {r["unit"] for r in rows}
-    return [u.key for u in finetune_units(config) if u.key not in done]
+
+def curves_table(curves: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per method, each pre-training metric at the first and the last round."""
+    header = ["method", "rounds", "steps per site", "samples/s per site"]
+    header += [f"{m.replace('_', ' ')} (first -> last)" for m in PRETRAIN_METRICS]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+    for method, c in curves.items():
+        metrics = [
+            f"{c[m][0]:.3f} -> {c[m][-1]:.3f}" if _finite(c[m][0]) or _finite(c[m][-1]) else "—"
+            for m in PRETRAIN_METRICS
+        ]
+        steps = f"{c['steps'][-1]:.0f}" if _finite(c["steps"][-1]) else "—"
+        rate = f"{c['samples_per_s']:.1f}" if c["samples_per_s"] is not None else "—"
+        lines.append(f"| {method} | {len(c['rounds'])} | {steps} | {rate} | " + " | ".join(metrics) + " |")
+    return "\n".join(lines)
 
 
-def plot_dice(rows: list[dict[str, Any]], methods: Sequence[str], budgets: Sequence[int], path: Path) -> None:
-    """Mean Dice against N per method, local and federated side by side."""
+# ----------------------------------------------------------------------------- plots
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grouped = site_means(rows, lambda r: r["dice_mean"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mode in zip(axes, MODES):
-        for method in methods:
-            ns = [n for n in budgets if grouped.get((mode, method, n))]
-            if ns:
-                means = [np.mean(grouped[mode, method, n]) for n in ns]
-                stds = [np.std(grouped[mode, method, n]) for n in ns]
-                ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(budgets), [str(n) for n in budgets])
-        ax.set_xlabel("labelled volumes per site (N)")
-        ax.set_title(f"{mode} fine-tuning")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean Dice (RV, MYO, LV)")
-    axes[1].legend(fontsize=8)
+    return plt
+
+
+def _errorbar(ax, xs, summaries, **kwargs) -> None:
+    means = np.array([s["mean"] for s in summaries])
+    low = means - np.array([s["ci_low"] for s in summaries])
+    high = np.array([s["ci_high"] for s in summaries]) - means
+    ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, **kwargs)
+
+
+def _legend(axes) -> None:
+    """A legend on the first panel (from the end of the first row backwards) that has labelled lines."""
+    for ax in [*axes[0][::-1], *(a for row in axes[1:] for a in row)]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            return
+
+
+def _budget_axis(ax, budgets: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(budgets), [str(n) for n in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled volumes per site (N)")
+    ax.grid(alpha=0.3)
+
+
+def plot_dice_vs_n(
+    values: dict[tuple, dict[str, Any]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    readouts: Sequence[str],
+    classes: Sequence[str],
+    path: Path,
+) -> None:
+    """Mean Dice against N with 95% bootstrap intervals; a panel per (readout, mode)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
+    )
+    for row, readout in zip(axes, readouts):
+        for ax, mode in zip(row, MODES):
+            for method in methods:
+                ns = [n for n in budgets if values.get((mode, readout, method, n), {}).get("n_pairs")]
+                if ns:
+                    _errorbar(ax, ns, [values[mode, readout, method, n] for n in ns], label=method)
+            _budget_axis(ax, budgets)
+            ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
+        row[0].set_ylabel(f"mean Dice ({', '.join(classes)})")
+    _legend(axes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_bytes(rows: list[dict[str, Any]], methods: Sequence[str], path: Path) -> None:
+def plot_differences(
+    differences: dict[tuple, dict[str, Any]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    readouts: Sequence[str],
+    path: Path,
+) -> None:
+    """Method minus random init against N with 95% bootstrap intervals; the target as a dotted line."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
+    )
+    shown = [m for m in methods if m != RANDOM_INIT]
+    for row, readout in zip(axes, readouts):
+        for ax, mode in zip(row, MODES):
+            for i, method in enumerate(shown):
+                ns = [n for n in budgets if differences.get((mode, readout, method, n), {}).get("n_pairs")]
+                if ns:
+                    offset = 2 ** (0.06 * (i - (len(shown) - 1) / 2))  # spread the bars on the log axis
+                    xs = [n * offset for n in ns]
+                    _errorbar(ax, xs, [differences[mode, readout, method, n] for n in ns], label=method)
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.axhline(TARGET["difference"], color="gray", linestyle=":", linewidth=0.8)
+            _budget_axis(ax, budgets)
+            ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
+        row[0].set_ylabel("Dice minus random init")
+    _legend(axes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curves(
+    test_curves: dict[tuple[str, str], dict[int, dict[str, Any]]],
+    validation_curves: dict[tuple[str, str], dict[int, dict[str, Any]]],
+    methods: Sequence[str],
+    n_labeled: int,
+    path: Path,
+) -> None:
+    """Dice against fine-tuning steps at ``n_labeled`` per method (test), and random init on validation."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(MODES), figsize=(10, 4), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], MODES):
+        for method in methods:
+            curve = test_curves.get((mode, method))
+            if curve:
+                _errorbar(ax, list(curve), list(curve.values()), label=f"{method} (test)", markersize=3)
+        curve = validation_curves.get((mode, RANDOM_INIT))
+        if curve:
+            means = [s["mean"] for s in curve.values()]
+            ax.plot(list(curve), means, "k--", marker="s", markersize=3, label="random_init (validation)")
+        ax.set_xlabel("fine-tuning optimiser steps")
+        ax.set_title(f"{mode} fine-tuning, N={n_labeled}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean Dice")
+    _legend(axes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
+    """Loss, alignment, uniformity and partition accuracy against round, per method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, metric in zip(axes.flat, PRETRAIN_METRICS):
+        for method, c in curves.items():
+            if any(_finite(v) for v in c[metric]):
+                ax.plot(c["rounds"], c[metric], marker="o", markersize=3, label=method)
+        ax.set_xlabel("pre-training round")
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.grid(alpha=0.3)
+    _legend(axes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes(rows: list[Row], methods: Sequence[str], path: Path) -> None:
     """Pre-training bytes per site (up + down) by kind, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     shown = [m for m in methods if m != RANDOM_INIT and any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     bottom = np.zeros(len(shown))
@@ -242,7 +813,7 @@ def plot_bytes(rows: list[dict[str, Any]], methods: Sequence[str], path: Path) -
             [
                 np.mean(
                     [
-                        r["bytes_by_kind"][f"{kind}_up"] + r["bytes_by_kind"][f"{kind}_down"]
+                        r["bytes_by_kind"].get(f"{kind}_up", 0) + r["bytes_by_kind"].get(f"{kind}_down", 0)
                         for r in rows
                         if r["method"] == m
                     ]
@@ -261,17 +832,27 @@ def plot_bytes(rows: list[dict[str, Any]], methods: Sequence[str], path: Path) -
     plt.close(fig)
 
 
-def plot_examples(examples_dir: Path, methods: Sequence[str], path: Path) -> bool:
-    """Image, ground truth and prediction of one test slice per method (federated); False if none saved."""
-    import matplotlib
+def plot_examples(examples_dirs: Sequence[Path], methods: Sequence[str], classes: int, path: Path) -> bool:
+    """Image, ground truth and prediction of one test slice per method (federated); False if none saved.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    found = [(m, examples_dir / f"{m}_federated.npz") for m in methods]
-    found = [(m, p) for m, p in found if p.exists()]
+    Each method's ``<method>_federated.npz`` comes from the first folder of ``examples_dirs`` that
+    has it; ``classes`` is the number of foreground classes (colour scale).
+    """
+    found = []
+    for method in methods:
+        file = next(
+            (
+                d / f"{method}_federated.npz"
+                for d in examples_dirs
+                if (d / f"{method}_federated.npz").exists()
+            ),
+            None,
+        )
+        if file:
+            found.append((method, file))
     if not found:
         return False
+    plt = _pyplot()
     fig, axes = plt.subplots(len(found), 3, figsize=(7, 2.3 * len(found)), squeeze=False)
     for row, (method, file) in zip(axes, found):
         data = np.load(file)
@@ -284,7 +865,13 @@ def plot_examples(examples_dir: Path, methods: Sequence[str], path: Path) -> boo
             if overlay:
                 mask = np.ma.masked_equal(data[overlay][..., z].T, 0)
                 ax.imshow(
-                    mask, cmap="viridis", vmin=0, vmax=3, alpha=0.6, origin="lower", interpolation="nearest"
+                    mask,
+                    cmap="viridis",
+                    vmin=0,
+                    vmax=classes,
+                    alpha=0.6,
+                    origin="lower",
+                    interpolation="nearest",
                 )
             ax.set_title(f"{method}: {title}" if title == "image" else title, fontsize=8)
             ax.axis("off")
@@ -294,23 +881,120 @@ def plot_examples(examples_dir: Path, methods: Sequence[str], path: Path) -> boo
     return True
 
 
-def write_report(rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path, out_dir: Path) -> Path:
-    """Write ``results.json``, ``report.md`` and the plots of the comparison to ``out_dir``."""
+# ----------------------------------------------------------------------------- the report
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` and tuple keys joined by ``/`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {"/".join(map(str, k)) if isinstance(k, tuple) else k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(
+    rows: list[Row],
+    config: BenchConfig | Any,
+    run_dir: Path | Sequence[Path],
+    out_dir: Path,
+    n_boot: int = 10_000,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``results.json``, ``report.md`` and the plots of the label-efficiency comparison.
+
+    Args:
+        rows: result rows (see the module docstring); rows of the old protocol (no ``readout``,
+            ``finetune_steps``, ``eval_split``) count as full fine-tuning scored on test.
+        config: the run's ``BenchConfig`` (``methods``, ``budgets``, ``seeds`` are read if present).
+        run_dir: the run folder, or the folders of a merged run (see :func:`merge_runs`): the
+            first gives the dataset description and environment; pre-training records and
+            example slices come from the first folder that has them.
+        out_dir: where the files go (created).
+        n_boot: bootstrap resamples per interval.
+        provenance: :func:`merge_runs`'s third value, shown in the report when given.
+
+    Returns:
+        The path of ``report.md``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result_document(rows, config, run_dir), indent=1))
-    methods, budgets = config.methods, sorted(config.budgets)
-    plot_dice(rows, methods, budgets, out_dir / "dice_vs_n.png")
-    plot_bytes(rows, methods, out_dir / "bytes.png")
-    has_examples = plot_examples(run_dir / "examples", methods, out_dir / "examples.png")
+    run_dirs = _run_dirs(run_dir)
+    rows = normalise_rows(rows, config)
+    settings = config_dict(config)
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in settings.get("methods", present) if m in present] + [
+        m for m in present if m not in settings.get("methods", present)
+    ]
+    budgets = sorted(set(settings.get("budgets", [])) | {r["n_labeled"] for r in rows})
+    readouts = [r for r in READOUTS if any(row["readout"] == r for row in rows)]
+    readouts += sorted({row["readout"] for row in rows} - set(readouts))
+    classes = class_names(rows)
+
+    final = headline_rows(rows)
+    steps = final_steps(rows)
+    differences = difference_cells(final, methods, n_boot)
+    values = value_cells(final, n_boot=n_boot)
+    verdict = target_verdict(differences)
+    plateau = plateau_rows(rows)
+    n_curve = min(budgets) if budgets else 1
+    test_curves = learning_curves(rows, n_curve, "test")
+    validation_curves = learning_curves(rows, n_curve, "validation")
+    records = load_pretrain_records(run_dirs, [m for m in methods if m != RANDOM_INIT])
+    curves = pretrain_curves(records)
+    full = [r for r in final if r["readout"] == "finetune"]
+
+    document = result_document(rows, config, run_dirs)
+    document["summary"] = _json_safe(
+        {
+            "final_steps": steps,
+            "paired_differences": [
+                {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
+                for k, v in sorted(differences.items(), key=repr)
+            ],
+            "dice": [
+                {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
+                for k, v in sorted(values.items(), key=repr)
+            ],
+            "target": verdict,
+            "random_init_plateau": plateau,
+            "pretraining": curves,
+            "provenance": provenance or {},
+            "n_boot": n_boot,
+        }
+    )
+    (out_dir / "results.json").write_text(json.dumps(document, indent=1))
+
+    plot_dice_vs_n(values, methods, budgets, readouts, classes, out_dir / "dice_vs_n.png")
+    plot_differences(differences, methods, budgets, readouts, out_dir / "paired_differences.png")
+    plot_learning_curves(test_curves, validation_curves, methods, n_curve, out_dir / "dice_vs_steps.png")
+    plots = [
+        ("Dice against N, 95% bootstrap intervals", "dice_vs_n.png"),
+        ("Paired differences against random init, 95% bootstrap intervals", "paired_differences.png"),
+        (f"Dice against fine-tuning steps at N={n_curve}", "dice_vs_steps.png"),
+    ]
+    if curves:
+        plot_pretrain_curves(curves, out_dir / "pretrain_curves.png")
+        plots.append(("Pre-training curves", "pretrain_curves.png"))
+    if any(r["method"] != RANDOM_INIT for r in full):
+        plot_bytes(full, methods, out_dir / "bytes.png")
+        plots.append(("Pre-training bytes per method", "bytes.png"))
+    if plot_examples([d / "examples" for d in run_dirs], methods, len(classes), out_dir / "examples.png"):
+        plots.append(("Example test slices, federated fine-tuning", "examples.png"))
+
     missing = missing_units(rows, config)
+    seeds = sorted({r["seed"] for r in rows})
+    sites = sorted({r["site"] for r in rows})
+    shown_settings = {k: v for k, v in settings.items() if k not in ("methods", "budgets", "seeds")}
     parts = [
-        "# Comparison of pre-training methods (SPEC §7 protocol)\n",
-        f"{config.sites} sites, {len(config.seeds)} seeds, N = {', '.join(map(str, budgets))} labelled "
-        f"volumes per site; pre-training {config.pretrain_rounds} rounds x {config.pretrain_epochs} epoch(s),"
-        " fine-tuning "
-        f"{config.finetune_rounds} rounds x {config.finetune_epochs} epochs; network {config.network}. "
-        f"Dice is the mean over RV, MYO and LV on each site's held-out test patient; cells are mean ± std "
-        f"across sites of the per-site mean over seeds. Environment: {environment()}.\n",
+        "# Label efficiency of the pre-training methods (SPEC §7 protocol)\n",
+        verdict_line(verdict) + "\n",
+        f"{len(sites)} sites, seeds {seeds}, N = {', '.join(map(str, budgets))} labelled volumes per site, "
+        f"methods {', '.join(methods)}. Dice is the mean over {', '.join(classes)} on each site's held-out "
+        "test patients, scored at the last checkpoint of the fine-tuning budget.\n",
+        "Settings: " + ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in shown_settings.items()) + ".\n",
+        f"Environment: {document['environment']}.\n",
         f"{len(rows)} rows; "
         + (
             f"**{len(missing)} units missing**: {', '.join(missing)}.\n"
@@ -318,31 +1002,100 @@ def write_report(rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path,
             else "every unit of the grid completed.\n"
         ),
     ]
+    if provenance and (len(run_dirs) > 1 or provenance.get("duplicates")):
+        parts.append(
+            "Merged run folders: "
+            + "; ".join(f"{m} from `{src}`" for m, src in provenance["sources"].items())
+            + ".\n"
+        )
+        for method, dup in provenance.get("duplicates", {}).items():
+            gap = dup["max_abs_dice_difference"]
+            parts.append(
+                f"{method} also ran in {', '.join(f'`{f}`' for f in dup['folders'])} (not used); its Dice "
+                + (
+                    f"differs there by at most {gap:.4f}.\n"
+                    if gap is not None
+                    else "has no matching rows there.\n"
+                )
+            )
+    parts += [
+        "\n## Headline: method minus random init\n",
+        "Paired on seed, site, split and decoder initialisation; mean difference in mean Dice with a "
+        f"95% percentile bootstrap interval over the (seed, site) pairs ({n_boot} resamples, fixed seed).\n",
+    ]
+    for readout in readouts:
+        for mode in MODES:
+            parts += [
+                f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
+                grid_table(differences, (mode, readout), methods, budgets, format_difference),
+                "\nStd across seeds of the per-seed site-averaged difference:\n",
+                grid_table(
+                    differences,
+                    (mode, readout),
+                    methods,
+                    budgets,
+                    lambda s: "—" if not s or not _finite(s["std_seeds"]) else f"{s['std_seeds']:.3f}",
+                ),
+            ]
+    parts += ["\n## Fine-tuning budget and random init's plateau\n", *plateau_section(plateau, steps)]
+    parts.append("\n## Mean Dice, mean ± std across seeds of the per-seed site mean\n")
+    for readout in readouts:
+        for mode in MODES:
+            parts += [
+                f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
+                grid_table(values, (mode, readout), methods, budgets, format_value),
+            ]
     for mode in MODES:
-        parts += [
-            f"\n## {mode.capitalize()} fine-tuning: mean Dice\n",
-            table(rows, mode, methods, budgets, lambda r: r["dice_mean"]),
-        ]
-    for mode in MODES:
-        for cls in CLASS_NAMES:
+        for cls in classes:
             parts += [
                 f"\n### {mode.capitalize()} fine-tuning: {cls} Dice\n",
-                table(rows, mode, methods, budgets, lambda r, c=cls: r["dice"][c]),
+                grid_table(
+                    value_cells(full, lambda r, c=cls: (r.get("dice") or {}).get(c), 1),
+                    (mode, "finetune"),
+                    methods,
+                    budgets,
+                    format_value,
+                ),
             ]
         parts += [
             f"\n### {mode.capitalize()} fine-tuning: HD95 (mm)\n",
-            table(rows, mode, methods, budgets, lambda r: r["hd95_mean"]),
+            grid_table(
+                value_cells(full, lambda r: r.get("hd95_mean"), 1),
+                (mode, "finetune"),
+                methods,
+                budgets,
+                format_value,
+            ),
         ]
+    parts.append(f"\n## Dice against fine-tuning steps, N={n_curve} (test split, full fine-tuning)\n")
+    for mode in MODES:
+        shown = [m for m in methods if (mode, m) in test_curves]
+        all_steps = sorted({s for m in shown for s in test_curves[mode, m]})
+        if not shown:
+            continue
+        parts += [
+            f"\n### {mode.capitalize()} fine-tuning\n",
+            "| method | " + " | ".join(f"{s} steps" for s in all_steps) + " |",
+            "|---|" + "---|" * len(all_steps),
+            *(
+                f"| {m} | " + " | ".join(format_value(test_curves[mode, m].get(s)) for s in all_steps) + " |"
+                for m in shown
+            ),
+        ]
+    parts += ["\n## Pre-training curves\n"]
+    parts.append(
+        curves_table(curves)
+        + "\n\nMean over sites and seeds per round; alignment and uniformity as in Wang & Isola (lower is "
+        "better), partition accuracy: nearest-mean classification of the partition index."
+        if curves
+        else "No pre-training record holds a curve."
+    )
     parts += [
         "\n## Against the published ordering (SPEC §1)\n",
-        *(f"- {s}" for s in ordering_sentences(rows, budgets, methods)),
+        *(f"- {s}" for s in ordering_sentences(full, budgets, methods)),
     ]
-    parts += ["\n## Bytes, time and memory per site\n", bytes_table(rows, methods)]
-    parts += ["\n## Plots\n", "![Dice against N](dice_vs_n.png)\n", "![Bytes per method](bytes.png)\n"]
-    if has_examples:
-        parts.append(
-            f"![Example test slices, federated, N={budgets[0]}, seed {config.seeds[0]}](examples.png)\n"
-        )
+    parts += ["\n## Bytes, time and memory per site\n", bytes_table(full, methods)]
+    parts += ["\n## Plots\n", *(f"![{title}]({file})\n" for title, file in plots)]
     report = out_dir / "report.md"
     report.write_text("\n".join(parts) + "\n")
     return report
@@ -350,8 +1103,8 @@ def write_report(rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path,
 
 def write_subset(
     rows: list[dict[str, Any]],
-    config: BenchConfig,
-    run_dir: Path,
+    config: BenchConfig | Any,
+    run_dir: Path | Sequence[Path],
     path: Path,
     methods: Sequence[str],
     budgets: Sequence[int],
@@ -367,7 +1120,7 @@ def write_subset(
 
 
 def write_fcl_vs_baselines(
-    rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path, out_dir: Path
+    rows: list[dict[str, Any]], config: BenchConfig | Any, run_dir: Path | Sequence[Path], out_dir: Path
 ) -> Path:
     """Issue 4's comparison: FCL, random init, local CL and FedSimCLR at N = 1 and 2."""
     methods, budgets = ["random_init", "local_cl", "fedsimclr", "fcl"], [1, 2]
@@ -375,8 +1128,8 @@ def write_fcl_vs_baselines(
     seeds = sorted({r["seed"] for r in subset})
     parts = [
         "# FCL against its baselines\n",
-        f"{config.sites} sites, seeds {seeds}, rows from the comparison run (`comparison/`). Mean Dice, "
-        "mean ± std across sites.\n",
+        f"{len({r['site'] for r in subset})} sites, seeds {seeds}, rows from the comparison run. Mean Dice "
+        "at the last fine-tuning checkpoint on test, mean ± std across seeds of the per-seed site mean.\n",
     ]
     for mode in MODES:
         parts += [
@@ -459,16 +1212,17 @@ def savings_sentences(total: dict[str, float], floor: float) -> list[str]:
 
 
 def write_communication(
-    rows: list[dict[str, Any]], config: BenchConfig, run_dir: Path, out_dir: Path
+    rows: list[dict[str, Any]], config: BenchConfig | Any, run_dir: Path | Sequence[Path], out_dir: Path
 ) -> Path:
     """Issue 5's communication comparison: bytes per site per round by kind, savings, floor, Dice."""
     methods, budgets = COMMUNICATION_METHODS, [1, 2]
-    records = pretrain_records(run_dir, methods)
+    records = load_pretrain_records(_run_dirs(run_dir), methods)
     per_round = bytes_per_round(records)
     total = {m: sum(v.values()) for m, v in per_round.items()}
     fclopt = per_round.get("fclopt", {})
     floor = fclopt.get("weights_up", 0.0) + fclopt.get("weights_down", 0.0)
-    sync = target_sync_summary(records, config.sites)
+    sites = len({r["site"] for r in rows})
+    sync = target_sync_summary(records, sites)
     extra = {
         "bytes_per_site_per_round": per_round,
         "total_bytes_per_site_per_round": total,
@@ -493,8 +1247,8 @@ def write_communication(
     parts = [
         "# Communication of the federated pre-training methods\n",
         f"Payload bytes (`ndarray.nbytes`, counted by `count_bytes` on the messages the protocol sends) per "
-        f"site and round, mean over {config.sites} sites, {config.pretrain_rounds} rounds and "
-        f"{len(config.seeds)} seeds; same data and rounds for every method.\n",
+        f"site and round, mean over {sites} sites, every pre-training round and "
+        f"{len({r['seed'] for r in rows})} seeds; same data and rounds for every method.\n",
         "\n".join(lines),
         "\n## Savings (bytes per site and round)\n",
         *(f"- {s}" for s in savings_sentences(total, floor)),

@@ -1,0 +1,227 @@
+"""The label-efficiency report end to end on a fake run folder (no training)."""
+
+import json
+import runpy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedcontrast.bench.report import (
+    format_difference,
+    merge_runs,
+    plateau_rows,
+    pretrain_curves,
+    write_report,
+)
+
+CLASSES = ("liver", "spleen")  # not the cardiac names: the report must take them from the rows
+STEPS = (20, 50, 100)
+BENCH_REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_report.py"
+
+
+@dataclass
+class FakeConfig:
+    """The settings the report reads (a dataclass like ``BenchConfig``)."""
+
+    methods: list[str] = field(default_factory=lambda: ["random_init", "fcl", "fedsimclr"])
+    budgets: list[int] = field(default_factory=lambda: [1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    sites: int = 2
+    finetune_steps: int = STEPS[-1]
+
+
+def fake_run(
+    folder: Path,
+    config: FakeConfig,
+    effect: dict[str, float],
+    modes: tuple[str, ...] = ("local", "federated"),
+    sites: tuple[str, ...] = ("site-1", "site-2"),
+) -> list[dict]:
+    """Write ``bench_config.json``, ``rows.jsonl`` and pre-training records as the protocol does.
+
+    Dice of a method = a saturating curve in the steps (random init's validation curve flattens
+    before the budget) + ``effect[method]`` + a seed offset shared by all methods + noise.
+    """
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench_config.json").write_text(json.dumps(asdict(config)))
+    rows = []
+    for method in config.methods:
+        for seed in config.seeds:
+            for mode in modes:
+                for n in config.budgets:
+                    for readout in ("finetune", "probe"):
+                        for split in ("test", "validation"):
+                            for steps in STEPS:
+                                for i, site in enumerate(sites):
+                                    base = (
+                                        0.3 + 0.1 * n - 0.05 * (readout == "probe") + 0.03 * seed + 0.02 * i
+                                    )
+                                    dice = base * (1 - np.exp(-steps / 10)) + effect.get(method, 0.0)
+                                    dice += rng.normal(0, 0.003)
+                                    rows.append(
+                                        {
+                                            "unit": f"{method}|{seed}|{mode}|{n}",
+                                            "method": method,
+                                            "finetune": mode,
+                                            "n_labeled": n,
+                                            "seed": seed,
+                                            "site": site,
+                                            "dice_mean": dice,
+                                            "dice": {c: dice + 0.01 * k for k, c in enumerate(CLASSES)},
+                                            "hd95_mean": 10.0 - dice,
+                                            "pretrain_bytes_up": 1000,
+                                            "pretrain_bytes_down": 2000,
+                                            "bytes_by_kind": {
+                                                f"{k}_{d}": 1000
+                                                * (k == "weights")
+                                                * (method != "random_init")
+                                                for k in ("weights", "target", "features")
+                                                for d in ("up", "down")
+                                            },
+                                            "pretrain_wall_s": 3.0,
+                                            "finetune_wall_s": 4.0,
+                                            "peak_rss_mb": 500.0,
+                                            "finetune_steps": steps,
+                                            "readout": readout,
+                                            "eval_split": split,
+                                        }
+                                    )
+    with open(folder / "rows.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for method in config.methods:
+        if method == "random_init":
+            continue
+        for seed in config.seeds:
+            curve = [
+                {
+                    "round": r,
+                    "step": 10 * (r + 1),
+                    "site": site,
+                    "loss": 4.0 - 0.1 * r,
+                    "uniformity": -0.1 * r,
+                    **({"alignment": 1.0 - 0.05 * r} if method == "fcl" else {}),  # keys may be missing
+                }
+                for r in range(3)
+                for site in sites
+            ] + [
+                {"round": r, "step": 10 * (r + 1), "site": "global", "partition_accuracy": 0.4 + 0.1 * r}
+                for r in range(3)
+            ]
+            record = {"method": method, "seed": seed, "curve": curve, "samples_per_s": 12.5}
+            out = folder / "pretrain" / f"{method}_s{seed}"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "record.json").write_text(json.dumps(record))
+    return rows
+
+
+def test_report_end_to_end_meets_the_target(tmp_path):
+    config = FakeConfig()
+    rows = fake_run(tmp_path / "run", config, {"fcl": 0.08, "fedsimclr": -0.01})
+    report = write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=2000)
+    text = report.read_text()
+    assert (
+        "**Target: FCL minus random init at N=1 >= +0.05 with the 95% interval above 0, in local and "
+        "federated fine-tuning: met**" in text
+    )
+    for plot in ("dice_vs_n", "paired_differences", "dice_vs_steps", "pretrain_curves", "bytes"):
+        assert (tmp_path / "out" / f"{plot}.png").stat().st_size > 0, plot
+        assert f"]({plot}.png)" in text
+    assert "every unit of the grid completed" in text
+    assert "**100 optimiser steps**" in text
+    assert "Reached in 8 of 8 measured" in text  # 2 modes x 2 readouts x 2 budgets
+    assert "### Federated fine-tuning: liver Dice" in text and "RV" not in text
+    assert "fedsimclr" in text and "| random_init |" in text
+
+    document = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {"dataset", "config", "environment", "rows", "summary"} <= set(document)
+    assert len(document["rows"]) == len(rows)
+    assert {"finetune_steps", "readout", "eval_split", "dice"} <= set(document["rows"][0])
+    summary = document["summary"]
+    assert summary["target"]["met"] is True
+    assert summary["final_steps"] == {
+        f"{m}/{r}": 100 for m in ("local", "federated") for r in ("finetune", "probe")
+    }
+    cell = next(
+        c
+        for c in summary["paired_differences"]
+        if (c["finetune"], c["readout"], c["method"], c["n_labeled"]) == ("local", "finetune", "fcl", 1)
+    )
+    assert cell["mean"] == pytest.approx(0.08, abs=0.005)
+    assert cell["ci_low"] > 0.07 and (cell["n_pairs"], cell["n_seeds"], cell["n_sites"]) == (6, 3, 2)
+    assert f"| fcl | {format_difference(cell)} |" in text  # the headline cell as written
+    dice = next(
+        c
+        for c in summary["dice"]
+        if (c["finetune"], c["readout"], c["method"], c["n_labeled"])
+        == ("local", "finetune", "random_init", 1)
+    )
+    assert dice["std_seeds"] == pytest.approx(0.03, abs=0.005)  # the seed offset, not the sites' spread
+    assert summary["pretraining"]["fcl"]["alignment"] == pytest.approx([1.0, 0.95, 0.9])
+    assert all(v is None for v in summary["pretraining"]["fedsimclr"]["alignment"])  # absent, not invented
+    assert summary["pretraining"]["fcl"]["partition_accuracy"] == pytest.approx([0.4, 0.5, 0.6])
+
+
+def test_report_says_not_met_and_why(tmp_path):
+    config = FakeConfig(methods=["random_init", "fcl"], budgets=[1])
+    rows = fake_run(tmp_path / "run", config, {"fcl": 0.02}, modes=("federated",))
+    text = write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=500).read_text()
+    assert "fine-tuning: not met** (local: no paired rows; federated: +0.020 [" in text
+    assert "units missing" in text and "fcl|0|local|1" in text
+
+
+def test_plateau_not_reached_when_random_init_still_rises():
+    rows = [
+        {"method": "random_init", "finetune": "local", "readout": "finetune", "n_labeled": 1, "seed": 0,
+         "site": "a", "eval_split": "validation", "finetune_steps": s, "dice_mean": d}
+        for s, d in ((10, 0.2), (50, 0.5), (100, 0.7))
+    ]  # fmt: skip
+    (curve,) = plateau_rows(rows)
+    assert (curve["half_steps"], curve["budget"]) == (50, 100)
+    assert curve["gain"] == pytest.approx(0.2) and curve["plateau"] is False
+
+
+def test_pretrain_curves_average_sites_and_seeds():
+    records = {
+        "m": [
+            {"curve": [{"round": 0, "site": "a", "loss": 1.0}, {"round": 0, "site": "b", "loss": 3.0}]},
+            {"curve": [{"round": 0, "site": "a", "loss": 2.0}], "samples_per_s": 4.0},
+        ],
+        "no_curve": [{"sites": {}}],
+    }
+    curves = pretrain_curves(records)
+    assert set(curves) == {"m"}
+    assert curves["m"]["loss"] == [pytest.approx(2.0)] and curves["m"]["samples_per_s"] == 4.0
+
+
+def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):
+    base = FakeConfig(methods=["random_init", "fcl"], budgets=[1], seeds=[0, 1])
+    fake_run(tmp_path / "a", base, {"fcl": 0.08})
+    later = FakeConfig(methods=["random_init", "fedsimclr"], budgets=[1], seeds=[0, 1])
+    fake_run(tmp_path / "b", later, {"fedsimclr": 0.03})
+    settings, rows, provenance = merge_runs([tmp_path / "a", tmp_path / "b"])
+    assert settings["methods"] == ["random_init", "fcl", "fedsimclr"]
+    assert provenance["sources"] == {
+        "random_init": str(tmp_path / "a"),
+        "fcl": str(tmp_path / "a"),
+        "fedsimclr": str(tmp_path / "b"),
+    }
+    assert provenance["duplicates"]["random_init"]["folders"] == [str(tmp_path / "b")]
+    assert provenance["duplicates"]["random_init"]["max_abs_dice_difference"] < 0.02
+    assert sum(r["method"] == "random_init" for r in rows) == sum(r["method"] == "fcl" for r in rows)
+
+    written = runpy.run_path(str(BENCH_REPORT))["main"](
+        [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out"), "--n-boot", "200"]
+    )
+    text = written[0].read_text()
+    assert "| fedsimclr | +0.03" in text and "| fcl | +0.08" in text
+    assert "fedsimclr from `" in text and "random_init also ran in" in text
+
+    other = FakeConfig(methods=["random_init", "fedsimclr"], budgets=[1], seeds=[0, 1], sites=3)
+    fake_run(tmp_path / "c", other, {})
+    with pytest.raises(ValueError, match=r"different settings \(sites\)"):
+        merge_runs([tmp_path / "a", tmp_path / "c"])
+    with pytest.raises(ValueError, match=r"no bench_config\.json"):
+        merge_runs([tmp_path / "a", tmp_path / "nothing"])
