@@ -306,6 +306,13 @@ def result_document(rows: list[Row], config: Any, run_dir: Path | Sequence[Path]
     }
 
 
+def dump_document(document: dict[str, Any]) -> str:
+    """``document`` as JSON: indented, except that each of its ``rows`` is one line (thousands of rows)."""
+    head = json.dumps({k: v for k, v in document.items() if k != "rows"}, indent=1)
+    body = ",\n".join("  " + json.dumps(row) for row in document.get("rows", []))
+    return head[: -len("\n}")] + ',\n "rows": [\n' + body + "\n ]\n}\n"
+
+
 # ----------------------------------------------------------------------------- selection
 
 
@@ -330,6 +337,28 @@ def headline_rows(rows: Iterable[Row], split: str = "test") -> list[Row]:
         r
         for r in rows
         if r["eval_split"] == split and r["finetune_steps"] == budget.get((r["finetune"], r["readout"]))
+    ]
+
+
+def document_rows(rows: Iterable[Row], n_curve: int) -> list[Row]:
+    """The rows a results file keeps: enough to redraw every table and figure of the report.
+
+    Test rows at the final checkpoint, every checkpoint on test at ``n_curve`` labelled volumes
+    (the learning curves) and random init's validation rows (its plateau). The run folder's
+    ``rows.jsonl`` keeps the rest (other methods' validation rows, intermediate checkpoints).
+    """
+    rows = list(rows)
+    budget = final_steps(rows)
+    return [
+        r
+        for r in rows
+        if (
+            r["eval_split"] == "test"
+            and (
+                r["finetune_steps"] == budget.get((r["finetune"], r["readout"])) or r["n_labeled"] == n_curve
+            )
+        )
+        or (r["method"] == RANDOM_INIT and r["eval_split"] == "validation")
     ]
 
 
@@ -945,7 +974,8 @@ def write_report(
     curves = pretrain_curves(records)
     full = [r for r in final if r["readout"] == "finetune"]
 
-    document = result_document(rows, config, run_dirs)
+    kept = document_rows(rows, n_curve)
+    document = result_document(kept, config, run_dirs)
     document["summary"] = _json_safe(
         {
             "final_steps": steps,
@@ -964,7 +994,7 @@ def write_report(
             "n_boot": n_boot,
         }
     )
-    (out_dir / "results.json").write_text(json.dumps(document, indent=1))
+    (out_dir / "results.json").write_text(dump_document(document))
 
     plot_dice_vs_n(values, methods, budgets, readouts, classes, out_dir / "dice_vs_n.png")
     plot_differences(differences, methods, budgets, readouts, out_dir / "paired_differences.png")
@@ -995,7 +1025,8 @@ def write_report(
         "test patients, scored at the last checkpoint of the fine-tuning budget.\n",
         "Settings: " + ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in shown_settings.items()) + ".\n",
         f"Environment: {document['environment']}.\n",
-        f"{len(rows)} rows; "
+        f"{len(rows)} rows ({len(kept)} in `results.json`: the final checkpoint on test, every checkpoint "
+        f"at N={n_curve} on test and random init's validation rows); "
         + (
             f"**{len(missing)} units missing**: {', '.join(missing)}.\n"
             if missing
