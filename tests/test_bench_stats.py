@@ -88,6 +88,26 @@ def test_summary_by_hand():
     # so the 2.5th percentile is S = 2 (0.15) and by symmetry the 97.5th is S = 10 (0.35).
     assert (summary["ci_low"], summary["ci_high"]) == pytest.approx((0.15, 0.35))
     assert summary["ci_low"] < summary["mean"] < summary["ci_high"]
+    # Resampling whole seeds: seed means 0.15 and 0.35; two draws give 0.15, 0.25 or 0.35 with
+    # probabilities 1/4, 1/2, 1/4, so the interval is [0.15, 0.35] again.
+    assert (summary["seed_ci_low"], summary["seed_ci_high"]) == pytest.approx((0.15, 0.35))
+
+
+def test_seed_bootstrap_weights_groups_by_their_size_and_is_wider_for_shared_offsets():
+    # one group only: every resample is that group, the interval is its mean
+    assert bootstrap_ci([0.1, 0.2, 0.6], groups=["s", "s", "s"]) == pytest.approx((0.3, 0.3))
+    # groups of 1 and 3 values: (a, a) -> 0.0, (b, b) -> 1.0 (1/4 each), mixed -> 3/4 (1/2), so the
+    # 40th and 60th percentiles are both 3/4
+    low, high = bootstrap_ci([0.0, 1.0, 1.0, 1.0], n_boot=4000, level=0.2, groups=["a", "b", "b", "b"])
+    assert (low, high) == pytest.approx((0.75, 0.75))
+    # sites that share a seed offset: the pair bootstrap is narrower than the seed bootstrap
+    values = [0.0, 0.01, 0.02, 0.1, 0.11, 0.12, 0.2, 0.21, 0.22]
+    seeds = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    pair_low, pair_high = bootstrap_ci(values)
+    seed_low, seed_high = bootstrap_ci(values, groups=seeds)
+    assert seed_high - seed_low > pair_high - pair_low
+    with pytest.raises(ValueError, match="group labels"):
+        bootstrap_ci(values, groups=seeds[:-1])
 
 
 def test_bootstrap_is_reproducible_and_collapses_on_identical_values():

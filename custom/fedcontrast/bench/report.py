@@ -414,7 +414,10 @@ def verdict_line(verdict: dict[str, Any]) -> str:
         if not summary or not summary["n_pairs"]:
             parts.append(f"{mode}: no paired rows")
         else:
-            parts.append(f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'}")
+            parts.append(
+                f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'}; "
+                f"resampling whole seeds [{summary['seed_ci_low']:.3f}, {summary['seed_ci_high']:.3f}]"
+            )
     return (
         f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
         f"+{target['difference']:.2f} with the 95% interval above 0, in "
@@ -1023,7 +1026,6 @@ def write_report(
         f"{len(sites)} sites, seeds {seeds}, N = {', '.join(map(str, budgets))} labelled volumes per site, "
         f"methods {', '.join(methods)}. Dice is the mean over {', '.join(classes)} on each site's held-out "
         "test patients, scored at the last checkpoint of the fine-tuning budget.\n",
-        "Settings: " + ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in shown_settings.items()) + ".\n",
         f"Environment: {document['environment']}.\n",
         f"{len(rows)} rows ({len(kept)} in `results.json`: the final checkpoint on test, every checkpoint "
         f"at N={n_curve} on test and random init's validation rows); "
@@ -1052,7 +1054,9 @@ def write_report(
     parts += [
         "\n## Headline: method minus random init\n",
         "Paired on seed, site, split and decoder initialisation; mean difference in mean Dice with a "
-        f"95% percentile bootstrap interval over the (seed, site) pairs ({n_boot} resamples, fixed seed).\n",
+        f"95% percentile bootstrap interval over the (seed, site) pairs ({n_boot} resamples, fixed seed). "
+        "The sites of one seed share its pre-trained encoder, so the verdict line also gives the interval "
+        "when whole seeds are resampled (`seed_ci_low`/`seed_ci_high` in `results.json`).\n",
     ]
     for readout in readouts:
         for mode in MODES:
@@ -1126,6 +1130,12 @@ def write_report(
         *(f"- {s}" for s in ordering_sentences(full, budgets, methods)),
     ]
     parts += ["\n## Bytes, time and memory per site\n", bytes_table(full, methods)]
+    parts += [
+        "\n## Settings of the run\n",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in shown_settings.items()),
+    ]
     parts += ["\n## Plots\n", *(f"![{title}]({file})\n" for title, file in plots)]
     report = out_dir / "report.md"
     report.write_text("\n".join(parts) + "\n")

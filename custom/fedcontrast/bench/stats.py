@@ -88,7 +88,11 @@ def paired_differences(
 
 
 def bootstrap_ci(
-    values: Sequence[float], n_boot: int = N_BOOT, level: float = 0.95, seed: int = BOOT_SEED
+    values: Sequence[float],
+    n_boot: int = N_BOOT,
+    level: float = 0.95,
+    seed: int = BOOT_SEED,
+    groups: Sequence[Any] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement).
 
@@ -97,13 +101,16 @@ def bootstrap_ci(
         n_boot: number of resamples.
         level: coverage of the interval (0.95: the 2.5th and 97.5th percentiles).
         seed: seed of the resampling generator; the same inputs give the same interval.
+        groups: optional label per value (e.g. its run seed): whole groups are resampled and
+            a resample's mean is over all values of the drawn groups (a cluster bootstrap,
+            for values that share something, such as the sites of one pre-trained encoder).
 
     Returns:
         ``(low, high)``; both equal the single value when all values are equal.
 
     Raises:
-        ValueError: ``values`` is empty or holds a non-finite number, or ``level``/``n_boot``
-            are out of range.
+        ValueError: ``values`` is empty or holds a non-finite number, ``groups`` has another
+            length, or ``level``/``n_boot`` are out of range.
     """
     data = np.asarray(values, dtype=float)
     if data.ndim != 1 or data.size == 0 or not np.isfinite(data).all():
@@ -111,7 +118,16 @@ def bootstrap_ci(
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"level must lie in (0, 1) and n_boot be positive, got {level}, {n_boot}")
     rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    if groups is None:
+        means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    else:
+        if len(groups) != data.size:
+            raise ValueError(f"{len(groups)} group labels for {data.size} values")
+        labels = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        index = np.array([labels[g] for g in groups])
+        sums, sizes = np.bincount(index, weights=data), np.bincount(index).astype(float)
+        drawn = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+        means = sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
@@ -141,18 +157,33 @@ def summarise(
     """Mean, bootstrap interval and seed spread of ``pair[key]`` over ``pairs``.
 
     Returns:
-        ``{"mean", "ci_low", "ci_high", "std_seeds", "n_pairs", "n_seeds", "n_sites"}``; with
-        no pairs the numbers are NaN and the counts 0.
+        ``{"mean", "ci_low", "ci_high", "seed_ci_low", "seed_ci_high", "std_seeds", "n_pairs",
+        "n_seeds", "n_sites"}``: ``ci_*`` resamples the (seed, site) pairs, ``seed_ci_*`` whole
+        seeds (:func:`bootstrap_ci` with ``groups``); with no pairs the numbers are NaN and the
+        counts 0.
     """
     values = [p[key] for p in pairs]
     if not values:
         nan = float("nan")
-        return dict(mean=nan, ci_low=nan, ci_high=nan, std_seeds=nan, n_pairs=0, n_seeds=0, n_sites=0)
+        return dict(
+            mean=nan,
+            ci_low=nan,
+            ci_high=nan,
+            seed_ci_low=nan,
+            seed_ci_high=nan,
+            std_seeds=nan,
+            n_pairs=0,
+            n_seeds=0,
+            n_sites=0,
+        )
     low, high = bootstrap_ci(values, n_boot, level, seed)
+    seed_low, seed_high = bootstrap_ci(values, n_boot, level, seed, groups=[p["seed"] for p in pairs])
     return {
         "mean": float(np.mean(values)),
         "ci_low": low,
         "ci_high": high,
+        "seed_ci_low": seed_low,
+        "seed_ci_high": seed_high,
         "std_seeds": std_across_seeds(pairs, key),
         "n_pairs": len(values),
         "n_seeds": len({p["seed"] for p in pairs}),
