@@ -232,3 +232,5 @@ def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "c"])
     with pytest.raises(ValueError, match=r"no bench_config\.json"):
         merge_runs([tmp_path / "a", tmp_path / "nothing"])
+    with pytest.raises(ValueError, match="no rows to report"):
+        write_report([], base, tmp_path / "a", tmp_path / "empty")

@@ -415,8 +415,8 @@ def verdict_line(verdict: dict[str, Any]) -> str:
             parts.append(f"{mode}: no paired rows")
         else:
             parts.append(
-                f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'}; "
-                f"resampling whole seeds [{summary['seed_ci_low']:.3f}, {summary['seed_ci_high']:.3f}]"
+                f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'} "
+                f"(whole seeds resampled: [{summary['seed_ci_low']:.3f}, {summary['seed_ci_high']:.3f}])"
             )
     return (
         f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
@@ -713,11 +713,12 @@ def _errorbar(ax, xs, summaries, **kwargs) -> None:
 
 
 def _legend(axes) -> None:
-    """A legend on the first panel (from the end of the first row backwards) that has labelled lines."""
-    for ax in [*axes[0][::-1], *(a for row in axes[1:] for a in row)]:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-            return
+    """A legend on the panel that has the most labelled lines (the last such one on a tie)."""
+    panels = [a for row in np.atleast_2d(axes) for a in row]
+    counts = [len(a.get_legend_handles_labels()[0]) for a in panels]
+    if max(counts, default=0):
+        best = max(range(len(panels)), key=lambda i: (counts[i], i))
+        panels[best].legend(fontsize=7)
 
 
 def _budget_axis(ax, budgets: Sequence[int]) -> None:
@@ -826,6 +827,7 @@ def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
             if any(_finite(v) for v in c[metric]):
                 ax.plot(c["rounds"], c[metric], marker="o", markersize=3, label=method)
         ax.set_xlabel("pre-training round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
     _legend(axes)
@@ -950,9 +952,14 @@ def write_report(
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        ValueError: there are no rows (names the run folder).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = _run_dirs(run_dir)
+    if not rows:
+        raise ValueError(f"no rows to report from {', '.join(map(str, run_dirs))} (has any unit finished?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = normalise_rows(rows, config)
     settings = config_dict(config)
     present = list(dict.fromkeys(r["method"] for r in rows))
@@ -1026,7 +1033,7 @@ def write_report(
         f"{len(sites)} sites, seeds {seeds}, N = {', '.join(map(str, budgets))} labelled volumes per site, "
         f"methods {', '.join(methods)}. Dice is the mean over {', '.join(classes)} on each site's held-out "
         "test patients, scored at the last checkpoint of the fine-tuning budget.\n",
-        f"Environment: {document['environment']}.\n",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in document["environment"].items()) + ".\n",
         f"{len(rows)} rows ({len(kept)} in `results.json`: the final checkpoint on test, every checkpoint "
         f"at N={n_curve} on test and random init's validation rows); "
         + (
@@ -1060,6 +1067,8 @@ def write_report(
     ]
     for readout in readouts:
         for mode in MODES:
+            if not any(key[:2] == (mode, readout) for key in values):
+                continue  # e.g. a probe run in one mode only
             parts += [
                 f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
                 grid_table(differences, (mode, readout), methods, budgets, format_difference),
@@ -1076,6 +1085,8 @@ def write_report(
     parts.append("\n## Mean Dice, mean ± std across seeds of the per-seed site mean\n")
     for readout in readouts:
         for mode in MODES:
+            if not any(key[:2] == (mode, readout) for key in values):
+                continue  # e.g. a probe run in one mode only
             parts += [
                 f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
                 grid_table(values, (mode, readout), methods, budgets, format_value),
