@@ -17,6 +17,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "fedcrld",
     "fedrotation",
     "local_decoder",
+    "fedmoco",
 )
 
 for _name in _METHOD_MODULES:

@@ -132,3 +132,30 @@ class PartitionBank:
         return BankSample(
             torch.cat(feats).to(device), torch.cat(parts).to(device), torch.cat(tags).to(device)
         )
+
+
+class KeyQueue(PartitionBank):
+    """MoCo's queue of negative keys: a FIFO of at most ``capacity`` features, oldest first.
+
+    A :class:`PartitionBank` with one partition, so the FIFO code is the bank's; it adds
+    :meth:`enqueue` (no tags needed) and :meth:`keys` (everything held, oldest first).
+
+    Args:
+        dim: feature dimension C.
+        capacity: queue length (the oldest keys are dropped first).
+    """
+
+    def __init__(self, dim: int, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"queue capacity must be >= 1, got {capacity}")
+        super().__init__(1, dim, capacity=capacity)
+
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Append ``(n, C)`` keys (detached, on CPU), dropping the oldest beyond the capacity."""
+        n = int(keys.shape[0])
+        zeros = torch.zeros(n, dtype=torch.int64)
+        self.push(keys, zeros, zeros)
+
+    def keys(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every key held, ``(len(self), C)``, oldest first, on ``device``."""
+        return self._features[0].to(device)

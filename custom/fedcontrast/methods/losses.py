@@ -293,3 +293,32 @@ def local_contrastive_loss(
     )
     flat = embeddings.reshape(-1, embeddings.shape[-1])
     return info_nce(flat, flat, flat, temperature, positive_mask, negative_mask)
+
+
+def moco_loss(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float = 0.2,
+    batch_negatives: bool = True,
+) -> torch.Tensor:
+    """MoCo's InfoNCE: each query's positive is its own key; the queue holds the negatives.
+
+    Args:
+        query: ``(B, C)`` queries ``g(f(x1))`` (unit vectors).
+        keys: ``(B, C)`` keys ``g'(f'(x2))`` of the same samples, row for row (no gradient).
+        queue: ``(N, C)`` negative keys of earlier steps (may be empty).
+        temperature: τ.
+        batch_negatives: also use this batch's keys of the *other* samples as negatives
+            (a project choice: the first step of a run, with an empty queue, still learns).
+
+    Returns:
+        Scalar, the mean over the B queries of ``l(q, {k+}, negatives)``.
+    """
+    num = query.shape[0]
+    positive_mask = torch.eye(num, dtype=torch.bool, device=query.device)
+    negatives = torch.cat([keys, queue]) if batch_negatives else queue
+    negative_mask = torch.ones(num, negatives.shape[0], dtype=torch.bool, device=query.device)
+    if batch_negatives:
+        negative_mask[:, :num] = ~positive_mask
+    return info_nce(query, keys, negatives, temperature, positive_mask, negative_mask)
