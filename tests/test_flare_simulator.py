@@ -1,7 +1,10 @@
 """The two jobs, end to end in the NVFlare simulator, with 2 sites of tiny phantom volumes.
 
 - ``jobs/fcl``: on the messages the server actually sent and received, each site gets only
-  the other site's features, and nothing shaped like an image or a feature map leaves a site.
+  the other site's features, and nothing shaped like an image or a feature map leaves a site
+  (:func:`audit_upload`, the outbound audit every method's job test applies);
+- ``jobs/fcl --method fedmoco``: each site gets the other site's intensity statistics, each
+  site's RSA rho reaches the server, and nothing else new leaves a site.
 - ``jobs/finetune``: the global model segments the sites' test volumes better than the
   untrained network.
 """
@@ -17,6 +20,7 @@ import torch
 
 from fedcontrast.methods.base import kind_of, message_to_state_dict
 from fedcontrast.methods.fcl import FCLTrainer
+from fedcontrast.methods.metadata import STATS_ENTRIES
 from fedcontrast.methods.partitions import site_tag
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
@@ -49,6 +53,29 @@ def recorded(result_dir: Path, round_num: int, site: str, direction: str) -> dic
         return {key: data[key] for key in data.files}
 
 
+#: Most numbers one ``stats/`` entry may carry out of a site (FedMoCo's coarse histogram; else scalars).
+MAX_STATS_VALUES = 64
+
+
+def audit_upload(up: dict[str, np.ndarray], model: dict[str, torch.Tensor]) -> None:
+    """What left a site holds nothing shaped like an image or a feature map: the model's weights (every
+    entry, each with its shape), 128-d feature rows and their integer tags, and ``stats/`` entries of at
+    most :data:`MAX_STATS_VALUES` numbers in at most one axis."""
+    weights = {}
+    for key, value in up.items():
+        kind, name = key.split("/", 1)
+        if kind == "weights":
+            weights[name] = value
+        elif kind == "features":
+            rows = value.ndim == 2 and value.shape[1] == 128 and np.issubdtype(value.dtype, np.floating)
+            tags = value.ndim == 1 and np.issubdtype(value.dtype, np.integer)
+            assert rows or tags, (key, value.shape, value.dtype)
+        else:
+            assert kind == "stats" and value.ndim <= 1 and value.size <= MAX_STATS_VALUES, (key, value.shape)
+    assert weights.keys() == model.keys()
+    assert all(weights[k].shape == tuple(model[k].shape) for k in model)
+
+
 def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_config, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
     code = job_main("fcl")(
@@ -74,9 +101,7 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
 
         for round_num in (0, 1):
             up = recorded(result, round_num, site, "up")
-            weights = {k[len("weights/") :]: v for k, v in up.items() if kind_of(k) == "weights"}
-            assert weights.keys() == model.keys()
-            assert all(weights[k].shape == tuple(model[k].shape) for k in model)
+            audit_upload(up, model)
             features = {k: v for k, v in up.items() if kind_of(k) == "features"}
             assert features.keys() == {"features/embeddings", "features/partitions"}
             assert set(up) == set(features) | {f"weights/{k}" for k in model}
@@ -96,6 +121,49 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
     metrics = json.loads((output / "metrics.json").read_text())["records"]
     assert len(metrics) == 4 and all(m["metrics"]["loss_remote"] > 0 for m in metrics if m["round"] == 1)
     network = build_network(overrides=tiny_fcl_config["bundle"])
+    assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
+
+
+def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_config, tmp_path):
+    config = {k: tiny_fcl_config[k] for k in ("network", "preprocessing", "batch_size", "head_hidden")}
+    config["queue_size"] = 16
+    workspace, output = tmp_path / "ws", tmp_path / "out"
+    code = job_main("fcl")(
+        ["--method", "fedmoco", "--datalist-dir", str(site_splits), "--rounds", "2", "--workspace",
+         str(workspace), "--output", str(output), "--record-messages", "--config", json.dumps(config)]
+    )  # fmt: skip
+    assert code == 0
+    result = workspace / "server" / "simulate_job"
+    trainer = get_method("fedmoco").trainer
+    model = trainer.build_model(merge_config(trainer.DEFAULTS, config)).state_dict()
+    meta = {f"stats/{name}" for name in STATS_ENTRIES}
+    server = {
+        m["round"]: m["metrics"]
+        for m in json.loads((output / "metrics.json").read_text())["records"]
+        if m["site"] == "server"
+    }
+    assert sorted(server) == [0, 1]
+    for site in SITES:
+        (other,) = set(SITES) - {site}
+        # round 0: weights only; round 1: plus the other site's statistics of round 0, tagged with it
+        assert all(kind_of(k) == "weights" for k in recorded(result, 0, site, "down"))
+        down = recorded(result, 1, site, "down")
+        assert {k for k in down if kind_of(k) != "weights"} == {*meta, "stats/meta_sites"}
+        assert down["stats/meta_sites"].tolist() == [site_tag(other)]
+        sent_by_other = recorded(result, 0, other, "up")
+        for key in meta:
+            np.testing.assert_array_equal(down[key][0], sent_by_other[key])
+        for round_num in (0, 1):
+            up = recorded(result, round_num, site, "up")
+            audit_upload(up, model)
+            # nothing new leaves a site but its statistics and its rho, which reaches the server
+            assert set(up) == {f"weights/{k}" for k in model} | meta | {"stats/rsa_rho"}
+            assert server[round_num][f"rsa_rho/{site}"] == pytest.approx(float(up["stats/rsa_rho"]))
+    for metrics in server.values():
+        assert sum(metrics[f"rsa_weight/{s}"] for s in SITES) == pytest.approx(1.0)
+    ledger = json.loads((output / "bytes.json").read_text())
+    assert ledger["totals"]["up"]["features"] == 0 and ledger["totals"]["up"]["stats"] > 0
+    network = build_network(overrides=config["network"])
     assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
 
 
