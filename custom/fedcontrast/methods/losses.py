@@ -1,7 +1,7 @@
 """Contrastive losses, all written with one InfoNCE-with-a-positive-set (SPEC §0).
 
 Every contrastive method of the project (FCL, local CL with G^R / G^D- / G^D,
-FedSimCLR) builds its loss from :func:`info_nce`; the methods differ only in
+FedSimCLR, FedMoCo) builds its loss from :func:`info_nce`; the methods differ only in
 which candidates they mark as positives and negatives of each query, which
 they express as boolean masks over shared candidate sets.
 
