@@ -125,7 +125,7 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
 
 
 def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_config, tmp_path):
-    config = {k: tiny_fcl_config[k] for k in ("network", "preprocessing", "batch_size", "head_hidden")}
+    config = {k: tiny_fcl_config[k] for k in ("bundle", "batch_size", "head_hidden")}
     config["queue_size"] = 16
     workspace, output = tmp_path / "ws", tmp_path / "out"
     code = job_main("fcl")(
@@ -163,7 +163,7 @@ def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_c
         assert sum(metrics[f"rsa_weight/{s}"] for s in SITES) == pytest.approx(1.0)
     ledger = json.loads((output / "bytes.json").read_text())
     assert ledger["totals"]["up"]["features"] == 0 and ledger["totals"]["up"]["stats"] > 0
-    network = build_network(overrides=config["network"])
+    network = build_network(overrides=config["bundle"])
     assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
 
 
