@@ -57,6 +57,8 @@ def test_rdm_and_spearman_match_scipy():
     expected = spearmanr(pdist(local, "correlation"), pdist(reference, "correlation")).statistic
     assert rsa_similarity(local, reference) == pytest.approx(expected, abs=1e-12)
     assert rsa_similarity(local, 3 * local + 1) == pytest.approx(1.0)
+    collapsed = np.tile(reference[:1], (12, 1))  # every probe sample embedded alike
+    assert rsa_similarity(local, collapsed) == 0.0
     with pytest.raises(ValueError, match="constant"):
         rdm(np.ones((3, 4)))
 
@@ -212,6 +214,8 @@ def test_strategy_weights_by_rsa_and_forwards_only_other_sites_statistics():
         strategy.aggregate(
             {"site-1": site_update(1, 0.2, 1), "site-2": site_update(2, 0.8, 1, voxels=np.ones(9))}, 1
         )
+    with pytest.raises(ValueError, match="site-2: stats/rsa_rho must be finite"):
+        strategy.aggregate({"site-1": site_update(1, 0.2, 1), "site-2": site_update(2, float("nan"), 1)}, 1)
     with pytest.raises(ValueError, match=r"site-1: stats/meta_hist has shape \(64,\)"):
         strategy.aggregate({"site-1": site_update(1, 0.2, 1, bins=64), "site-2": site_update(2, 0.8, 1)}, 1)
 

@@ -260,8 +260,8 @@ def check_site_stats(site: str, entries: Mapping[str, np.ndarray], config: Mappi
     shapes = {"meta_mean": (), "meta_std": (), "meta_range": (2,), RHO_ENTRY: ()}
     for name, value in entries.items():
         value = np.asarray(value)
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ValueError(f"{site}: stats/{name} must be floating point, got {value.dtype}")
+        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+            raise ValueError(f"{site}: stats/{name} must be finite floating point, got {value!r}")
         wanted = shapes.get(name, (int(config["metadata_bins"]),))
         if value.shape != wanted:
             raise ValueError(f"{site}: stats/{name} has shape {value.shape}, expected {wanted}")

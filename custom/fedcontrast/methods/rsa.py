@@ -89,12 +89,17 @@ def rsa_similarity(local: np.ndarray, reference: np.ndarray) -> float:
         reference: ``(n, C')`` the same probe samples embedded by the received global model.
 
     Returns:
-        rho in [-1, 1]; 1 when the two models order the probe pairs' dissimilarities alike.
+        rho in [-1, 1]; 1 when the two models order the probe pairs' dissimilarities alike; 0 when
+        either model gives every pair the same dissimilarity (within 1e-9: a collapsed
+        representation orders nothing, so no agreement can be measured).
     """
     if len(local) != len(reference) or len(local) < 3:
         raise ValueError(f"need the same >= 3 probe samples in both, got {len(local)} and {len(reference)}")
     upper = np.triu_indices(len(local), k=1)
-    return spearman(rdm(local)[upper], rdm(reference)[upper])
+    a, b = rdm(local)[upper], rdm(reference)[upper]
+    if np.ptp(a) < 1e-9 or np.ptp(b) < 1e-9:
+        return 0.0
+    return spearman(a, b)
 
 
 def rsa_weights(
