@@ -33,6 +33,8 @@ class FakeConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     sites: int = 2
     finetune_steps: int = STEPS[-1]
+    readouts: list[str] = field(default_factory=lambda: ["finetune", "probe"])
+    probe_modes: list[str] = field(default_factory=lambda: ["federated"])
 
 
 def fake_run(
@@ -176,7 +178,8 @@ def test_report_says_not_met_and_why(tmp_path):
     rows = fake_run(tmp_path / "run", config, {"fcl": 0.02}, modes=("federated",))
     text = write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=500).read_text()
     assert "fine-tuning: not met** (local: no paired rows; federated: +0.020 [" in text
-    assert "units missing" in text and "fcl|0|local|1" in text
+    # local fine-tuning did not run; the probe is configured for federated fine-tuning only
+    assert "units missing" in text and "fcl|0|local|1|finetune" in text and "|local|1|probe" not in text
 
 
 def test_plateau_not_reached_when_random_init_still_rises():

@@ -527,16 +527,26 @@ def pretrain_curves(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]
 
 
 def missing_units(rows: list[Row], config: Any) -> list[str]:
-    """``method|seed|mode|N`` of the configured grid that has no rows (an interrupted or partial run)."""
+    """Units of the configured grid without rows (an interrupted or partial run).
+
+    A unit is ``method|seed|mode|N|readout`` (the protocol's unit key): every mode for full
+    fine-tuning, the modes of ``config.probe_modes`` (default: all) for each other readout of
+    ``config.readouts``. Rows without a ``readout`` key come from the old protocol, which had
+    full fine-tuning only: then only ``method|seed|mode|N`` is checked.
+    """
     settings = config_dict(config)
-    done = {(r["method"], r["seed"], r["finetune"], r["n_labeled"]) for r in rows}
+    readouts = settings.get("readouts", ["finetune"]) if any("readout" in r for r in rows) else [None]
+    probe_modes = settings.get("probe_modes", list(MODES))
+    done = {(r["method"], r["seed"], r["finetune"], r["n_labeled"], r.get("readout")) for r in rows}
     return [
-        f"{m}|{s}|{mode}|{n}"
+        "|".join(map(str, (m, s, mode, n, readout) if readout else (m, s, mode, n)))
         for n in sorted(settings.get("budgets", []))
         for s in settings.get("seeds", [])
         for m in settings.get("methods", [])
+        for readout in readouts
         for mode in MODES
-        if (m, s, mode, n) not in done
+        if readout in (None, "finetune") or mode in probe_modes
+        if (m, s, mode, n, readout) not in done
     ]
 
 
@@ -959,6 +969,7 @@ def write_report(
     run_dirs = _run_dirs(run_dir)
     if not rows:
         raise ValueError(f"no rows to report from {', '.join(map(str, run_dirs))} (has any unit finished?)")
+    missing = missing_units(rows, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = normalise_rows(rows, config)
     settings = config_dict(config)
@@ -1023,7 +1034,6 @@ def write_report(
     if plot_examples([d / "examples" for d in run_dirs], methods, len(classes), out_dir / "examples.png"):
         plots.append(("Example test slices, federated fine-tuning", "examples.png"))
 
-    missing = missing_units(rows, config)
     seeds = sorted({r["seed"] for r in rows})
     sites = sorted({r["site"] for r in rows})
     shown_settings = {k: v for k, v in settings.items() if k not in ("methods", "budgets", "seeds")}
