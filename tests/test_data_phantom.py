@@ -8,7 +8,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedcontrast.data.phantom import SUMMARY_FILE, draw_patient, draw_scanner, render, synthesize_dataset
+from fedcontrast.data.phantom import (
+    DIFFICULTIES,
+    SUMMARY_FILE,
+    Difficulty,
+    draw_patient,
+    draw_scanner,
+    render,
+    synthesize_dataset,
+)
 from fedcontrast.data.readers import read_info_cfg
 from fedcontrast.data.validation import DataValidationError
 
@@ -110,3 +118,39 @@ def test_replaces_previous_phantom(tmp_path):
     synthesize_dataset(tmp_path / "d", sites=1, patients_per_site=1)
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [SUMMARY_FILE, "site-1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_realistic_difficulty_is_valid_and_deterministic(tmp_path):
+    kwargs = {"sites": 2, "patients_per_site": 2, "seed": 3, "size": "small", "difficulty": "realistic"}
+    summary = synthesize_dataset(tmp_path / "a", **kwargs)
+    synthesize_dataset(tmp_path / "b", **kwargs)
+    assert summary["difficulty"] == "realistic"
+    assert (
+        summary["difficulty_settings"]["heart_rotation_deg"] == DIFFICULTIES["realistic"].heart_rotation_deg
+    )
+    volumes = sorted((tmp_path / "a").glob("site-*/patient*/*.nii.gz"))
+    assert len(volumes) == 2 * 2 * 2 * 2  # sites x patients x (ED, ES) x (image, label)
+    for path in volumes:
+        a, b = nib.load(path), nib.load(tmp_path / "b" / path.relative_to(tmp_path / "a"))
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+        if path.name.endswith("_gt.nii.gz"):
+            assert a.get_data_dtype() == np.uint8
+            assert set(np.unique(np.asarray(a.dataobj))) == {0, 1, 2, 3}, path
+        else:
+            assert a.get_data_dtype() == np.int16 and np.asarray(a.dataobj).max() > 0
+
+
+def test_difficulty_widens_variability_and_keeps_standard():
+    assert DIFFICULTIES["standard"] == Difficulty()
+    scanner = draw_scanner("s", 1, 0, "small", difficulty="standard")
+    default = render(draw_scanner("s", 1, 0, "small"), draw_patient(0, 1, 1), "ED")[0]
+    np.testing.assert_array_equal(default, render(scanner, draw_patient(0, 1, 1, "standard"), "ED")[0])
+    hard = DIFFICULTIES["realistic"]
+    rotations = np.rad2deg([draw_patient(0, 1, p, hard).heart["rotation"] for p in range(1, 41)])
+    assert np.abs(rotations).max() > 25.0 and np.abs(rotations).max() <= hard.heart_rotation_deg
+    gains = np.stack([draw_patient(0, 1, p, hard).body["tissue_gain"] for p in range(1, 6)])
+    assert gains.std(axis=0).max() > 0.05
+    assert np.all(draw_patient(0, 1, 1).body["tissue_gain"] == 1.0)
+    with pytest.raises(DataValidationError, match="difficulty 'nope'"):
+        synthesize_dataset("unused", difficulty="nope")

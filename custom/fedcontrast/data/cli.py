@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from fedcontrast.data.datalist import load_site_datalist
-from fedcontrast.data.phantom import SIZES, synthesize_dataset
+from fedcontrast.data.phantom import DIFFICULTIES, SIZES, synthesize_dataset
 from fedcontrast.data.readers import FORMATS, read_dataset
 from fedcontrast.data.splits import write_site_splits
 
@@ -44,6 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
         "--size", choices=sorted(SIZES), default="small", help="small ~48x48x8, full ~200x200x10"
+    )
+    synth.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTIES),
+        default="standard",
+        help="patient and site variability: standard (tests, demo) or realistic (label-efficiency bench)",
     )
     synth.add_argument(
         "--same-sequence", action="store_true", help="no gradient-echo site (default: the last of >=3 sites)"
@@ -94,6 +100,7 @@ def run_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size,
         other_sequence=not args.same_sequence,
+        difficulty=args.difficulty,
     )
     print(json.dumps(summary, indent=2))
     return 0

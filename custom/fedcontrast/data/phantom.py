@@ -24,6 +24,14 @@ axis last) from the base of the heart towards the apex:
   with three or more sites the last one uses a spoiled gradient-echo contrast
   (darker blood) instead of bSSFP.
 
+How much patients and sites differ is a :class:`Difficulty`, chosen by name with
+``synthesize_dataset(..., difficulty=...)``: ``"standard"`` (the default, for tests and
+the demo) or ``"realistic"``, calibrated for the label-efficiency benchmark so that a
+randomly initialised network fine-tuned on one labelled volume per site generalises about
+as badly as on real short-axis MRI (``benchmarks/phantom_difficulty.py``; wider heart
+position, orientation, size, shape and pathology ranges, per-patient tissue contrast and
+bias field, stronger site noise and partial-volume blur).
+
 Everything is drawn from ``numpy.random.SeedSequence`` streams keyed by
 ``(seed, site, patient)``, so a patient's volumes do not depend on how many
 other sites or patients are generated. Labels: 0 background, 1 RV, 2 MYO, 3 LV.
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +103,89 @@ SIZES: dict[str, SizePreset] = {
 
 
 @dataclass(frozen=True)
+class Difficulty:
+    """How much patients and sites vary; ``Difficulty()`` is the ``"standard"`` phantom.
+
+    Pose and anatomy multiply (or, for ranges, replace) the standard draws, so a patient's
+    random stream is the same at every difficulty. Angles in degrees, lengths in mm.
+
+    Attributes:
+        heart_shift_mm: half-width of the heart's uniform offset in the field of view (per axis).
+        heart_rotation_deg: half-width of the heart's in-plane rotation within the chest.
+        body_rotation_deg: half-width of the chest's in-plane rotation.
+        heart_scale: range of a per-patient factor on every heart dimension.
+        shape: factor on the heart's shape harmonics (ellipticity, triangularity), wall
+            thickness variation and RV size variation.
+        pathology: factor on the ACDC groups' deviations from NOR (1: as in :data:`GROUPS`).
+        slice_motion: factor on the long-axis tilt and breath-hold shifts between slices.
+        tissue_jitter: std of a per-patient log-gain on each tissue's intensity (contrast).
+        patient_bias: range of a per-patient factor on the site's bias-field amplitude.
+        bias: range of the site's bias-field log-amplitude.
+        noise: range of the site's Rician noise (relative to blood).
+        blur: ranges of the site's partial-volume blur (in-plane voxels, through-plane slices).
+    """
+
+    heart_shift_mm: float = 12.0
+    heart_rotation_deg: float = 25.0
+    body_rotation_deg: float = 15.0
+    heart_scale: tuple[float, float] = (1.0, 1.0)
+    shape: float = 1.0
+    pathology: float = 1.0
+    slice_motion: float = 1.0
+    tissue_jitter: float = 0.0
+    patient_bias: tuple[float, float] = (1.0, 1.0)
+    bias: tuple[float, float] = (0.15, 0.45)
+    noise: tuple[float, float] = (0.03, 0.08)
+    blur: tuple[tuple[float, float], tuple[float, float]] = ((0.4, 1.0), (0.15, 0.4))
+
+
+#: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's calibration.
+DIFFICULTIES: dict[str, Difficulty] = {
+    "standard": Difficulty(),
+    "realistic": Difficulty(
+        heart_shift_mm=18.0,
+        heart_rotation_deg=60.0,
+        body_rotation_deg=20.0,
+        heart_scale=(0.8, 1.2),
+        shape=2.0,
+        pathology=1.5,
+        slice_motion=1.5,
+        tissue_jitter=0.2,
+        patient_bias=(0.5, 2.0),
+        bias=(0.3, 0.7),
+        noise=(0.05, 0.12),
+        blur=((0.6, 1.3), (0.3, 0.6)),
+    ),
+}
+
+
+def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
+    """The :class:`Difficulty` named ``difficulty`` (an instance is returned as is).
+
+    Raises:
+        DataValidationError: an unknown name.
+    """
+    if isinstance(difficulty, Difficulty):
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise DataValidationError(f"difficulty {difficulty!r}: expected one of {sorted(DIFFICULTIES)}")
+    return DIFFICULTIES[difficulty]
+
+
+def _span(u: float, lo_hi: tuple[float, float], standard: tuple[float, float]) -> float:
+    """Map a value drawn uniformly from ``standard`` onto the range ``lo_hi`` (same quantile)."""
+    if tuple(lo_hi) == tuple(standard):
+        return float(u)
+    q = (u - standard[0]) / (standard[1] - standard[0])
+    return float(lo_hi[0] + q * (lo_hi[1] - lo_hi[0]))
+
+
+def _widen(value: float, centre: float, factor: float) -> float:
+    """``value`` moved ``factor`` times as far from ``centre`` (unchanged when ``factor`` is 1)."""
+    return float(value) if factor == 1.0 else float(centre + factor * (value - centre))
+
+
+@dataclass(frozen=True)
 class Scanner:
     """One site's acquisition protocol.
 
@@ -119,18 +210,26 @@ class Scanner:
 
 
 def draw_scanner(
-    name: str, index: int, seed: int, size: Size, sequence: str = "bssfp", site_shift: float = 1.0
+    name: str,
+    index: int,
+    seed: int,
+    size: Size,
+    sequence: str = "bssfp",
+    site_shift: float = 1.0,
+    difficulty: str | Difficulty = "standard",
 ) -> Scanner:
     """Draw the acquisition protocol of site number ``index`` (1-based) for ``seed``.
 
     ``site_shift`` scales how far a site's scanner departs from the nominal one: the per-tissue
     contrast jitter around the sequence's intensities (+-12% at 1) and the bias-field amplitude
     are multiplied by it, the noise by its square root. The random draws are the same for every
-    value, and 1 gives exactly the default scanner.
+    value, and 1 gives exactly the default scanner. ``difficulty`` (see :class:`Difficulty`)
+    sets the ranges the bias, noise and blur are drawn from, before ``site_shift`` applies.
     """
     if site_shift <= 0:
         raise DataValidationError(f"site_shift must be > 0, got {site_shift}")
     preset = SIZES[size]
+    d, std = get_difficulty(difficulty), Difficulty()
     rng = np.random.default_rng([seed, 1, index])
     nx = int(rng.integers(preset.matrix[0] // 4, preset.matrix[1] // 4 + 1)) * 4
     ny = round(nx * rng.uniform(0.85, 1.0) / 4) * 4
@@ -147,9 +246,12 @@ def draw_scanner(
         n_slices=int(rng.integers(preset.slices[0], preset.slices[1] + 1)),
         tissue=tissue,
         scale=float(rng.uniform(300.0, 2500.0)),
-        bias=float(rng.uniform(0.15, 0.45)) * site_shift,
-        noise=float(rng.uniform(0.03, 0.08)) * site_shift**0.5,
-        blur=(float(rng.uniform(0.4, 1.0)), float(rng.uniform(0.15, 0.4))),
+        bias=_span(rng.uniform(*std.bias), d.bias, std.bias) * site_shift,
+        noise=_span(rng.uniform(*std.noise), d.noise, std.noise) * site_shift**0.5,
+        blur=(
+            _span(rng.uniform(*std.blur[0]), d.blur[0], std.blur[0]),
+            _span(rng.uniform(*std.blur[1]), d.blur[1], std.blur[1]),
+        ),
         centre_on_heart=preset.centre_on_heart,
     )
 
@@ -167,46 +269,59 @@ class Patient:
     body: dict[str, Any]
 
 
-def draw_patient(seed: int, site_index: int, patient_index: int) -> Patient:
-    """Draw patient ``patient_index`` of site ``site_index`` for ``seed`` (independent of other patients)."""
+def draw_patient(
+    seed: int, site_index: int, patient_index: int, difficulty: str | Difficulty = "standard"
+) -> Patient:
+    """Draw patient ``patient_index`` of site ``site_index`` for ``seed`` (independent of other patients).
+
+    ``difficulty`` widens the ranges (see :class:`Difficulty`); the draws themselves are the
+    same at every difficulty, plus a separate stream for what only harder phantoms vary.
+    """
+    d = get_difficulty(difficulty)
     rng = np.random.default_rng([seed, 2, site_index, patient_index])
+    extra = np.random.default_rng([seed, 3, site_index, patient_index])
     group = str(rng.choice(list(GROUPS)))
-    lv_mult, wall_mult, rv_mult, es_ratio = GROUPS[group]
+    lv_mult, wall_mult, rv_mult, es_ratio = (_widen(m, 1.0, d.pathology) for m in GROUPS[group])
+    scale = float(extra.uniform(*d.heart_scale)) if d.heart_scale[0] != d.heart_scale[1] else 1.0
     n_frames = int(rng.integers(20, 36))
     heart = {
-        "lv_radius": rng.uniform(20.0, 26.0) * lv_mult,
-        "wall": rng.uniform(6.5, 9.5) * wall_mult,
-        "wall_variation": rng.uniform(0.1, 0.35),
+        "lv_radius": rng.uniform(20.0, 26.0) * lv_mult * scale,
+        "wall": rng.uniform(6.5, 9.5) * wall_mult * scale,
+        "wall_variation": min(rng.uniform(0.1, 0.35) * d.shape, 0.6),
         "wall_angle": rng.uniform(0, 2 * np.pi),
-        "harmonics": rng.uniform([0.02, 0.0], [0.10, 0.05]),
+        "harmonics": rng.uniform([0.02, 0.0], [0.10, 0.05]) * d.shape,
         "harmonic_phases": rng.uniform(0, 2 * np.pi, size=2),
         "infarct": group == "MINF",
         "infarct_angle": rng.uniform(0, 2 * np.pi),
         "rv_angle": np.deg2rad(rng.uniform(150.0, 190.0)),
-        "rv_depth": rng.uniform(0.70, 0.85) * rv_mult,
-        "rv_width": rng.uniform(1.35, 1.65) * min(rv_mult, 1.2),
+        "rv_depth": _widen(rng.uniform(0.70, 0.85), 0.775, d.shape) * rv_mult,
+        "rv_width": _widen(rng.uniform(1.35, 1.65), 1.5, d.shape) * min(rv_mult, 1.2),
         "rv_end": rng.uniform(0.75, 0.92),
         "rv_wall": rng.uniform(2.0, 3.5),
         "papillary": rng.uniform(3.0, 5.0),
         "epicardial_fat": rng.uniform(1.0, 6.0),
-        "length": rng.uniform(75.0, 95.0),
+        "length": rng.uniform(75.0, 95.0) * scale,
         "base_offset": rng.uniform(-8.0, 6.0),
-        "tilt": rng.uniform(-2.5, 2.5, size=2),
+        "tilt": rng.uniform(-2.5, 2.5, size=2) * d.slice_motion,
         "es_ratio": es_ratio * rng.uniform(0.95, 1.05),
         "es_wall": rng.uniform(1.3, 1.5),
-        "rotation": np.deg2rad(rng.uniform(-25.0, 25.0)),
+        "rotation": np.deg2rad(rng.uniform(-25.0, 25.0) * d.heart_rotation_deg / 25.0),
     }
     body = {
         "axes": rng.uniform([150.0, 100.0], [185.0, 130.0]),
-        "rotation": np.deg2rad(rng.uniform(-15.0, 15.0)),
+        "rotation": np.deg2rad(rng.uniform(-15.0, 15.0) * d.body_rotation_deg / 15.0),
         "heart_offset": rng.uniform([25.0, 10.0], [45.0, 30.0]),
-        "fov_offset": rng.uniform(-12.0, 12.0, size=2),
+        "fov_offset": rng.uniform(-12.0, 12.0, size=2) * d.heart_shift_mm / 12.0,
         "subcutaneous_fat": rng.uniform(6.0, 25.0),
         "muscle": rng.uniform(8.0, 15.0),
         "liver_start": rng.uniform(0.45, 0.85),
         "stomach_fluid": bool(rng.random() < 0.5),
-        "breath_hold": rng.normal(0.0, 1.5, size=(2, MAX_SLICES)),
+        "breath_hold": rng.normal(0.0, 1.5, size=(2, MAX_SLICES)) * d.slice_motion,
         "seed": int(rng.integers(2**31)),
+        "tissue_gain": np.exp(extra.normal(0.0, d.tissue_jitter, size=len(SEQUENCES["bssfp"])))
+        if d.tissue_jitter > 0
+        else np.ones(len(SEQUENCES["bssfp"])),
+        "bias_gain": float(extra.uniform(*d.patient_bias)) if d.patient_bias[0] != d.patient_bias[1] else 1.0,
     }
     return Patient(
         group=group,
@@ -381,7 +496,7 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     label[lv_cavity] = LABELS["LV"]
 
     # Scanner: texture, partial-volume blur, bias field, per-slice gain, Rician noise.
-    image = scanner.tissue.astype(np.float32)[tissue]
+    image = (scanner.tissue * b["tissue_gain"]).astype(np.float32)[tissue]
     image *= 1.0 + 0.08 * _smooth_noise(anatomy_rng, (nx, ny, nz), (4.0 / sx, 4.0 / sy, 0.5))
     image = ndimage.gaussian_filter(image, (scanner.blur[0], scanner.blur[0] * sx / sy, scanner.blur[1]))
     xn, yn = x / (nx * sx / 2), y / (ny * sy / 2)
@@ -390,7 +505,7 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     log_bias = (
         coef[0] * xn + coef[1] * yn + coef[2] * xn**2 + coef[3] * yn**2 + coef[4] * xn * yn + coef[5] * zn
     )
-    image *= np.exp(scanner.bias * log_bias / 1.5)
+    image *= np.exp(scanner.bias * b["bias_gain"] * log_bias / 1.5)
     rng = np.random.default_rng([int(b["seed"]), 1 if es else 0])  # this frame's gain and noise
     image *= rng.normal(1.0, 0.03, size=nz).astype(np.float32)[None, None, :]
     real = image + rng.normal(0.0, scanner.noise, size=image.shape).astype(np.float32)
@@ -435,6 +550,7 @@ def synthesize_dataset(
     other_sequence: bool = True,
     sequences: list[str] | None = None,
     site_shift: float = 1.0,
+    difficulty: str | Difficulty = "standard",
 ) -> dict[str, Any]:
     """Generate a multi-site phantom in the ACDC layout.
 
@@ -458,6 +574,10 @@ def synthesize_dataset(
         sequences: each site's sequence (keys of :data:`SEQUENCES`), one per site; replaces the
             ``other_sequence`` rule.
         site_shift: how strongly the sites' scanners differ (see :func:`draw_scanner`; 1: default).
+        difficulty: how much patients and sites vary, a name in :data:`DIFFICULTIES` or a
+            :class:`Difficulty`: ``"standard"`` (tests, demo) or ``"realistic"`` (the
+            label-efficiency benchmark: random init's Dice rises with the labelled volumes
+            per site roughly as on real data; calibrated by ``benchmarks/phantom_difficulty.py``).
 
     Returns:
         A JSON-able summary: seed, size, labels, counts and each site's protocol.
@@ -468,6 +588,8 @@ def synthesize_dataset(
     out_dir = Path(out_dir).resolve()
     if size not in SIZES:
         raise DataValidationError(f"size {size!r}: expected one of {sorted(SIZES)}")
+    level = get_difficulty(difficulty)
+    named = [n for n, v in DIFFICULTIES.items() if v == level]
     if sites < 1 or patients_per_site < 1:
         raise DataValidationError(
             f"need at least one site and one patient per site (got {sites}, {patients_per_site})"
@@ -487,6 +609,8 @@ def synthesize_dataset(
         "format": "acdc",
         "seed": seed,
         "size": size,
+        "difficulty": named[0] if named else "custom",
+        "difficulty_settings": asdict(level),
         "labels": LABELS,
         "patients": sites * patients_per_site,
         "volumes": 2 * sites * patients_per_site,
@@ -501,10 +625,11 @@ def synthesize_dataset(
                 sequence = sequences[k - 1]
             else:
                 sequence = "gre" if other_sequence and sites >= 3 and k == sites else "bssfp"
-            scanner = draw_scanner(name, k, seed, size, sequence, site_shift)
+            scanner = draw_scanner(name, k, seed, size, sequence, site_shift, level)
             first = (k - 1) * patients_per_site + 1
             for number in range(first, first + patients_per_site):
-                write_patient(work / name, f"patient{number:03d}", scanner, draw_patient(seed, k, number))
+                patient = draw_patient(seed, k, number, level)
+                write_patient(work / name, f"patient{number:03d}", scanner, patient)
             summary["sites"][name] = {
                 "patients": [f"patient{n:03d}" for n in range(first, first + patients_per_site)],
                 "sequence": sequence,
