@@ -266,9 +266,30 @@ def parse_settings(base: str, settings: list[str]) -> Difficulty:
     return dataclasses.replace(level, **changes)
 
 
+def record(out: Path, candidates: list[dict[str, Any]], chosen: str | None = None) -> dict[str, Any]:
+    """Add ``candidates`` to the results file ``out`` (replacing same-named ones); mark ``chosen``."""
+    result = json.loads(out.read_text()) if out.exists() else {}
+    if result.get("benchmark") != "phantom_difficulty_calibration":
+        result = {
+            "benchmark": "phantom_difficulty_calibration",
+            "description": __doc__.split("Usage::")[0].strip(),
+            "published_random_init_federated": {str(k): v for k, v in PUBLISHED.items()},
+            "candidates": [],
+            "chosen": None,
+        }
+    names = {c["name"] for c in candidates}
+    result["candidates"] = [c for c in result["candidates"] if c["name"] not in names] + candidates
+    if chosen is not None:
+        if chosen not in {c["name"] for c in result["candidates"]}:
+            raise SystemExit(f"--choose: no candidate named {chosen!r} in {out}")
+        result["chosen"] = chosen
+    write_json(out, result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--name", required=True, help="candidate name in the results file")
+    parser.add_argument("--name", help="candidate name in the results file (required unless --merge)")
     parser.add_argument("--difficulty", default="realistic", help="named difficulty to start from")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a field")
     parser.add_argument("--sites", type=int, default=4)
@@ -285,8 +306,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="(N, seed) units run in parallel processes")
     parser.add_argument("--choose", action="store_true", help="mark this candidate as the chosen one")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="only add the candidates of these results files (runs written elsewhere) to --out",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        candidates = [c for f in args.merge for c in json.loads(f.read_text())["candidates"]]
+        return record(args.out, candidates, args.name if args.choose else None)
 
+    if not args.name:
+        parser.error("--name is required")
     torch.set_num_threads(1)
     level = parse_settings(args.difficulty, args.set)
     start = time.perf_counter()
@@ -368,19 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
         "environment": environment(),
     }
-    result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if result.get("benchmark") != "phantom_difficulty_calibration":
-        result = {
-            "benchmark": "phantom_difficulty_calibration",
-            "description": __doc__.split("Usage::")[0].strip(),
-            "published_random_init_federated": {str(k): v for k, v in PUBLISHED.items()},
-            "candidates": [],
-            "chosen": None,
-        }
-    result["candidates"] = [c for c in result["candidates"] if c["name"] != args.name] + [candidate]
-    if args.choose:
-        result["chosen"] = args.name
-    write_json(args.out, result)
+    result = record(args.out, [candidate], args.name if args.choose else None)
     for n, p in plateaus.items():
         print(f"{args.name}: N={n} plateau {p['mean']} (seeds {p['per_seed']}; published {p['published']})")
     print(

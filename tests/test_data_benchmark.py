@@ -1,4 +1,4 @@
-"""The phantom-difficulty benchmark: its oracle is exact, and it writes the results format."""
+"""The phantom-difficulty calibration: its oracle is exact, and it writes the learning curves it measured."""
 
 from __future__ import annotations
 
@@ -33,11 +33,24 @@ def test_oracle_matches_brute_force():
     assert bench.best_interval_dice(np.arange(5), np.zeros(5, bool)) == 0.0
 
 
-def test_writes_results(tmp_path):
+def test_writes_calibration(tmp_path):
     out = tmp_path / "difficulty.json"
-    bench.main(["--size", "small", "--sites", "1", "--patients-per-site", "1", "--out", str(out)])
+    args = ["--name", "tiny", "--difficulty", "realistic", "--set", "heart_rotation_deg=40.0", "--sites", "1"]
+    args += ["--patients-per-site", "2", "--val-per-site", "1", "--budgets", "1", "--seeds", "0"]
+    bench.main([*args, "--steps", "2", "--steps-per-round", "1", "--plateau-last", "1", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert {"dataset", "config", "environment", "results", "rows"} <= set(result)
-    assert result["results"]["volumes"] == 2 and len(result["rows"]) == 2
-    assert set(result["rows"][0]["dice"]) == {"RV", "MYO", "LV"}
-    assert 0.0 < result["results"]["whole_image"]["dice_mean"] < 1.0
+    assert result["benchmark"] == "phantom_difficulty_calibration" and result["chosen"] is None
+    (candidate,) = result["candidates"]
+    assert (
+        candidate["difficulty"]["heart_rotation_deg"] == 40.0 and candidate["difficulty_base"] == "realistic"
+    )
+    curve = candidate["curves"]["1"]["0"]
+    assert [p["steps"] for p in curve] == [1, 2] and set(curve[0]["sites"]) == {"site-1"}
+    assert all(0.0 <= p["dice_mean"] <= 1.0 for p in curve)
+    assert candidate["plateau"]["1"]["mean"] == curve[-1]["dice_mean"]
+    assert candidate["plateau"]["1"]["published"] == 0.445
+    assert 0.0 < candidate["intensity_oracle_validation"]["whole_image"]["dice_mean"] < 1.0
+    assert "--name tiny" in candidate["command"]
+    merged = tmp_path / "merged.json"
+    bench.main(["--merge", str(out), "--name", "tiny", "--choose", "--out", str(merged)])
+    assert json.loads(merged.read_text())["chosen"] == "tiny"
