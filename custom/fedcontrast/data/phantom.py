@@ -26,11 +26,12 @@ axis last) from the base of the heart towards the apex:
 
 How much patients and sites differ is a :class:`Difficulty`, chosen by name with
 ``synthesize_dataset(..., difficulty=...)``: ``"standard"`` (the default, for tests and
-the demo) or ``"realistic"``, calibrated for the label-efficiency benchmark so that a
-randomly initialised network fine-tuned on one labelled volume per site generalises about
-as badly as on real short-axis MRI (``benchmarks/phantom_difficulty.py``; wider heart
-position, orientation, size, shape and pathology ranges, per-patient tissue contrast and
-bias field, stronger site noise and partial-volume blur).
+the demo) or ``"realistic"``, for the label-efficiency benchmark: wider heart position,
+orientation, size, shape and pathology ranges, per-patient tissue contrast and bias
+field, stronger site noise and partial-volume blur, so that one labelled volume per site
+no longer describes the whole population. Random init's measured federated fine-tuning
+curve on it (against the published one) is in ``benchmarks/results/phantom_difficulty.json``,
+written by ``benchmarks/phantom_difficulty.py``.
 
 Everything is drawn from ``numpy.random.SeedSequence`` streams keyed by
 ``(seed, site, patient)``, so a patient's volumes do not depend on how many
@@ -139,7 +140,8 @@ class Difficulty:
     blur: tuple[tuple[float, float], tuple[float, float]] = ((0.4, 1.0), (0.15, 0.4))
 
 
-#: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's calibration.
+#: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's (candidate "A" of
+#: ``benchmarks/results/phantom_difficulty.json``).
 DIFFICULTIES: dict[str, Difficulty] = {
     "standard": Difficulty(),
     "realistic": Difficulty(
@@ -576,8 +578,8 @@ def synthesize_dataset(
         site_shift: how strongly the sites' scanners differ (see :func:`draw_scanner`; 1: default).
         difficulty: how much patients and sites vary, a name in :data:`DIFFICULTIES` or a
             :class:`Difficulty`: ``"standard"`` (tests, demo) or ``"realistic"`` (the
-            label-efficiency benchmark: random init's Dice rises with the labelled volumes
-            per site roughly as on real data; calibrated by ``benchmarks/phantom_difficulty.py``).
+            label-efficiency benchmark; its measured random-init curve is in
+            ``benchmarks/results/phantom_difficulty.json``).
 
     Returns:
         A JSON-able summary: seed, size, labels, counts and each site's protocol.
