@@ -266,6 +266,25 @@ def parse_settings(base: str, settings: list[str]) -> Difficulty:
     return dataclasses.replace(level, **changes)
 
 
+def plateau_check(mean_curves: dict[str, list[dict[str, Any]]], window: int = 2, rise: float = 0.02) -> dict:
+    """Per N: the seed-mean Dice of the last ``window`` evaluations against the ``window`` before.
+
+    ``reached`` is False when the last window is more than ``rise`` above the one before (still
+    climbing: the measured "plateau" is then a lower bound of random init's converged Dice).
+    """
+    checks = {}
+    for n, curve in mean_curves.items():
+        values = [p["dice_mean"] for p in curve]
+        last, before = np.mean(values[-window:]), np.mean(values[-2 * window : -window] or values[:1])
+        checks[n] = {
+            "last_steps": curve[-1]["steps"],
+            "last_window": round(float(last), 4),
+            "window_before": round(float(before), 4),
+            "reached": bool(last - before <= rise),
+        }
+    return checks
+
+
 def record(out: Path, candidates: list[dict[str, Any]], chosen: str | None = None) -> dict[str, Any]:
     """Add ``candidates`` to the results file ``out`` (replacing same-named ones); mark ``chosen``."""
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -277,6 +296,8 @@ def record(out: Path, candidates: list[dict[str, Any]], chosen: str | None = Non
             "candidates": [],
             "chosen": None,
         }
+    for candidate in candidates:
+        candidate["plateau_check"] = plateau_check(candidate["curve_mean_over_seeds"])
     names = {c["name"] for c in candidates}
     result["candidates"] = [c for c in result["candidates"] if c["name"] not in names] + candidates
     if chosen is not None:
