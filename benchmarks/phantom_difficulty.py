@@ -210,7 +210,7 @@ def fedavg_curve(
             f"{batch_size}) and divide steps {steps}"
         )
     config = {
-        "network": NETWORK,
+        "bundle": NETWORK,
         "pretrained_encoder": "",
         "local_epochs": steps_per_round // per_epoch,
         "batch_size": batch_size,
