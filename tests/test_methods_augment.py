@@ -37,3 +37,23 @@ def test_slab_slices_are_never_mixed():
 def test_unknown_options_are_refused():
     with pytest.raises(ValueError, match="unknown augmentation options"):
         TwoViewAugment(2, options={"flip": 0.5})
+
+
+def test_quarter_turns_and_flips_are_exact():
+    # With crop and small rotations off, a view is an exact quarter turn or flip of the input.
+    images = torch.arange(2 * 16 * 16.0).view(2, 1, 16, 16)
+    turns = {"crop_scale": (1.0, 1.0), "rotate_prob": 0.0, "flip_prob": 0.0, "rot90_prob": 1.0}
+    off = {"intensity_prob": 0.0, "noise_prob": 0.0}
+    view = TwoViewAugment(2, seed=0, options={**turns, **off}).view(images)
+    for sample, out in zip(images, view):
+        assert any(torch.allclose(out, torch.rot90(sample, k, dims=(1, 2)), atol=1e-3) for k in (1, 2, 3))
+    flips = {**turns, "rot90_prob": 0.0, "flip_prob": 1.0}
+    view = TwoViewAugment(2, seed=0, options={**flips, **off}).view(images)
+    assert torch.allclose(view, images.flip(2).flip(3), atol=1e-3)
+
+
+def test_a_batch_is_augmented_sample_by_sample():
+    # The same slab repeated: every copy gets its own draw, so the copies' views differ.
+    slab = torch.randn(1, 1, 16, 16, 2).expand(4, -1, -1, -1, -1)
+    view = TwoViewAugment(3, seed=1).view(slab)
+    assert all(not torch.allclose(view[0], view[i]) for i in range(1, 4))
