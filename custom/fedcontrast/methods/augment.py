@@ -94,7 +94,9 @@ class TwoViewAugment:
         scale = torch.stack([self._uniform(n, lo, hi), self._uniform(n, lo, hi)], dim=1)
         offset = (1 - scale) * self._uniform(2 * n, -1.0, 1.0).view(n, 2)
         turns = torch.randint(1, 4, (n,), generator=self._params) * self._happens(n, o["rot90_prob"])
-        small = self._uniform(n, -1.0, 1.0) * math.radians(o["rotate_deg"]) * self._happens(n, o["rotate_prob"])
+        small = (
+            self._uniform(n, -1.0, 1.0) * math.radians(o["rotate_deg"]) * self._happens(n, o["rotate_prob"])
+        )
         angle = turns * (math.pi / 2) + small
         cos, sin = torch.cos(angle), torch.sin(angle)
         aspect = torch.tensor([width / 2, height / 2])
@@ -122,7 +124,11 @@ class TwoViewAugment:
         shape = (n,) + (1,) * (images.ndim - 1)
 
         def per_sample(values: torch.Tensor, neutral: float, prob: float) -> torch.Tensor:
-            return torch.where(self._happens(n, prob), values, neutral).to(images.device, images.dtype).view(shape)
+            return (
+                torch.where(self._happens(n, prob), values, neutral)
+                .to(images.device, images.dtype)
+                .view(shape)
+            )
 
         shift = per_sample(self._uniform(n, -o["brightness"], o["brightness"]), 0.0, o["intensity_prob"])
         factor = per_sample(1 + self._uniform(n, -o["contrast"], o["contrast"]), 1.0, o["intensity_prob"])
@@ -132,7 +138,9 @@ class TwoViewAugment:
         low = x.flatten(1).amin(1).view(shape)
         span = (x.flatten(1).amax(1).view(shape) - low).clamp_min(1e-7)
         x = ((x - low) / span).clamp_min(0) ** gamma * span + low
-        noise = torch.randn(x.shape, generator=self._noise_generator(x.device), device=x.device, dtype=x.dtype)
+        noise = torch.randn(
+            x.shape, generator=self._noise_generator(x.device), device=x.device, dtype=x.dtype
+        )
         return x + sigma * noise
 
     def _noise_generator(self, device: torch.device) -> torch.Generator:

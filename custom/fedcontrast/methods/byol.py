@@ -55,7 +55,7 @@ from fedcontrast.methods.target_sync import (
     should_upload,
     target_part,
 )
-from fedcontrast.nets.encoder import EncoderWithHead, build_encoder_with_head, ema_update, momentum_copy
+from fedcontrast.nets.encoder import EncoderWithHead, ema_update, momentum_copy
 from fedcontrast.nets.heads import PredictionHead
 
 DEFAULTS: dict[str, Any] = {**PRETRAIN_DEFAULTS, **SYNC_DEFAULTS, "predictor_hidden": 256}
@@ -169,10 +169,10 @@ class BYOLTrainer(ContrastivePretrainer):
     @classmethod
     def build_model(cls, config: Mapping[str, Any]) -> OnlineNetwork:
         """The bundle encoder with a projection head and a :class:`PredictionHead`."""
-        base = build_encoder_with_head(
-            config["bundle_dir"], config["bundle"], int(config["head_hidden"]), int(config["embedding_dim"])
+        base = super().build_model(config)
+        predictor = PredictionHead(
+            int(config["embedding_dim"]), int(config["predictor_hidden"]), config["head_norm"]
         )
-        predictor = PredictionHead(int(config["embedding_dim"]), int(config["predictor_hidden"]))
         return OnlineNetwork(base.encoder, base.head, predictor)
 
     @classmethod

@@ -16,9 +16,18 @@ dicts key by key):
   (any id of the train config, e.g. ``{"init_filters": 8, "roi_size": [64, 64]}``);
 - ``seed``: seeds the head/network initialisation, the sampling and the augmentation;
 - ``device``: torch device; None uses the device the trainer was built with;
-- ``local_epochs``: E, passes over the site's volumes per round;
+- ``local_epochs``: E, passes over the site's volumes per round (when ``local_steps`` is 0);
+- ``local_steps``: optimiser steps per round (0: ``local_epochs`` passes); the budget of a
+  run is ``rounds * local_steps`` steps per site, whatever the number of volumes;
 - ``batch_size``: m, volumes per batch (a batch holds m * S samples);
 - ``lr``, ``weight_decay``: Adam, re-created every round;
+- ``rounds``: the run's number of rounds; when set (> 0) the learning rate warms up linearly
+  over the first ``warmup_fraction`` of the run's steps, then decays to 0 along a cosine
+  (:func:`lr_factor`); 0 keeps ``lr`` constant;
+- ``head_norm``: ``"batch"`` (BatchNorm in the heads' hidden layer, as the SimCLR, MoCo v2
+  and BYOL heads) or ``"none"``;
+- ``probe_volumes``: volumes of the fixed probe set on which every round reports the
+  representation diagnostics (:mod:`~fedcontrast.methods.diagnostics`; 0: none);
 - ``partitions``: S; ``slab_slices``: T, slab thickness of 3D samples;
 - ``temperature``: τ of InfoNCE;
 - ``head_hidden``, ``embedding_dim``: projection head widths (embeddings are ``embedding_dim``-d);
@@ -30,6 +39,9 @@ Weights travel as ``weights/encoder.<key>`` (the segmentation network's encoder,
 
 from __future__ import annotations
 
+import itertools
+import math
+import time
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +53,7 @@ from torch import nn
 
 from fedcontrast.methods.augment import TwoViewAugment
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.diagnostics import alignment, partition_accuracy, uniformity
 from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler, site_tag
 from fedcontrast.methods.volumes import load_volumes
 from fedcontrast.nets.encoder import build_encoder_with_head
@@ -51,9 +64,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": None,
     "local_epochs": 1,
+    "local_steps": 0,
     "batch_size": 4,
     "lr": 1e-3,
     "weight_decay": 0.0,
+    "rounds": 0,
+    "warmup_fraction": 0.1,
+    "head_norm": "batch",
+    "probe_volumes": 8,
     "partitions": 4,
     "slab_slices": 2,
     "temperature": 0.1,
@@ -71,6 +89,20 @@ def check_choice(config: Mapping[str, Any], key: str, choices: Sequence[str]) ->
 
 #: Config keys folded into ``bundle`` (one override dict for the network and the preprocessing).
 RENAMED_TO_BUNDLE = ("network", "preprocessing")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
+
+    Linear warm-up from ``1 / warmup`` to 1 over the first ``warmup`` steps, then a cosine
+    from 1 down to 0 at step ``total``; 1 everywhere when ``total`` is 0 (no schedule).
+    """
+    if total <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,12 +154,50 @@ class ContrastivePretrainer(SiteTrainer):
         spatial_dims = self.model.spatial_dims
         self.sampler = PartitionSampler(int(cfg["partitions"]), spatial_dims, int(cfg["slab_slices"]))
         self.augment = TwoViewAugment(spatial_dims, int(self.rng.integers(2**31)), cfg["augment"])
+        self.probe = self._probe_set(int(cfg["probe_volumes"]))
+        self.steps_per_round = int(cfg["local_steps"]) or int(cfg["local_epochs"]) * math.ceil(
+            len(self.volumes) / int(cfg["batch_size"])
+        )
+
+    def _probe_set(self, num_volumes: int) -> tuple[PartitionBatch, torch.Tensor] | None:
+        """A fixed batch of up to ``num_volumes`` volumes and its two views ``(2B, C, ...)``, drawn once.
+
+        Its own random streams, so the training's sampling and augmentation do not depend on it.
+        """
+        count = min(num_volumes, len(self.volumes))
+        if count < 2:
+            return None
+        rng = np.random.default_rng([int(self.config["seed"]), self.tag, 1])
+        batch = self.sampler.sample(self.volumes[:count], list(range(count)), self.tag, rng)
+        augment = TwoViewAugment(self.model.spatial_dims, int(rng.integers(2**31)), self.config["augment"])
+        return batch, torch.cat(augment(batch.images))
+
+    @torch.no_grad()
+    def representation_metrics(self) -> dict[str, float]:
+        """Alignment, uniformity and partition accuracy of the model's embeddings of the probe set."""
+        if self.probe is None:
+            return {}
+        batch, views = self.probe
+        self.model.eval()
+        z1, z2 = (
+            torch.nn.functional.normalize(self.model(views.to(self.device)).float(), dim=1).cpu().chunk(2)
+        )
+        self.model.train()
+        return {
+            "alignment": alignment(z1, z2),
+            "uniformity": uniformity(z1),
+            "partition_accuracy": partition_accuracy(z1, batch.partitions, batch.volumes),
+        }
 
     @classmethod
     def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
         """The network trained and exchanged (the encoder with its projection head)."""
         return build_encoder_with_head(
-            config["bundle_dir"], config["bundle"], int(config["head_hidden"]), int(config["embedding_dim"])
+            config["bundle_dir"],
+            config["bundle"],
+            int(config["head_hidden"]),
+            int(config["embedding_dim"]),
+            config["head_norm"],
         )
 
     @classmethod
@@ -159,10 +229,20 @@ class ContrastivePretrainer(SiteTrainer):
             ids = order[start : start + m].tolist()
             yield self.sampler.sample([self.volumes[i] for i in ids], ids, self.tag, self.rng)
 
+    def round_batches(self) -> Iterator[PartitionBatch]:
+        """One round's batches: ``local_steps`` of them (epochs repeated), else ``local_epochs`` epochs."""
+        remaining = int(self.config["local_steps"])
+        for _ in range(int(self.config["local_epochs"])) if remaining <= 0 else itertools.count():
+            for batch in self.batches():
+                yield batch
+                remaining -= 1
+                if remaining == 0:
+                    return
+
     def two_views(self, batch: PartitionBatch) -> torch.Tensor:
-        """Both augmented views of a batch on the device, stacked: ``(2B, C, ...)``, view 1 first."""
-        view1, view2 = self.augment(batch.images)
-        return torch.cat([view1, view2]).to(self.device)
+        """Both augmented views of a batch, made on the device, stacked: ``(2B, C, ...)``, view 1 first."""
+        view1, view2 = self.augment(batch.images.to(self.device, non_blocking=True))
+        return torch.cat([view1, view2])
 
     def begin_round(self, incoming: Message) -> None:
         """Called after the global weights are loaded, before training; the default does nothing."""
@@ -179,10 +259,11 @@ class ContrastivePretrainer(SiteTrainer):
         return self.weights_message()
 
     def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
-        """Load the global weights, train ``local_epochs`` epochs, return the upload.
+        """Load the global weights, train one round (:meth:`round_batches`), return the upload.
 
         ``num_samples`` counts the samples (slices or slabs) seen; metrics are the mean
-        loss terms over the round's steps and the step count.
+        loss terms over the round's steps, the step count, ``lr`` (at the round's last step),
+        ``samples_per_s`` (training throughput) and :meth:`representation_metrics`.
         """
         self.load_weights(incoming)
         self.begin_round(incoming)
@@ -192,19 +273,28 @@ class ContrastivePretrainer(SiteTrainer):
             weight_decay=float(self.config["weight_decay"]),
         )
         self.model.train()
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = defaultdict(float)
+        total = int(self.config["rounds"]) * self.steps_per_round
+        warmup = round(float(self.config["warmup_fraction"]) * total)
         steps = samples = 0
-        for _ in range(int(self.config["local_epochs"])):
-            for batch in self.batches():
-                terms = self.training_step(batch)
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                optimizer.step()
-                self.after_step()
-                for name, value in terms.items():
-                    sums[name] += float(value.detach())
-                steps += 1
-                samples += len(batch)
-        metrics = {name: total / max(steps, 1) for name, total in sums.items()}
+        lr = float(self.config["lr"])
+        start = time.perf_counter()
+        for batch in self.round_batches():
+            lr = float(self.config["lr"]) * lr_factor(round_num * self.steps_per_round + steps, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = self.training_step(batch)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            self.after_step()
+            for name, value in terms.items():
+                sums[name] = sums[name] + value.detach()
+            steps += 1
+            samples += len(batch)
+        metrics = {name: float(total_) / max(steps, 1) for name, total_ in sums.items()}
         metrics["steps"] = float(steps)
+        metrics["lr"] = lr
+        metrics["samples_per_s"] = samples / max(time.perf_counter() - start, 1e-9)
+        metrics.update(self.representation_metrics())
         return SiteUpdate(message=self.upload(), num_samples=samples, metrics=metrics)

@@ -59,6 +59,7 @@ def build_encoder_with_head(
     network_overrides: Mapping[str, Any] | None = None,
     hidden_channels: int = 256,
     out_channels: int = 128,
+    head_norm: str = "batch",
 ) -> EncoderWithHead:
     """The bundle network's encoder with a fresh :class:`ProjectionHead`.
 
@@ -67,9 +68,11 @@ def build_encoder_with_head(
         network_overrides: bundle config overrides (e.g. ``{"init_filters": 8}``).
         hidden_channels: head MLP hidden width.
         out_channels: embedding dimension.
+        head_norm: the head's hidden-layer normalisation (``"batch"`` or ``"none"``).
     """
     encoder = build_network(bundle_dir, dict(network_overrides or {})).encoder
-    return EncoderWithHead(encoder, ProjectionHead(deepest_channels(encoder), hidden_channels, out_channels))
+    head = ProjectionHead(deepest_channels(encoder), hidden_channels, out_channels, head_norm)
+    return EncoderWithHead(encoder, head)
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

@@ -10,22 +10,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+#: ``norm`` choices of the heads: BatchNorm in the hidden layer, as the SimCLR, MoCo v2 and BYOL
+#: projectors (and BYOL's predictor) have it, or none.
+HEAD_NORMS: tuple[str, ...] = ("batch", "none")
+
 
 class MLP(nn.Sequential):
-    """Two-layer perceptron ``Linear -> ReLU -> Linear`` on vectors ``(B, in) -> (B, out)``.
+    """Two-layer perceptron ``Linear -> [BatchNorm1d] -> ReLU -> Linear``, ``(B, in) -> (B, out)``.
 
     Args:
         in_channels: input width.
         hidden_channels: hidden width.
         out_channels: output width.
+        norm: ``"batch"`` (BatchNorm in the hidden layer; the hidden Linear then has no bias)
+            or ``"none"``.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
-        super().__init__(
-            nn.Linear(in_channels, hidden_channels),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_channels, out_channels),
-        )
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, norm: str = "batch"):
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"head norm must be one of {HEAD_NORMS}, got {norm!r}")
+        batch_norm = norm == "batch"
+        hidden = [nn.Linear(in_channels, hidden_channels, bias=not batch_norm)]
+        if batch_norm:
+            hidden.append(nn.BatchNorm1d(hidden_channels))
+        super().__init__(*hidden, nn.ReLU(inplace=True), nn.Linear(hidden_channels, out_channels))
 
 
 class ProjectionHead(nn.Module):
@@ -35,11 +43,14 @@ class ProjectionHead(nn.Module):
         in_channels: channels of the feature map it receives (the encoder's deepest level).
         hidden_channels: MLP hidden width.
         out_channels: embedding dimension (128 by default).
+        norm: hidden-layer normalisation, see :class:`MLP`.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = 256, out_channels: int = 128):
+    def __init__(
+        self, in_channels: int, hidden_channels: int = 256, out_channels: int = 128, norm: str = "batch"
+    ):
         super().__init__()
-        self.mlp = MLP(in_channels, hidden_channels, out_channels)
+        self.mlp = MLP(in_channels, hidden_channels, out_channels, norm)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` feature map -> ``(B, out_channels)`` unit-norm embeddings."""
@@ -55,10 +66,11 @@ class PredictionHead(MLP):
     Args:
         dim: embedding dimension (the projection head's ``out_channels``).
         hidden_channels: MLP hidden width.
+        norm: hidden-layer normalisation, see :class:`MLP`.
     """
 
-    def __init__(self, dim: int = 128, hidden_channels: int = 256):
-        super().__init__(dim, hidden_channels, dim)
+    def __init__(self, dim: int = 128, hidden_channels: int = 256, norm: str = "batch"):
+        super().__init__(dim, hidden_channels, dim, norm)
 
 
 class ClassificationHead(nn.Module):
