@@ -65,7 +65,8 @@ def rows(config) -> list[dict]:
 
 def test_units_come_smallest_budget_first_and_cover_the_grid(config):
     units = finetune_units(config)
-    assert len(units) == len(config.methods) * 2 * len(config.budgets) * len(config.seeds)
+    # local and federated fine-tuning, plus the federated frozen-encoder probe
+    assert len(units) == len(config.methods) * 3 * len(config.budgets) * len(config.seeds)
     assert [u.n_labeled for u in units] == sorted(u.n_labeled for u in units)
     assert len({u.key for u in units}) == len(units)
 

@@ -1,7 +1,9 @@
-"""``fedcontrast bench``: the published comparison protocol on the phantom or any supported dataset.
+"""``fedcontrast bench``: the label-efficiency protocol (SPEC §7) on the phantom or any supported dataset.
 
 See :mod:`fedcontrast.bench.protocol` for what runs and :mod:`fedcontrast.bench.report` for
-what is written (rows in the shared results format, a markdown report, plots).
+what is written (rows in the shared results format, a markdown report, plots). A profile
+(``--profile quick|cpu|gpu``, :data:`~fedcontrast.bench.protocol.PROFILES`) sets the sizes and
+budgets; options given on the command line override it.
 """
 
 from __future__ import annotations
@@ -9,40 +11,49 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcontrast.bench.protocol import RANDOM_INIT, BenchConfig, run_benchmark
+from fedcontrast.bench.protocol import PROFILES, RANDOM_INIT, READOUTS, BenchConfig, run_benchmark
 
-#: ``--quick``: two sites, one seed, N = 1, one round each, a tiny network: every method in minutes.
-QUICK = {
-    "budgets": [1],
-    "seeds": [0],
-    "sites": 2,
-    "patients_per_site": 3,
-    "pretrain_rounds": 1,
-    "finetune_rounds": 1,
-    "finetune_epochs": 2,
-    "network": {
-        "init_filters": 4,
-        "blocks_down": [1, 1, 1],
-        "inplane_spacing": 3.0,
-        "roi_size": [48, 48],
-        "patch_size": [32, 32, 8],
-    },
-}
+#: Command-line options that override a profile's setting of the same name.
+OVERRIDES = (
+    "methods",
+    "budgets",
+    "seeds",
+    "sites",
+    "patients_per_site",
+    "pretrain_steps",
+    "pretrain_rounds",
+    "finetune_steps",
+    "finetune_checkpoints",
+    "readouts",
+    "size",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fedcontrast bench``."""
-    parser = subparsers.add_parser("bench", help="compare every pre-training method (SPEC §7 protocol)")
-    parser.add_argument("--quick", action="store_true", help="a small run of every method (minutes)")
+    parser = subparsers.add_parser("bench", help="label-efficiency comparison of the methods (SPEC §7)")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="cpu",
+        help="cpu: the full grid on a 2-core CPU in one session; gpu: realistic budgets; quick: CI",
+    )
+    parser.add_argument("--quick", action="store_true", help="same as --profile quick (minutes)")
     parser.add_argument(
         "--methods", nargs="+", help="default: random_init and every registered pre-training method"
     )
     parser.add_argument("--budgets", nargs="+", type=int, help="labelled volumes per site (default 1 2 4 8)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="run seeds (default 0 1 2)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run seeds (default 0 1 2 3 4)")
     parser.add_argument("--sites", type=int, help="phantom sites, or sites to deal a one-site dataset to")
-    parser.add_argument("--patients-per-site", type=int)
-    parser.add_argument("--pretrain-rounds", type=int)
-    parser.add_argument("--finetune-rounds", type=int)
+    parser.add_argument("--patients-per-site", type=int, help="phantom patients per site")
+    parser.add_argument("--size", help="phantom size preset")
+    parser.add_argument("--pretrain-steps", type=int, help="pre-training optimiser steps per site")
+    parser.add_argument("--pretrain-rounds", type=int, help="rounds the pre-training steps are split into")
+    parser.add_argument("--finetune-steps", type=int, help="fine-tuning optimiser steps, every N alike")
+    parser.add_argument(
+        "--finetune-checkpoints", type=int, help="scored checkpoints (= FedAvg rounds) over those steps"
+    )
+    parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
     parser.add_argument("--dataset", type=Path, help="a dataset folder instead of the phantom")
     parser.add_argument("--format", default="acdc", choices=["acdc", "mnms", "decathlon"])
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
@@ -53,23 +64,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The profile's settings with the command line's options over them."""
+    settings = dict(PROFILES["quick" if args.quick else args.profile])
+    settings.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
+    return BenchConfig(**settings)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run or resume the benchmark, then write its report."""
     from fedcontrast.methods.registry import get_method
 
-    settings = dict(QUICK) if args.quick else {}
-    for name in (
-        "methods",
-        "budgets",
-        "seeds",
-        "sites",
-        "patients_per_site",
-        "pretrain_rounds",
-        "finetune_rounds",
-    ):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    config = BenchConfig(**settings)
+    config = config_from_args(args)
     for method in config.methods:
         if method != RANDOM_INIT:
             get_method(method)  # a clear error for an unknown name, before any work

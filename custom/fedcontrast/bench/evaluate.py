@@ -2,9 +2,16 @@
 
 The network, the deterministic preprocessing and the inferer come from the bundle's
 ``train.json`` (the same ones its ``evaluate.json`` uses); Dice and HD95 are MONAI's
-metrics. Test volumes are preprocessed once and kept in memory, so scoring a model
-costs only its forward passes. Scores are computed in the preprocessed space (RAS,
-``inplane_spacing`` mm in-plane, native slice spacing); HD95 is in millimetres.
+metrics. Volumes are preprocessed once and kept in memory, so scoring a model costs only
+its forward passes. Scores are computed in the preprocessed space (RAS, ``inplane_spacing``
+mm in-plane, native slice spacing); HD95 is in millimetres.
+
+BatchNorm (SPEC §7): before a model is scored at a site, its BatchNorm running statistics
+are re-estimated on that site's *labelled training* volumes (the fine-tuning data), run
+through the same sliding-window inferer as at test time (:func:`reestimate_batchnorm`).
+The same rule holds for every method, so statistics inherited from pre-training, or
+averaged across sites by FedAvg, never decide a score; no test or validation volume is
+ever seen by it.
 """
 
 from __future__ import annotations
@@ -16,19 +23,50 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.utils import one_hot
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedcontrast.nets.bundle import bundle_parser
 
 CLASS_NAMES: tuple[str, ...] = ("RV", "MYO", "LV")
 
 
-class BundleScorer:
-    """Dice per class and HD95 of a network state dict on each site's test volumes.
+@torch.no_grad()
+def reestimate_batchnorm(network: torch.nn.Module, images: list[torch.Tensor], inferer: Any) -> None:
+    """Replace every BatchNorm layer's running statistics by those of ``images``.
+
+    The statistics are reset and recomputed as a cumulative average (``momentum=None``)
+    over the batches the ``inferer`` feeds the network, i.e. exactly the windows the network
+    sees when it segments these images; parameters are unchanged and the network is left in
+    eval mode.
 
     Args:
-        test_sets: site -> labelled entries (``{"image", "label"}``).
+        network: the segmentation network.
+        images: preprocessed images ``(C, X, Y, Z)``.
+        inferer: the bundle's inferer (sliding window or slice-wise).
+    """
+    layers = [m for m in network.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    network.train()
+    for image in images:
+        inferer(image[None].float(), network)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    network.eval()
+
+
+class BundleScorer:
+    """Dice per class and HD95 of a network state dict on each site's test (or validation) volumes.
+
+    Args:
+        test_sets: site -> labelled entries (``{"image", "label"}``) scored as ``split="test"``.
         overrides: bundle config overrides (network size, geometry).
         bundle_dir: the bundle (default: the repository's).
+        calibration_sets: site -> the site's labelled *training* entries; when given, the
+            BatchNorm statistics are re-estimated on them before every score at that site.
+        validation_sets: site -> labelled entries scored as ``split="validation"``.
     """
 
     def __init__(
@@ -36,32 +74,47 @@ class BundleScorer:
         test_sets: Mapping[str, list[dict]],
         overrides: Mapping[str, Any] | None = None,
         bundle_dir: str | None = None,
+        calibration_sets: Mapping[str, list[dict]] | None = None,
+        validation_sets: Mapping[str, list[dict]] | None = None,
     ):
         parser = bundle_parser(bundle_dir, "train", overrides)
         self.network: torch.nn.Module = parser.get_parsed_content("network_def").eval()
         self.inferer = parser.get_parsed_content("inferer")
         preprocessing = parser.get_parsed_content("preprocessing")
-        self.volumes = {
-            site: [preprocessing({"image": e["image"], "label": e["label"]}) for e in entries]
-            for site, entries in test_sets.items()
-        }
+
+        def load(sets: Mapping[str, list[dict]] | None) -> dict[str, list[dict]]:
+            return {
+                site: [preprocessing({"image": e["image"], "label": e["label"]}) for e in entries]
+                for site, entries in (sets or {}).items()
+            }
+
+        self.splits = {"test": load(test_sets), "validation": load(validation_sets)}
+        self.volumes = self.splits["test"]
+        self.calibration = {site: [v["image"] for v in vols] for site, vols in load(calibration_sets).items()}
         self.num_classes = len(CLASS_NAMES) + 1
 
-    @torch.no_grad()
-    def predict(self, state_dict: Mapping[str, torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-        """Class indices ``(1, 1, X, Y, Z)`` of one preprocessed image ``(1, X, Y, Z)``."""
+    def load(self, state_dict: Mapping[str, torch.Tensor], site: str) -> None:
+        """Load ``state_dict`` for scoring at ``site``: BatchNorm re-estimated on its training volumes."""
         self.network.load_state_dict(state_dict)
+        if site in self.calibration:
+            reestimate_batchnorm(self.network, self.calibration[site], self.inferer)
+        self.network.eval()
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor) -> torch.Tensor:
+        """Class indices ``(1, 1, X, Y, Z)`` of a preprocessed image ``(1, X, Y, Z)`` (loaded model)."""
         logits = self.inferer(image[None].float(), self.network)
         return logits.argmax(dim=1, keepdim=True)
 
-    def score(self, state_dict: Mapping[str, torch.Tensor], site: str) -> dict[str, Any]:
-        """Mean over ``site``'s test volumes: ``{"dice": {class: d}, "dice_mean", "hd95_mean"}``.
+    def score(self, state_dict: Mapping[str, torch.Tensor], site: str, split: str = "test") -> dict[str, Any]:
+        """Mean over ``site``'s ``split`` volumes: ``{"dice": {class: d}, "dice_mean", "hd95_mean"}``.
 
         A class absent from both prediction and label is left out of the means (NaN-safe).
         """
+        self.load(state_dict, site)
         dice, hd95 = [], []
-        for volume in self.volumes[site]:
-            pred = one_hot(self.predict(state_dict, volume["image"]), self.num_classes)
+        for volume in self.splits[split][site]:
+            pred = one_hot(self.predict(volume["image"]), self.num_classes)
             label = one_hot(volume["label"][None].long(), self.num_classes)
             dice.append(compute_dice(pred, label, include_background=False)[0].numpy())
             spacing = [float(s) for s in volume["image"].pixdim]
@@ -82,8 +135,9 @@ class BundleScorer:
     def example(self, state_dict: Mapping[str, torch.Tensor], site: str) -> dict[str, np.ndarray]:
         """Image, ground truth and prediction of ``site``'s first test volume, ``(X, Y, Z)`` arrays."""
         volume = self.volumes[site][0]
+        self.load(state_dict, site)
         return {
             "image": volume["image"][0].numpy(),
             "label": volume["label"][0].numpy(),
-            "prediction": self.predict(state_dict, volume["image"])[0, 0].numpy().astype(np.uint8),
+            "prediction": self.predict(volume["image"])[0, 0].numpy().astype(np.uint8),
         }

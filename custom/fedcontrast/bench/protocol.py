@@ -1,23 +1,35 @@
-"""The published comparison protocol (SPEC §7), resumable.
+"""The label-efficiency protocol (SPEC §7), resumable.
 
 Work is split into units:
 
 - a **pre-training unit** ``(method, seed)`` runs the method's real protocol in process
   (:func:`~fedcontrast.methods.runner.run_in_process`: the same trainer and strategy calls,
   and the same :func:`~fedcontrast.methods.base.count_bytes` on the same messages, as the
-  NVFlare controller) and saves its encoder(s) and its per-round bytes;
-- a **fine-tuning unit** ``(method, seed, mode, N)`` fine-tunes from that encoder with the
-  ``supervised`` method (the bundle's own train workflow) on N labelled volumes per site,
-  federated (FedAvg, one global model) or local (each site alone), then scores every site's
-  held-out test set with :class:`~fedcontrast.bench.evaluate.BundleScorer`.
+  NVFlare controller) for ``pretrain_steps`` optimiser steps per site (``pretrain_rounds``
+  rounds, warm-up + cosine learning rate), and saves its encoder(s), its per-round bytes and
+  its pre-training curve (loss, alignment, uniformity, partition accuracy per site and round);
+- a **fine-tuning unit** ``(method, seed, mode, N, readout)`` starts the bundle network
+  (decoder initialised by the run seed, so the same for every method) from that encoder and
+  trains it with the ``supervised`` method (the bundle's own train workflow) on N labelled
+  volumes per site for ``finetune_steps`` optimiser steps, whatever N, federated (FedAvg,
+  one global model, one round per checkpoint) or local (each site alone). The readout
+  ``finetune`` trains the whole network; ``probe`` trains the decoder on the frozen encoder,
+  which isolates the representation. After each of ``finetune_checkpoints`` equal slices
+  of the budget, every site's model is scored on the site's held-out test patients (and, for
+  random init, its validation patients: the plateau curve that sets the budget) with
+  :class:`~fedcontrast.bench.evaluate.BundleScorer`, BatchNorm statistics re-estimated on the
+  site's labelled training volumes first.
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
 fine-tuning from their average. Each unit runs in a fresh worker process, so the peak
 resident memory it reports (sites run one after another) is its own. Every finished unit
 is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
-interrupted run continues where it stopped.
-The data split is fixed (its seed is ``data_seed``); run seeds change the training only.
+interrupted run continues where it stopped; a run folder refuses other settings, except
+more methods (a method added later runs as its own column with the same configuration).
+The data split is fixed (its seed is ``data_seed``): per site ``test_per_site`` test and
+``validation_per_site`` validation patients, never used for pre-training or fine-tuning;
+labelled sets nested across N. Run seeds change the training only.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import logging
 import resource
 import time
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcontrast.methods.base import KINDS, message_to_state_dict, select
+from fedcontrast.methods.base import KINDS, Message, message_to_state_dict, select
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
 
@@ -44,52 +56,117 @@ logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random_init"
 MODES = ("local", "federated")
+READOUTS = ("finetune", "probe")
+
+#: The bench network: the bundle's SegResNetDS in 2D (slices, as the published FCL and local
+#: contrastive U-Nets) at 3 mm in-plane on a 48 x 48 crop; a fine-tuning batch holds 8 slices
+#: (8 drawn per volume, so a step holds 8 samples for every N).
+SMALL_BUNDLE: dict[str, Any] = {
+    "spatial_dims": 2,
+    "init_filters": 8,
+    "blocks_down": [1, 2, 2],
+    "inplane_spacing": 3.0,
+    "roi_size": [48, 48],
+    "patch_size": [48, 48, 8],
+    "samples_per_volume": 8,
+}
+
+#: Named settings of ``fedcontrast bench --profile``; options given on the command line win.
+PROFILES: dict[str, dict[str, Any]] = {
+    # CI: two sites, one seed, N = 1, a tiny network: every method in a few minutes
+    "quick": {
+        "budgets": [1],
+        "seeds": [0],
+        "sites": 2,
+        "patients_per_site": 5,
+        "test_per_site": 1,
+        "validation_per_site": 1,
+        "pretrain_steps": 2,
+        "pretrain_rounds": 1,
+        "finetune_steps": 4,
+        "finetune_checkpoints": 2,
+        "bundle": {**SMALL_BUNDLE, "init_filters": 4, "blocks_down": [1, 1, 1]},
+    },
+    # the full grid on a 2-core CPU inside one working session (measured in the report)
+    "cpu": {},
+    # realistic budgets on a GPU: full-resolution phantom, thousands of pre-training steps
+    "gpu": {
+        "size": "full",
+        "pretrain_steps": 2000,
+        "pretrain_rounds": 20,
+        "batch_size": 8,
+        "finetune_steps": 400,
+        "finetune_checkpoints": 8,
+        "bundle": {"spatial_dims": 2, "init_filters": 16, "samples_per_volume": 8},
+        "device": "auto",
+    },
+}
 
 
 @dataclass
 class BenchConfig:
-    """Everything that changes the numbers (written into every result file)."""
+    """Everything that changes the numbers (written into every result file); defaults = ``cpu``."""
 
     methods: list[str] = field(default_factory=lambda: [RANDOM_INIT, *available_methods(pretraining=True)])
     budgets: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     sites: int = 4
-    patients_per_site: int = 6
-    test_per_site: int = 1
+    patients_per_site: int = 24
+    test_per_site: int = 2
+    validation_per_site: int = 2
     data_seed: int = 0
     size: str = "small"
-    pretrain_rounds: int = 2
-    pretrain_epochs: int = 1
-    finetune_rounds: int = 2
-    finetune_epochs: int = 5
+    pretrain_steps: int = 120
+    pretrain_rounds: int = 4
     batch_size: int = 4
-    network: dict[str, Any] = field(
-        default_factory=lambda: {
-            "init_filters": 8,
-            "blocks_down": [1, 2, 2],
-            "inplane_spacing": 3.0,
-            "roi_size": [48, 48],
-            "patch_size": [48, 48, 8],
-        }
-    )
+    finetune_steps: int = 64
+    finetune_checkpoints: int = 4
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 8
+    readouts: list[str] = field(default_factory=lambda: list(READOUTS))
+    probe_modes: list[str] = field(default_factory=lambda: ["federated"])
+    bundle: dict[str, Any] = field(default_factory=lambda: dict(SMALL_BUNDLE))
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for total, parts, what in (
+            (self.pretrain_steps, self.pretrain_rounds, "pretrain_steps / pretrain_rounds"),
+            (self.finetune_steps, self.finetune_checkpoints, "finetune_steps / finetune_checkpoints"),
+        ):
+            if parts < 1 or total < parts or total % parts:
+                raise ValueError(f"{what} must be a whole number of steps >= 1, got {total} / {parts}")
+        unknown = set(self.readouts) - set(READOUTS)
+        if unknown:
+            raise ValueError(f"unknown readouts {sorted(unknown)}; known: {READOUTS}")
+
+    @property
+    def torch_device(self) -> str:
+        """``device``, with ``"auto"`` resolved to CUDA when available."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def pretrain_config(self, seed: int) -> dict[str, Any]:
         """The pre-training methods' configuration for ``seed``."""
         return {
-            "bundle": self.network,
+            "bundle": self.bundle,
             "seed": seed,
-            "local_epochs": self.pretrain_epochs,
+            "local_steps": self.pretrain_steps // self.pretrain_rounds,
+            "rounds": self.pretrain_rounds,
             "batch_size": self.batch_size,
             **self.pretrain_overrides,
         }
 
-    def finetune_config(self, seed: int, encoder: str) -> dict[str, Any]:
+    def finetune_config(self, seed: int, encoder: str, readout: str = "finetune") -> dict[str, Any]:
         """The ``supervised`` configuration for ``seed``, starting from ``encoder`` ("" for none)."""
         return {
-            "bundle": self.network,
+            "bundle": self.bundle,
             "pretrained_encoder": encoder,
-            "local_epochs": self.finetune_epochs,
+            "local_steps": self.finetune_steps // self.finetune_checkpoints,
+            "lr": self.finetune_lr,
+            "batch_size": self.finetune_batch_size,
+            "freeze_encoder": readout == "probe",
             "seed": seed,
             "num_workers": 0,
         }
@@ -116,13 +193,33 @@ def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
     return {"pretrain_bytes_up": up, "pretrain_bytes_down": down, "bytes_by_kind": by_kind}
 
 
+#: Per-round metrics of a pre-training site kept in the record's ``curve``.
+CURVE_KEYS = ("loss", "alignment", "uniformity", "partition_accuracy", "samples_per_s", "lr")
+
+
+def pretraining_curve(history: list[dict[str, Any]], steps_per_round: int) -> list[dict[str, Any]]:
+    """One dict per (round, site): ``round``, ``step`` (steps done by the round's end), ``site`` and
+    the :data:`CURVE_KEYS` the method reported."""
+    return [
+        {
+            "round": r["round"],
+            "step": (r["round"] + 1) * steps_per_round,
+            "site": r["site"],
+            **{k: r["metrics"][k] for k in CURVE_KEYS if k in r["metrics"]},
+        }
+        for r in history
+    ]
+
+
 def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, out: Path) -> dict[str, Any]:
     """Run one pre-training; save its encoder(s) under ``out``; return its record (bytes, wall, rounds)."""
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
     entries = {site: pretraining_entries(d) for site, d in datalists.items()}
-    result = run_in_process(method, config.pretrain_config(seed), entries, config.pretrain_rounds)
+    result = run_in_process(
+        method, config.pretrain_config(seed), entries, config.pretrain_rounds, device=config.torch_device
+    )
     out.mkdir(parents=True, exist_ok=True)
     if get_method(method).federated:
         weights = select(result.global_message, "weights")
@@ -146,6 +243,8 @@ def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, 
             for r in result.history
         ],
         "server_metrics": result.server_metrics,
+        "curve": pretraining_curve(result.history, config.pretrain_steps // config.pretrain_rounds),
+        "samples_per_s": float(np.mean([r["metrics"].get("samples_per_s", np.nan) for r in result.history])),
         "peak_rss_mb": peak_rss_mb(),
     }
     (out / "record.json").write_text(json.dumps(record, indent=1))
@@ -160,10 +259,11 @@ class FinetuneUnit:
     seed: int
     mode: str
     n_labeled: int
+    readout: str = "finetune"
 
     @property
     def key(self) -> str:
-        return f"{self.method}|{self.seed}|{self.mode}|{self.n_labeled}"
+        return f"{self.method}|{self.seed}|{self.mode}|{self.n_labeled}|{self.readout}"
 
 
 def finetune_unit(
@@ -174,54 +274,87 @@ def finetune_unit(
     record: dict | None,
     examples_dir: Path,
 ) -> list[dict[str, Any]]:
-    """Fine-tune and score one unit; returns one row per site (RESULTS_FORMAT keys, plus ``unit``).
+    """Fine-tune one unit, scoring every site at every checkpoint.
 
-    The first seed at the smallest budget also saves an example (image, truth, prediction) of
-    the first site's first test volume to ``examples_dir/<method>_<mode>.npz``.
+    Returns one row per (site, checkpoint, evaluation split): the RESULTS_FORMAT keys plus
+    ``unit``, ``readout``, ``finetune_steps`` (steps done when scored) and ``eval_split``
+    (``test``; random init also ``validation``). The first seed at the smallest budget also
+    saves an example (image, truth, prediction) of the first site's first test volume to
+    ``examples_dir/<method>_<mode>.npz``.
     """
     from fedcontrast.bench.evaluate import BundleScorer
 
     torch.set_num_threads(1)
-    scorer = BundleScorer({site: s["test"] for site, s in splits.items()}, config.network)
     training = {site: s["training"] for site, s in splits.items()}
+    scorer = BundleScorer(
+        {site: s["test"] for site, s in splits.items()},
+        config.bundle,
+        calibration_sets=training,
+        validation_sets={site: s["validation"] for site, s in splits.items()}
+        if unit.method == RANDOM_INIT
+        else None,
+    )
+    steps_per_round = config.finetune_steps // config.finetune_checkpoints
+    scores: list[dict[str, Any]] = []
     models: dict[str, dict[str, torch.Tensor]] = {}
+
+    def score(round_num: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        models.update(states)
+        for site, state in states.items():
+            for split in ("test", "validation"):
+                if scorer.splits[split]:
+                    scores.append(
+                        {
+                            "site": site,
+                            "finetune_steps": (round_num + 1) * steps_per_round,
+                            "eval_split": split,
+                            **scorer.score(state, site, split),
+                        }
+                    )
+
     start = time.perf_counter()
+    device = config.torch_device
     if unit.mode == "federated":
-        encoder = str(encoders / "global.pt") if encoders else ""
-        result = run_in_process(
-            "supervised", config.finetune_config(unit.seed, encoder), training, config.finetune_rounds
+        cfg = config.finetune_config(unit.seed, str(encoders / "global.pt") if encoders else "", unit.readout)
+
+        def on_round(round_num: int, _updates: dict, global_message: Message) -> None:
+            score(round_num, dict.fromkeys(training, message_to_state_dict(global_message)))
+
+        run_in_process(
+            "supervised", cfg, training, config.finetune_checkpoints, device=device, on_round=on_round
         )
-        models = dict.fromkeys(training, message_to_state_dict(result.global_message))
     else:
         for site, entries in training.items():
             own = encoders / f"{site}.pt" if encoders else None
             encoder = str(own if own and own.exists() else encoders / "global.pt") if encoders else ""
-            cfg = config.finetune_config(unit.seed, encoder)
-            result = run_in_process(
-                "supervised", cfg, {site: entries}, config.finetune_rounds, federated=False
+            cfg = config.finetune_config(unit.seed, encoder, unit.readout)
+
+            def on_round(round_num: int, updates: dict, _global: Message, site: str = site) -> None:
+                score(round_num, {site: message_to_state_dict(updates[site].message)})
+
+            run_in_process(
+                "supervised", cfg, {site: entries}, config.finetune_checkpoints, False, device, on_round
             )
-            models[site] = message_to_state_dict(result.final_messages[site])
     wall = time.perf_counter() - start
     rows = []
-    for site, state in models.items():
-        scores = scorer.score(state, site)
-        bytes_ = record["sites"][site] if record else _site_bytes([], site)
+    for entry in scores:
+        bytes_ = record["sites"][entry["site"]] if record else _site_bytes([], entry["site"])
         rows.append(
             {
                 "unit": unit.key,
                 "method": unit.method,
                 "finetune": unit.mode,
+                "readout": unit.readout,
                 "n_labeled": unit.n_labeled,
                 "seed": unit.seed,
-                "site": site,
-                **scores,
+                **entry,
                 **bytes_,
                 "pretrain_wall_s": record["wall_s"] if record else 0.0,
                 "finetune_wall_s": wall,
                 "peak_rss_mb": max(peak_rss_mb(), record["peak_rss_mb"] if record else 0.0),
             }
         )
-    if unit.seed == config.seeds[0] and unit.n_labeled == min(config.budgets):
+    if unit.seed == config.seeds[0] and unit.n_labeled == min(config.budgets) and unit.readout == "finetune":
         site = sorted(models)[0]
         examples_dir.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
@@ -230,14 +363,32 @@ def finetune_unit(
     return rows
 
 
+def hold_out_validation(datalist: dict[str, Any], patients: int) -> dict[str, Any]:
+    """Move the first ``patients`` test patients of a site datalist into a ``validation`` list."""
+    order = list(dict.fromkeys(e["patient"] for e in datalist["test"]))
+    if patients >= len(order):
+        raise ValueError(
+            f"site {datalist.get('site')}: {len(order)} held-out patients cannot give "
+            f"{patients} validation patients and a test set"
+        )
+    validation = set(order[:patients])
+    return {
+        **datalist,
+        "validation": [e for e in datalist["test"] if e["patient"] in validation],
+        "test": [e for e in datalist["test"] if e["patient"] not in validation],
+    }
+
+
 def prepare_splits(
     config: BenchConfig, out: Path, dataset: Path | None = None, fmt: str = "acdc"
 ) -> dict[int, dict[str, dict]]:
     """Per-budget site splits ``{N: {site: site datalist}}`` (the phantom unless ``dataset`` is given).
 
-    One split seed for every budget: the test sets are the same and the labelled sets nested.
+    One split seed for every budget: the test and validation sets are the same and the labelled
+    sets nested. Each site file holds ``training``, ``unlabeled``, ``validation`` and ``test``.
     """
     from fedcontrast.data.datalist import load_site_datalist
+    from fedcontrast.data.io import write_json
     from fedcontrast.data.phantom import synthesize_dataset
     from fedcontrast.data.readers import read_dataset
     from fedcontrast.data.splits import write_site_splits
@@ -255,11 +406,15 @@ def prepare_splits(
             labels,
             folder,
             n,
-            config.test_per_site,
+            config.test_per_site + config.validation_per_site,
             seed=config.data_seed,
             sites=None if dataset == out / "data" else config.sites,
         )
-        splits[n] = {p.stem: load_site_datalist(p) for p in sorted(folder.glob("site-*.json"))}
+        splits[n] = {}
+        for path in sorted(folder.glob("site-*.json")):
+            datalist = hold_out_validation(load_site_datalist(path), config.validation_per_site)
+            write_json(path, datalist)
+            splits[n][path.stem] = datalist
     return splits
 
 
@@ -273,16 +428,21 @@ def completed_units(rows_file: Path) -> set[str]:
 def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
     """Every fine-tuning unit, smallest budgets first (so partial runs hold complete low-N tables)."""
     return [
-        FinetuneUnit(m, seed, mode, n)
+        FinetuneUnit(m, seed, mode, n, readout)
         for n in sorted(config.budgets)
         for seed in config.seeds
         for m in config.methods
+        for readout in config.readouts
         for mode in MODES
+        if readout == "finetune" or mode in config.probe_modes
     ]
 
 
 def check_resumable(config: BenchConfig, out: Path) -> None:
     """Refuse to continue a run folder whose configuration differs from ``config``.
+
+    Only ``methods`` may differ: a method added later runs as its own column with the same
+    configuration (the saved configuration then lists every method run so far).
 
     Raises:
         ValueError: ``out`` holds rows of another configuration; the message names what differs.
@@ -291,7 +451,7 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
     if not saved.exists():
         return
     previous, current = json.loads(saved.read_text()), json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in current if previous.get(k) != current[k])
+    changed = sorted(k for k in current if k != "methods" and previous.get(k) != current[k])
     if changed:
         raise ValueError(
             f"{out} holds a run with other settings ({', '.join(changed)}); "
@@ -302,49 +462,81 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
 def run_benchmark(
     config: BenchConfig, out: Path, workers: int = 2, dataset: Path | None = None, fmt: str = "acdc"
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every unit; returns all rows. Progress goes to the log."""
+    """Run (or resume) every unit; returns all rows of the run folder. Progress goes to the log.
+
+    Pre-training units and random init's fine-tuning start at once; a method's fine-tuning
+    units are queued as soon as its pre-training for that seed is saved.
+    """
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(config, out)
-    (out / "bench_config.json").write_text(json.dumps(asdict(config), indent=1))
+    saved = out / "bench_config.json"
+    previous = json.loads(saved.read_text())["methods"] if saved.exists() else []
+    every_method = [*previous, *(m for m in config.methods if m not in previous)]
+    saved.write_text(json.dumps({**asdict(config), "methods": every_method}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
-    pretraining = [(m, s) for m in config.methods if m != RANDOM_INIT for s in config.seeds]
-    todo = [(m, s) for m, s in pretraining if not (out / "pretrain" / f"{m}_s{s}" / "record.json").exists()]
-    first = splits[min(config.budgets)]
-    context = get_context("spawn")
-    # one fresh process per unit: its peak RSS is that unit's alone
-    with ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {
-            pool.submit(pretrain_unit, config, m, s, first, out / "pretrain" / f"{m}_s{s}"): (m, s)
-            for m, s in todo
-        }
-        _drain(futures, "pre-training", lambda _: None)
-        done = completed_units(out / "rows.jsonl")
-        units = [u for u in finetune_units(config) if u.key not in done]
-        futures = {}
-        for unit in units:
-            folder = out / "pretrain" / f"{unit.method}_s{unit.seed}"
-            record = json.loads((folder / "record.json").read_text()) if unit.method != RANDOM_INIT else None
-            encoders = folder if unit.method != RANDOM_INIT else None
-            args = (config, unit, splits[unit.n_labeled], encoders, record, out / "examples")
-            futures[pool.submit(finetune_unit, *args)] = unit.key
+    done = completed_units(out / "rows.jsonl")
+    waiting = [u for u in finetune_units(config) if u.key not in done]
 
-        def append(rows: list[dict[str, Any]]) -> None:
-            with open(out / "rows.jsonl", "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+    def folder(method: str, seed: int) -> Path:
+        return out / "pretrain" / f"{method}_s{seed}"
 
-        _drain(futures, "fine-tuning", append)
+    def ready(unit: FinetuneUnit) -> bool:
+        return unit.method == RANDOM_INIT or (folder(unit.method, unit.seed) / "record.json").exists()
+
+    def append(rows: list[dict[str, Any]]) -> None:
+        with open(out / "rows.jsonl", "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    pretraining = [
+        (m, s)
+        for s in config.seeds
+        for m in config.methods
+        if m != RANDOM_INIT and not (folder(m, s) / "record.json").exists()
+    ]
+    smallest = min(config.budgets)
+
+    def next_task() -> tuple[Any, tuple, str] | None:
+        """Smallest-budget fine-tuning first, then pre-training, then the other fine-tuning units."""
+        ready_units = [u for u in waiting if ready(u)]
+        first = [u for u in ready_units if u.n_labeled == smallest] or ([] if pretraining else ready_units)
+        if first:
+            unit = first[0]
+            waiting.remove(unit)
+            encoders = None if unit.method == RANDOM_INIT else folder(unit.method, unit.seed)
+            args = (config, unit, splits[unit.n_labeled], encoders, _record(encoders), out / "examples")
+            return finetune_unit, args, unit.key
+        if pretraining:
+            m, s = pretraining.pop(0)
+            return pretrain_unit, (config, m, s, splits[smallest], folder(m, s)), f"pre-training {m} seed {s}"
+        return None
+
+    total, finished, start = len(pretraining) + len(waiting), 0, time.perf_counter()
+    # one fresh process per unit: its peak RSS is that unit's alone; at most `workers` units are
+    # queued, so the order above holds as units finish
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        running: dict[Any, str] = {}
+        while True:
+            while len(running) < workers and (task := next_task()) is not None:
+                fn, args, name = task
+                running[pool.submit(fn, *args)] = name
+            if not running:
+                break
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in completed:
+                result, name = future.result(), running.pop(future)
+                if isinstance(result, list):
+                    append(result)
+                finished += 1
+                elapsed = time.perf_counter() - start
+                logger.info("%d/%d units done (%s) after %.0f s", finished, total, name, elapsed)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} fine-tuning units wait for pre-training that did not run")
     return load_rows(out / "rows.jsonl")
 
 
-def _drain(futures: dict, what: str, on_result) -> None:
-    """Wait for ``futures``, passing each result to ``on_result`` and logging progress."""
-    total = len(futures)
-    start = time.perf_counter()
-    for i, future in enumerate(as_completed(futures), 1):
-        on_result(future.result())
-        logger.info(
-            "%s %d/%d done (%s) after %.0f s", what, i, total, futures[future], time.perf_counter() - start
-        )
+def _record(encoders: Path | None) -> dict[str, Any] | None:
+    """The pre-training record saved in ``encoders`` (None for random init)."""
+    return json.loads((encoders / "record.json").read_text()) if encoders else None
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

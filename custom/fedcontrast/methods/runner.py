@@ -54,7 +54,7 @@ def run_in_process(
     rounds: int,
     federated: bool = True,
     device: str = "cpu",
-    on_round: Callable[[int, dict[str, SiteUpdate]], None] | None = None,
+    on_round: Callable[[int, dict[str, SiteUpdate], Message], None] | None = None,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``method`` over ``datalists`` in this process.
 
@@ -65,7 +65,8 @@ def run_in_process(
         rounds: number of rounds (each = ``config["local_epochs"]`` local epochs).
         federated: exchange through the method's server strategy; False trains every site alone.
         device: torch device for every site.
-        on_round: called after every round with the round number and the sites' updates.
+        on_round: called after every round with the round number, the sites' updates and the
+            server's new global message (empty when not federated).
     """
     if not datalists:
         raise ValueError("no sites to train: the datalists mapping is empty")
@@ -100,7 +101,7 @@ def run_in_process(
             strategy.aggregate(updates, round_num)
             server_metrics.append({"round": round_num, **strategy.round_metrics(round_num)})
         if on_round:
-            on_round(round_num, updates)
+            on_round(round_num, updates, strategy.global_message if strategy else {})
     return RunResult(
         encoders={site: t.encoder_state_dict() for site, t in trainers.items()},
         global_message=dict(strategy.global_message) if strategy else {},

@@ -22,6 +22,10 @@ Configuration (:data:`DEFAULTS`, merged under the config given):
   :mod:`fedcontrast.nets.decoder`) whose decoder blocks, and encoder, are loaded into the
   round-0 network with a strict key check ("" for none). With ``pretrained_encoder`` also
   given, the checkpoint's encoder must equal that one;
+- ``local_steps``: optimiser steps per round (the bundle's ``epoch_length``, one epoch a
+  round; the data loader restarts as often as needed); 0 trains ``local_epochs`` epochs;
+- ``freeze_encoder``: train the decoder only (the encoder's parameters get no gradient;
+  its BatchNorm statistics still follow the data): the frozen-encoder probe of SPEC §7;
 - ``local_epochs``, ``lr``, ``batch_size``, ``seed``: the bundle's ``epochs`` (per round),
   ``learning_rate``, ``batch_size``, ``seed``;
 - ``device``: torch device; None uses the device the trainer was built with;
@@ -55,6 +59,8 @@ DEFAULTS: dict[str, Any] = {
     "bundle": {},
     "pretrained_encoder": "",
     "pretrained_decoder": "",
+    "local_steps": 0,
+    "freeze_encoder": False,
     "local_epochs": 1,
     "lr": 1e-3,
     "batch_size": 2,
@@ -105,7 +111,9 @@ class SupervisedBundleTrainer(SiteTrainer):
         self.has_validation = bool(val)
         self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
         workdir = Path(cfg["workdir"] or self._tmp.name) / site
-        local_epochs = int(cfg["local_epochs"])
+        local_steps = int(cfg["local_steps"])
+        local_epochs = 1 if local_steps else int(cfg["local_epochs"])
+        self.epochs_per_round = local_epochs
         overrides = {
             **cfg["bundle"],
             "train_datalist": train,
@@ -114,6 +122,7 @@ class SupervisedBundleTrainer(SiteTrainer):
             "pretrained_decoder": "",  # likewise
             "device": self.device,
             "epochs": local_epochs,
+            "epoch_length": local_steps or None,
             "val_interval": local_epochs,
             "learning_rate": float(cfg["lr"]),
             "batch_size": int(cfg["batch_size"]),
@@ -125,6 +134,8 @@ class SupervisedBundleTrainer(SiteTrainer):
         self.workflow = bundle_workflow(cfg["bundle_dir"], "train", overrides)
         self.workflow.initialize()
         self.network: torch.nn.Module = self.workflow.parser.get_parsed_content("network")
+        if cfg["freeze_encoder"]:
+            self.network.encoder.requires_grad_(False)
         self.trainer: Engine = self.workflow.trainer
         self._losses: list[float] = []
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._record_loss)
@@ -154,7 +165,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         return pack("weights", network.state_dict())
 
     def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
-        """Load the global network, train ``local_epochs`` epochs with the bundle, upload the network.
+        """Load the global network, train one round with the bundle, upload the network.
 
         Metrics: ``train_loss`` (mean over the round's iterations), ``steps``, and when the
         site has validation volumes the bundle validator's ``val_dice`` and ``val_dice_<class>``.
@@ -162,7 +173,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         state = message_to_state_dict(incoming, "weights")
         self.network.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self._losses.clear()
-        self.trainer.state.max_epochs = self.trainer.state.epoch + int(self.config["local_epochs"])
+        self.trainer.state.max_epochs = self.trainer.state.epoch + self.epochs_per_round
         self.trainer.run()
         metrics = {
             "train_loss": sum(self._losses) / max(len(self._losses), 1),
@@ -172,7 +183,7 @@ class SupervisedBundleTrainer(SiteTrainer):
             metrics.update({k: float(v) for k, v in self.workflow.evaluator.state.metrics.items()})
         return SiteUpdate(
             message=pack("weights", self.network.state_dict()),
-            num_samples=self.num_train * int(self.config["local_epochs"]),
+            num_samples=self.num_train * self.epochs_per_round,
             metrics=metrics,
         )
 

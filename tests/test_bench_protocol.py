@@ -1,0 +1,93 @@
+"""The label-efficiency protocol's pieces: validation hold-out, BatchNorm re-estimation, budgets."""
+
+import pytest
+import torch
+
+from fedcontrast.bench import evaluate
+from fedcontrast.bench.evaluate import BundleScorer, reestimate_batchnorm
+from fedcontrast.bench.protocol import PROFILES, BenchConfig, finetune_units, hold_out_validation
+from fedcontrast.methods.runner import run_in_process
+
+
+def test_validation_patients_come_out_of_the_held_out_set():
+    test = [{"patient": p, "image": f"{p}_{f}"} for p in ("p3", "p1", "p2") for f in ("ED", "ES")]
+    split = hold_out_validation({"site": "site-1", "test": test, "training": []}, patients=1)
+    assert [e["image"] for e in split["validation"]] == ["p3_ED", "p3_ES"]
+    assert {e["patient"] for e in split["test"]} == {"p1", "p2"}
+    with pytest.raises(ValueError, match="site-1: 3 held-out patients cannot give 3 validation"):
+        hold_out_validation({"site": "site-1", "test": test}, patients=3)
+
+
+def test_batchnorm_statistics_are_those_of_the_given_images():
+    network = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    network[1].running_mean.fill_(100.0)
+    images = [torch.full((1, 4, 4), 2.0), torch.full((1, 4, 4), 4.0)]
+    reestimate_batchnorm(network, images, lambda x, net: net(x))
+    conv_mean = network[0](torch.full((1, 1, 1, 1), 3.0)).flatten()  # linear: mean input 3
+    torch.testing.assert_close(network[1].running_mean, conv_mean.detach())
+    assert not network.training and network[1].momentum == 0.1
+
+
+def test_scoring_reestimates_batchnorm_on_training_volumes_only(site_splits, monkeypatch):
+    # The scorer sees a site's training, validation and test volumes; BatchNorm statistics may
+    # come from the training (fine-tuning) volumes only.
+    from fedcontrast.data.datalist import load_site_datalist
+
+    datalist = load_site_datalist(site_splits / "site-1.json")
+    bundle = {"spatial_dims": 2, "init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]}
+    scorer = BundleScorer(
+        {"site-1": datalist["test"][1:]},
+        bundle,
+        calibration_sets={"site-1": datalist["training"]},
+        validation_sets={"site-1": datalist["test"][:1]},
+    )
+    seen = []
+    monkeypatch.setattr(evaluate, "reestimate_batchnorm", lambda net, images, inferer: seen.extend(images))
+    state = scorer.network.state_dict()
+    scorer.score(state, "site-1")
+    scorer.score(state, "site-1", "validation")
+    held_out = [v["image"] for split in ("test", "validation") for v in scorer.splits[split]["site-1"]]
+    assert len(seen) == 2 * len(datalist["training"])
+    assert all(any(x is image for image in scorer.calibration["site-1"]) for x in seen)
+    assert not any(x is image for x in seen for image in held_out)
+
+
+def test_every_budget_gets_the_same_steps_and_the_probe_freezes_the_encoder(site_splits):
+    from fedcontrast.data.datalist import load_site_datalist
+
+    config = BenchConfig(**PROFILES["quick"])
+    assert (
+        config.finetune_config(0, "")["local_steps"] == config.finetune_steps // config.finetune_checkpoints
+    )
+    probe = config.finetune_config(0, "", readout="probe")
+    assert probe["freeze_encoder"] and not config.finetune_config(0, "")["freeze_encoder"]
+    training = {"site-1": load_site_datalist(site_splits / "site-1.json")["training"][:1]}
+    result = run_in_process("supervised", {**probe, "local_steps": 3}, training, rounds=1)
+    assert result.history[0]["metrics"]["steps"] == 3.0  # 3 steps from one volume
+    from fedcontrast.methods.supervised import SupervisedBundleTrainer
+
+    initial = SupervisedBundleTrainer.initial_message(probe)
+    after = result.global_message
+    encoder = [
+        k
+        for k in initial
+        if k.startswith("weights/encoder.") and "running" not in k and "num_batches" not in k
+    ]
+    decoder = [k for k in initial if k.startswith("weights/up_layers.") and "weight" in k]
+    assert encoder and all(
+        torch.equal(torch.as_tensor(initial[k]), torch.as_tensor(after[k])) for k in encoder
+    )
+    assert any(not torch.equal(torch.as_tensor(initial[k]), torch.as_tensor(after[k])) for k in decoder)
+
+
+def test_smallest_budget_units_come_first_and_probes_are_federated():
+    config = BenchConfig(methods=["random_init", "fcl"], budgets=[2, 1], seeds=[0], sites=2)
+    units = finetune_units(config)
+    assert [u.n_labeled for u in units][:6] == [1] * 6
+    assert {u.mode for u in units if u.readout == "probe"} == {"federated"}
+
+
+@pytest.mark.parametrize("bad", [{"pretrain_steps": 10, "pretrain_rounds": 3}, {"readouts": ["linear"]}])
+def test_inconsistent_budgets_are_refused(bad):
+    with pytest.raises(ValueError):
+        BenchConfig(**bad)
