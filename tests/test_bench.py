@@ -102,7 +102,8 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
             submitted.append((fn.__name__, args[1]))
             future = Future()
             unit = args[1]
-            future.set_result([fake_row(unit.method, unit.mode, unit.n_labeled, unit.seed, "site-1", 0.5)])
+            row = fake_row(unit.method, unit.mode, unit.n_labeled, unit.seed, "site-1", 0.5)
+            future.set_result([{**row, "unit": unit.key}])
             return future
 
     monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
@@ -206,7 +207,10 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     argv = ["bench", "--quick", "--methods", "random_init", "fcl", "--out", str(out)]
     assert fedcontrast_cli(argv) == 0
     document = json.loads((out / "results.json").read_text())
-    assert len(document["rows"]) == 2 * 2 * 2  # methods x modes x sites (N = 1, one seed)
+    final = [r for r in document["rows"] if r["finetune_steps"] == 4 and r["eval_split"] == "test"]
+    # methods x (local, federated, federated probe) x sites (N = 1, one seed)
+    assert len(final) == 2 * 3 * 2
+    assert {r["readout"] for r in final} == {"finetune", "probe"}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in document["rows"])
     fcl = [r for r in document["rows"] if r["method"] == "fcl"]
     assert all(r["pretrain_bytes_up"] > 0 and r["bytes_by_kind"]["features_up"] > 0 for r in fcl)
