@@ -304,7 +304,7 @@ def test_fedrotation_averages_the_encoder(datalists):
     )
     weights = message_to_state_dict(result.global_message)
     assert {k.split(".")[0] for k in weights} == {"encoder", "head"}
-    assert weights["head.mlp.2.weight"].shape[0] == 4
+    assert weights["head.mlp.3.weight"].shape[0] == 4  # Linear, BatchNorm, ReLU, Linear
     key = "encoder.conv_init.weight"
     expected = (
         result.encoders["site-1"]["conv_init.weight"] + result.encoders["site-2"]["conv_init.weight"]

@@ -85,6 +85,7 @@ INTENSITY_ONLY: dict[str, Any] = {
 
 DEFAULTS: dict[str, Any] = {
     **PRETRAIN_DEFAULTS,
+    "probe_volumes": 0,  # the per-round diagnostics read global embeddings; this stage has region maps
     "pretrained_encoder": "",
     "encoder_method": "",
     "decoder_levels": None,

@@ -154,7 +154,7 @@ class ContrastivePretrainer(SiteTrainer):
         spatial_dims = self.model.spatial_dims
         self.sampler = PartitionSampler(int(cfg["partitions"]), spatial_dims, int(cfg["slab_slices"]))
         self.augment = TwoViewAugment(spatial_dims, int(self.rng.integers(2**31)), cfg["augment"])
-        self.probe = self._probe_set(int(cfg["probe_volumes"]))
+        self.diagnostic_probe = self._probe_set(int(cfg["probe_volumes"]))
         self.steps_per_round = int(cfg["local_steps"]) or int(cfg["local_epochs"]) * math.ceil(
             len(self.volumes) / int(cfg["batch_size"])
         )
@@ -175,9 +175,9 @@ class ContrastivePretrainer(SiteTrainer):
     @torch.no_grad()
     def representation_metrics(self) -> dict[str, float]:
         """Alignment, uniformity and partition accuracy of the model's embeddings of the probe set."""
-        if self.probe is None:
+        if self.diagnostic_probe is None:
             return {}
-        batch, views = self.probe
+        batch, views = self.diagnostic_probe
         self.model.eval()
         z1, z2 = (
             torch.nn.functional.normalize(self.model(views.to(self.device)).float(), dim=1).cpu().chunk(2)
