@@ -85,6 +85,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pretrain_rounds": 1,
         "finetune_steps": 4,
         "finetune_checkpoints": 2,
+        "difficulty": "standard",
         "bundle": {**SMALL_BUNDLE, "init_filters": 4, "blocks_down": [1, 1, 1]},
     },
     # the full grid on a 2-core CPU inside one working session (measured in the report)
@@ -116,15 +117,17 @@ class BenchConfig:
     validation_per_site: int = 2
     data_seed: int = 0
     size: str = "small"
-    pretrain_steps: int = 120
+    difficulty: str = "realistic"
+    pretrain_steps: int = 96
     pretrain_rounds: int = 4
     batch_size: int = 4
-    finetune_steps: int = 64
+    finetune_steps: int = 96
     finetune_checkpoints: int = 4
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 8
     readouts: list[str] = field(default_factory=lambda: list(READOUTS))
     probe_modes: list[str] = field(default_factory=lambda: ["federated"])
+    probe_budgets: list[int] = field(default_factory=lambda: [1, 2])
     bundle: dict[str, Any] = field(default_factory=lambda: dict(SMALL_BUNDLE))
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -179,7 +182,7 @@ def peak_rss_mb() -> float:
 
 def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
     """Sum of one site's per-round bytes, by kind and direction, in the RESULTS_FORMAT keys."""
-    by_kind = {f"{k}_{d}": 0 for k in ("weights", "target", "features") for d in ("up", "down")}
+    by_kind = {f"{k}_{d}": 0 for k in KINDS for d in ("up", "down")}
     up = down = 0
     for record in history:
         if record["site"] != site:
@@ -187,9 +190,8 @@ def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
         for kind in KINDS:
             up += record["bytes_up"].get(kind, 0)
             down += record["bytes_down"].get(kind, 0)
-            if kind != "stats":
-                by_kind[f"{kind}_up"] += record["bytes_up"].get(kind, 0)
-                by_kind[f"{kind}_down"] += record["bytes_down"].get(kind, 0)
+            by_kind[f"{kind}_up"] += record["bytes_up"].get(kind, 0)
+            by_kind[f"{kind}_down"] += record["bytes_down"].get(kind, 0)
     return {"pretrain_bytes_up": up, "pretrain_bytes_down": down, "bytes_by_kind": by_kind}
 
 
@@ -396,7 +398,14 @@ def prepare_splits(
     if dataset is None:
         dataset = out / "data"
         if not (dataset / "phantom.json").exists():
-            synthesize_dataset(dataset, config.sites, config.patients_per_site, config.data_seed, config.size)
+            synthesize_dataset(
+                dataset,
+                config.sites,
+                config.patients_per_site,
+                config.data_seed,
+                config.size,
+                difficulty=config.difficulty,
+            )
     entries, labels = read_dataset(dataset, fmt, cache_dir=out / "frames")
     splits = {}
     for n in config.budgets:
@@ -434,7 +443,7 @@ def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
         for m in config.methods
         for readout in config.readouts
         for mode in MODES
-        if readout == "finetune" or mode in config.probe_modes
+        if readout == "finetune" or (mode in config.probe_modes and n in config.probe_budgets)
     ]
 
 
