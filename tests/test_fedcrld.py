@@ -254,3 +254,19 @@ def test_fedprox_trains_a_round_through_the_bundle(datalists):
     )
     # the global model is a whole bundle network (FedAvg of the full state)
     build_network(overrides=TINY).load_state_dict(message_to_state_dict(result.global_message))
+
+
+def test_job_exports_a_deployable_folder(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "job_fedcrld", Path(__file__).parents[1] / "jobs/fedcrld/job.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--sites", "3", "--mi-form", "symmetric_kl", "--export", str(tmp_path)]) == 0
+    client = json.loads((tmp_path / "fedcrld" / "app" / "config" / "config_fed_client.json").read_text())
+    args = client["executors"][0]["executor"]["args"]
+    assert args["method"] == "fedcrld" and args["config"]["mi_form"] == "symmetric_kl"
+    assert not (tmp_path / "fedcrld" / "app" / "custom").exists()  # names the installed package, no code
