@@ -49,13 +49,16 @@ from fedcontrast.methods.fedcrld import SITE_MODEL_FILE, network_overrides
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_preprocessing
 
-#: Benchmark method -> (registered method, federated).
-METHODS: dict[str, tuple[str, bool]] = {
-    "local_only": ("supervised", False),
-    "fedavg": ("supervised", True),
-    "fedprox": ("fedprox", True),
-    "fedcrld": ("fedcrld", True),
+#: Benchmark method -> (registered method, federated, its config over the common one).
+METHODS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "local_only": ("supervised", False, {}),
+    "fedavg": ("supervised", True, {}),
+    "fedprox": ("fedprox", True, {}),
+    "fedcrld": ("fedcrld", True, {}),
+    # ablation (not run by default): FedCRLD without momentum distillation
+    "fedcrld_nodistill": ("fedcrld", True, {"distill_weight": 0.0, "feature_weight": 0.0}),
 }
+DEFAULT_METHODS = ("local_only", "fedavg", "fedprox", "fedcrld")
 PUBLISHED = (
     "FedCRLD (Qi et al., MICCAI 2022): 85.96% average Dice over 6 sites (420 CMR images, 2 public datasets)"
 )
@@ -79,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-per-site", type=int, default=1)
     parser.add_argument("--budgets", nargs="+", default=["2", "4", ALL])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -184,7 +187,7 @@ def run_unit(
     scorers: dict[str, BundleScorer],
 ) -> list[dict[str, Any]]:
     """Train one method on every site (one budget, one seed) and score every site's test set."""
-    registered, federated = METHODS[method]
+    registered, federated, overrides = METHODS[method]
     datalists = {site: [dict(e) for e in load_site_datalist(p)["training"]] for site, p in splits.items()}
     with tempfile.TemporaryDirectory(prefix="hetero-") as workdir:
         config = {
@@ -196,6 +199,7 @@ def run_unit(
             "num_workers": 0,
             "workdir": workdir,
             **({"mu": args.mu} if registered == "fedprox" else {}),
+            **overrides,
         }
         start = time.perf_counter()
         result = run_in_process(registered, config, datalists, rounds=args.rounds, federated=federated)
@@ -307,6 +311,7 @@ def write_report(
             "lr": args.lr,
             "fedprox_mu": args.mu,
             "fedcrld": "defaults of fedcontrast.methods.fedcrld.DEFAULTS",
+            "method_overrides": {m: METHODS[m][2] for m in methods},
             "budgets": args.budgets,
             "seeds": args.seeds,
             "bundle": args.bundle,
@@ -375,13 +380,13 @@ def write_report(
             cells.append(fmt(list(dice(method, budget).values())))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-        if "fedcrld" in methods:
-            for baseline in ("fedavg", "fedprox", "local_only"):
-                if baseline not in methods:
+        for variant in (m for m in methods if m.startswith("fedcrld")):
+            for baseline in ("fedavg", "fedprox", "local_only", "fedcrld"):
+                if baseline not in methods or baseline == variant:
                     continue
                 diffs = []
                 for s in sites:
-                    a, b = dice("fedcrld", budget, s), dice(baseline, budget, s)
+                    a, b = dice(variant, budget, s), dice(baseline, budget, s)
                     paired = [a[k] - b[k] for k in a if k in b]
                     diffs.append((s, paired))
                 text = "; ".join(
@@ -391,7 +396,7 @@ def write_report(
                 )
                 ahead = [s for s, d in diffs if d and np.mean(d) > 0]
                 lines.append(
-                    f"- FedCRLD minus {baseline} (paired by seed): {text}. FedCRLD is ahead at "
+                    f"- {variant} minus {baseline} (paired by seed): {text}. {variant} is ahead at "
                     f"{len(ahead)} of {len(sites)} sites{' (' + ', '.join(ahead) + ')' if ahead else ''}; "
                     f"at the most different site {odd}: "
                     + (f"{np.mean(dict(diffs)[odd]):+.3f}." if dict(diffs).get(odd) else "no data.")
@@ -479,12 +484,16 @@ def main(argv: list[str] | None = None) -> int:
         "fedcrld": BundleScorer(test_sets, network_overrides({"bundle": args.bundle})),
     }
     rows_file = work / "rows.jsonl"
-    ignored = ("out", "work", "deadline_min") + (() if args.dataset else ("dataset", "format", "site_key"))
-    settings = json.dumps({k: v for k, v in vars(args).items() if k not in ignored}, default=str)
+    # the method list may grow between invocations: units are keyed by method
+    ignored = ("out", "work", "deadline_min", "methods")
+    ignored += () if args.dataset else ("dataset", "format", "site_key")
+    settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ignored}, default=str))
     settings_file = work / "settings.json"
-    if settings_file.is_file() and settings_file.read_text() != settings:
-        raise SystemExit(f"{work} holds a run with other settings; remove it or pass another --work")
-    settings_file.write_text(settings)
+    if settings_file.is_file():
+        before = {k: v for k, v in json.loads(settings_file.read_text()).items() if k not in ignored}
+        if before != settings:
+            raise SystemExit(f"{work} holds a run with other settings; remove it or pass another --work")
+    settings_file.write_text(json.dumps(settings))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     done = {unit_key(r["method"], r["budget"], r["seed"]) for r in rows}
     missing = []
