@@ -4,6 +4,7 @@ import json
 import runpy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fedcontrast.bench.report import (
     normalise_rows,
     plateau_rows,
     pretrain_curves,
+    write_fcl_vs_baselines,
     write_report,
 )
 
@@ -228,6 +230,10 @@ def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):
     text = written[0].read_text()
     assert "| fedsimclr | +0.03" in text and "| fcl | +0.08" in text
     assert "fedsimclr from `" in text and "random_init also ran in" in text
+
+    write_fcl_vs_baselines(rows, SimpleNamespace(**settings), [tmp_path / "a"], tmp_path / "out")
+    subset = json.loads((tmp_path / "out" / "fcl_vs_baselines.json").read_text())["rows"]
+    assert subset and all((r["finetune_steps"], r["eval_split"]) == (100, "test") for r in subset)
 
     other = FakeConfig(methods=["random_init", "fedsimclr"], budgets=[1], seeds=[0, 1], sites=3)
     fake_run(tmp_path / "c", other, {})

@@ -1172,12 +1172,14 @@ def write_subset(
     budgets: Sequence[int],
     extra: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """A results-format file holding only ``methods`` x ``budgets`` of a run; returns those rows."""
-    subset = [r for r in rows if r["method"] in methods and r["n_labeled"] in budgets]
+    """A results-format file holding only ``methods`` x ``budgets`` of a run at its final test
+    checkpoint; returns those rows."""
+    final = headline_rows(normalise_rows(rows, config))
+    subset = [r for r in final if r["method"] in methods and r["n_labeled"] in budgets]
     document = result_document(subset, config, run_dir)
     document["config"]["methods"], document["config"]["budgets"] = list(methods), list(budgets)
     document.update(extra or {})
-    path.write_text(json.dumps(document, indent=1))
+    path.write_text(dump_document(document))
     return subset
 
 
