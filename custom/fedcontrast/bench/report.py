@@ -50,6 +50,8 @@ TARGET = {"method": "fcl", "n_labeled": 1, "difference": 0.05, "readout": "finet
 #: Random init has reached its plateau when its validation Dice gains less than this over the
 #: second half of the fine-tuning budget.
 PLATEAU_TOLERANCE = 0.01
+#: Missing units listed in the report's text (``results.json`` holds all).
+SHOWN_MISSING = 20
 PRETRAIN_METRICS = ("loss", "alignment", "uniformity", "partition_accuracy")
 
 #: SPEC §1, ACDC, Dice averaged over sites (fine-tuning, method) -> {N: Dice}.
@@ -416,7 +418,11 @@ def verdict_line(verdict: dict[str, Any]) -> str:
         else:
             parts.append(
                 f"{mode}: {format_difference(summary)}, {'met' if result['met'] else 'not met'} "
-                f"(whole seeds resampled: [{summary['seed_ci_low']:.3f}, {summary['seed_ci_high']:.3f}])"
+                + (
+                    f"(whole seeds resampled: [{summary['seed_ci_low']:.3f}, {summary['seed_ci_high']:.3f}])"
+                    if summary["n_seeds"] > 1
+                    else "(one seed)"
+                )
             )
     return (
         f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
@@ -529,14 +535,16 @@ def pretrain_curves(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]
 def missing_units(rows: list[Row], config: Any) -> list[str]:
     """Units of the configured grid without rows (an interrupted or partial run).
 
-    A unit is ``method|seed|mode|N|readout`` (the protocol's unit key): every mode for full
-    fine-tuning, the modes of ``config.probe_modes`` (default: all) for each other readout of
-    ``config.readouts``. Rows without a ``readout`` key come from the old protocol, which had
-    full fine-tuning only: then only ``method|seed|mode|N`` is checked.
+    A unit is ``method|seed|mode|N|readout`` (the protocol's unit key): every mode and budget
+    for full fine-tuning; for each other readout of ``config.readouts``, the modes of
+    ``config.probe_modes`` and budgets of ``config.probe_budgets`` (default: all). Rows without
+    a ``readout`` key come from the old protocol, which had full fine-tuning only: then only
+    ``method|seed|mode|N`` is checked.
     """
     settings = config_dict(config)
     readouts = settings.get("readouts", ["finetune"]) if any("readout" in r for r in rows) else [None]
     probe_modes = settings.get("probe_modes", list(MODES))
+    probe_budgets = settings.get("probe_budgets", settings.get("budgets", []))
     done = {(r["method"], r["seed"], r["finetune"], r["n_labeled"], r.get("readout")) for r in rows}
     return [
         "|".join(map(str, (m, s, mode, n, readout) if readout else (m, s, mode, n)))
@@ -545,7 +553,7 @@ def missing_units(rows: list[Row], config: Any) -> list[str]:
         for m in settings.get("methods", [])
         for readout in readouts
         for mode in MODES
-        if readout in (None, "finetune") or mode in probe_modes
+        if readout in (None, "finetune") or (mode in probe_modes and n in probe_budgets)
         if (m, s, mode, n, readout) not in done
     ]
 
@@ -628,9 +636,17 @@ def ordering_sentences(rows: list[Row], budgets: Sequence[int], methods: Sequenc
     return sentences
 
 
+def byte_kinds(rows: Iterable[Row]) -> list[str]:
+    """Message kinds named by the rows' ``bytes_by_kind`` keys (``<kind>_up``/``<kind>_down``), in order."""
+    kinds: dict[str, None] = {}
+    for row in rows:
+        kinds.update(dict.fromkeys(k.rsplit("_", 1)[0] for k in row.get("bytes_by_kind") or {}))
+    return list(kinds) or ["weights", "target", "features"]
+
+
 def bytes_table(rows: list[Row], methods: Sequence[str]) -> str:
     """Per method: mean per-site pre-training bytes by kind (MB), wall times and peak memory."""
-    kinds = ("weights", "target", "features")
+    kinds = byte_kinds(rows)
     header = ["method", *(f"{k} {d} (MB)" for k in kinds for d in ("up", "down"))]
     header += ["pre-train wall (s)", "fine-tune wall (s)", "peak RSS of a unit (MB)"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
@@ -852,7 +868,7 @@ def plot_bytes(rows: list[Row], methods: Sequence[str], path: Path) -> None:
     shown = [m for m in methods if m != RANDOM_INIT and any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     bottom = np.zeros(len(shown))
-    for kind in ("weights", "target", "features"):
+    for kind in byte_kinds(rows):
         values = np.array(
             [
                 np.mean(
@@ -1012,6 +1028,7 @@ def write_report(
             "random_init_plateau": plateau,
             "pretraining": curves,
             "provenance": provenance or {},
+            "missing_units": missing,
             "n_boot": n_boot,
         }
     )
@@ -1047,7 +1064,9 @@ def write_report(
         f"{len(rows)} rows ({len(kept)} in `results.json`: the final checkpoint on test, every checkpoint "
         f"at N={n_curve} on test and random init's validation rows); "
         + (
-            f"**{len(missing)} units missing**: {', '.join(missing)}.\n"
+            f"**{len(missing)} units missing**"
+            + (f" (the first {SHOWN_MISSING}, all in `results.json`)" if len(missing) > SHOWN_MISSING else "")
+            + f": {', '.join(missing[:SHOWN_MISSING])}.\n"
             if missing
             else "every unit of the grid completed.\n"
         ),
@@ -1148,7 +1167,10 @@ def write_report(
     )
     parts += [
         "\n## Against the published ordering (SPEC §1)\n",
-        *(f"- {s}" for s in ordering_sentences(full, budgets, methods)),
+        *(
+            [f"- {s}" for s in ordering_sentences(full, budgets, methods)]
+            or ["No column holds every method the published table has for it."]
+        ),
     ]
     parts += ["\n## Bytes, time and memory per site\n", bytes_table(full, methods)]
     parts += [
