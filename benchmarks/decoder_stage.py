@@ -12,6 +12,7 @@ the run resumes where it stopped.
     python benchmarks/decoder_stage.py --out workspace/bench-decoder [--methods local_cl fcl]
         [--seeds 0 1] [--budgets 1 2] [--sites 4] [--report benchmarks/results/decoder_stage.json]
 
+``--summary-only`` writes the report of the rows so far (what is missing is listed).
 The report holds, per fine-tuning mode and N, the mean Dice of every column and the paired
 differences (``<method>+decoder`` minus ``<method>``, and each minus ``random_init``) over
 seeds x sites, with their std.
@@ -118,6 +119,9 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--patients-per-site", type=int, default=6)
     parser.add_argument("--report", type=Path, help="JSON summary (default OUT/summary.json)")
+    parser.add_argument(
+        "--summary-only", action="store_true", help="write the summary of the rows so far, run nothing"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = BenchConfig(
@@ -129,12 +133,42 @@ def main() -> None:
     )
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        run_units(base, args.methods, out)
+    rows = load_rows(out / "rows.jsonl")
+    columns = [RANDOM_INIT] + [c for m in args.methods for c in (m, m + SUFFIX)]
+    expected = {
+        FinetuneUnit(c, s, mode, n).key
+        for c in columns
+        for s in base.seeds
+        for mode in MODES
+        for n in base.budgets
+    }
+    summary = {
+        "command": "python benchmarks/decoder_stage.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if v not in (None, False) and k not in ("report", "summary_only")
+        ),
+        "config": dict(base.__dict__),
+        "decoder_stage": "local_decoder defaults (L^R, grid 4, window 3, decoder_levels: all but the last)",
+        "units_done": len({r["unit"] for r in rows} & expected),
+        "units_missing": sorted(expected - {r["unit"] for r in rows}),
+        "results": summarise(rows, args.methods, base),
+    }  # fmt: skip
+    report = args.report or out / "summary.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(summary, indent=1, default=str))
+    print(report)
+
+
+def run_units(base: BenchConfig, methods: list[str], out: Path) -> None:
+    """Pre-training, decoder stage and fine-tuning units not yet done (rows to ``out/rows.jsonl``)."""
     splits = prepare_splits(base, out)
     first = splits[min(base.budgets)]
     decoders: dict[str, str] = {}
     start = time.perf_counter()
-    for method in args.methods:
-        for seed in args.seeds:
+    for method in methods:
+        for seed in base.seeds:
             folder = out / "pretrain" / f"{method}_s{seed}"
             if not (folder / "record.json").exists():
                 pretrain_unit(base, method, seed, first, folder)
@@ -144,7 +178,7 @@ def main() -> None:
     done = {r["unit"] for r in load_rows(rows_file)}
     for n in sorted(config.budgets):
         for seed in config.seeds:
-            for column in [RANDOM_INIT] + [c for m in args.methods for c in (m, m + SUFFIX)]:
+            for column in [RANDOM_INIT] + [c for m in methods for c in (m, m + SUFFIX)]:
                 for mode in MODES:
                     unit = FinetuneUnit(column, seed, mode, n)
                     if unit.key in done:
@@ -158,19 +192,6 @@ def main() -> None:
                     with open(rows_file, "a") as f:
                         f.writelines(json.dumps(row) + "\n" for row in rows)
                     logging.info("%s done after %.0f s", unit.key, time.perf_counter() - start)
-    summary = {
-        "command": "python benchmarks/decoder_stage.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None and k != "report"
-        ),
-        "config": {k: v for k, v in base.__dict__.items()},
-        "decoder_stage": "local_decoder defaults (L^R, grid 4, window 3, decoder_levels: all but the last)",
-        "results": summarise(load_rows(rows_file), args.methods, base),
-    }  # fmt: skip
-    report = args.report or out / "summary.json"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(summary, indent=1, default=str))
-    print(report)
 
 
 if __name__ == "__main__":
