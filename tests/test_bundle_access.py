@@ -13,7 +13,9 @@ from fedcontrast.nets.bundle import (
     bundle_workflow,
     config_files,
     default_bundle_dir,
+    encoder_options,
     load_pretrained_encoder,
+    save_encoder,
 )
 
 TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
@@ -78,10 +80,36 @@ def test_preprocessing_resamples_in_plane_keeps_slices_and_crops(volume):
 
 def test_load_pretrained_encoder_returns_the_loaded_keys(tmp_path):
     donor = build_network(overrides=TINY)
-    torch.save(donor.encoder.state_dict(), tmp_path / "enc.pt")
+    save_encoder(donor.encoder.state_dict(), tmp_path / "enc.pt", encoder_options(overrides=TINY))
     net = build_network(overrides=TINY)
-    assert load_pretrained_encoder(net, tmp_path / "enc.pt") == sorted(donor.encoder.state_dict())
+    loaded = load_pretrained_encoder(net, tmp_path / "enc.pt", encoder_options(overrides=TINY))
+    assert loaded == sorted(donor.encoder.state_dict())
     assert all(torch.equal(v, donor.encoder.state_dict()[k]) for k, v in net.encoder.state_dict().items())
+
+
+def test_an_encoder_from_another_grid_is_refused_naming_each_option(tmp_path):
+    grid = {**TINY, "inplane_spacing": 3.0, "roi_size": [48, 48]}
+    save_encoder(
+        build_network(overrides=grid).encoder.state_dict(),
+        tmp_path / "enc.pt",
+        encoder_options(overrides=grid),
+    )
+    with pytest.raises(ValueError, match="differing options") as err:
+        load_pretrained_encoder(
+            build_network(overrides=TINY), tmp_path / "enc.pt", encoder_options(overrides=TINY)
+        )
+    assert "inplane_spacing: pre-trained 3.0, this network 1.5" in str(err.value)
+    assert "roi_size: pre-trained [48, 48], this network [160, 160]" in str(err.value)
+    assert "init_filters" not in str(err.value)
+
+
+def test_a_plain_state_dict_loads_with_a_warning_that_its_grid_is_unchecked(tmp_path, caplog):
+    torch.save(build_network(overrides=TINY).encoder.state_dict(), tmp_path / "enc.pt")
+    with caplog.at_level(logging.WARNING):
+        assert load_pretrained_encoder(
+            build_network(overrides=TINY), tmp_path / "enc.pt", encoder_options(overrides=TINY)
+        )
+    assert "records no voxel grid or network options: not checked" in caplog.text
 
 
 FULL_NETWORK = r"a full network state dict\?.*missing keys \['conv_init"
@@ -98,16 +126,16 @@ FULL_NETWORK = r"a full network state dict\?.*missing keys \['conv_init"
 def test_load_pretrained_encoder_refuses_mismatches(tmp_path, make, message):
     torch.save(make(), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=message):
-        load_pretrained_encoder(build_network(overrides=TINY), tmp_path / "bad.pt")
+        load_pretrained_encoder(build_network(overrides=TINY), tmp_path / "bad.pt", None)
 
 
 def test_train_config_option_loads_and_logs_the_encoder(tmp_path, volume, caplog):
     encoder = build_network(overrides=TINY).encoder.state_dict()
-    torch.save(encoder, tmp_path / "enc.pt")
+    save_encoder(encoder, tmp_path / "enc.pt", encoder_options(overrides=TINY))
     workflow = bundle_workflow(
         overrides={**TINY, "train_datalist": [volume], "pretrained_encoder": str(tmp_path / "enc.pt")}
     )
-    with caplog.at_level(logging.INFO, logger="fedcontrast.nets.bundle"):
+    with caplog.at_level(logging.INFO, logger="scripts.encoder"):
         workflow.initialize()
     assert f"loaded {len(encoder)} encoder tensors from {tmp_path / 'enc.pt'}" in caplog.text
     network = workflow.parser.get_parsed_content("network")
@@ -133,3 +161,16 @@ def test_train_and_inference_configs_have_the_model_zoo_properties(volume, tmp_p
     (tmp_path / "scans" / "img.nii.gz").write_bytes((tmp_path / "img.nii.gz").read_bytes())
     infer.initialize()
     assert infer.check_properties() == []
+
+
+def test_train_config_option_refuses_an_encoder_from_another_grid(tmp_path):
+    grid = {**TINY, "slice_spacing": 5.0}
+    save_encoder(
+        build_network(overrides=grid).encoder.state_dict(),
+        tmp_path / "enc.pt",
+        encoder_options(overrides=grid),
+    )
+    workflow = bundle_workflow(overrides={**TINY, "pretrained_encoder": str(tmp_path / "enc.pt")})
+    with pytest.raises(RuntimeError) as err:
+        workflow.initialize()
+    assert "slice_spacing: pre-trained 5.0, this network 10.0" in str(err.value.__cause__)

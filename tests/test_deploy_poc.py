@@ -19,7 +19,7 @@ from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, export_job, 
 from fedcontrast.deploy.poc import LOCALHOST, LocalDeployment, provision_local, site_datalists
 from fedcontrast.deploy.project import site_names
 from fedcontrast.deploy.site import write_site_config
-from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 
 pytestmark = pytest.mark.poc
 
@@ -105,7 +105,9 @@ def test_exported_fcl_job_runs_on_provisioned_sites(poc, tiny_fcl_config):
     result = outcome.result_dir / WORKSPACE_DIR
     assert outcome.result_dir.parent == poc.root / "results"
     network = build_network(overrides=tiny_fcl_config["bundle"])
-    assert load_pretrained_encoder(network, result / "pretrained_encoder.pt")
+    assert load_pretrained_encoder(
+        network, result / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
+    )
     ledger = json.loads((result / "bytes.json").read_text())
     assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {
         (r, s, d) for r in (0, 1) for s in SITES for d in ("down", "up")

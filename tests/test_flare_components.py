@@ -36,7 +36,7 @@ from fedcontrast.flare.site_config import (
 )
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, pack
 from fedcontrast.methods.registry import MethodSpec
-from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 
 TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
 
@@ -246,7 +246,11 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
     assert written == [tmp_path / MODEL_FILE, tmp_path / ENCODER_FILE]
     fresh = build_network(overrides=TINY)
     fresh.load_state_dict(torch.load(tmp_path / MODEL_FILE))
-    assert load_pretrained_encoder(fresh, tmp_path / ENCODER_FILE)
+    assert load_pretrained_encoder(fresh, tmp_path / ENCODER_FILE, encoder_options(overrides=TINY))
+    with pytest.raises(ValueError, match=r"differing options: init_filters: pre-trained 4, this network 8"):
+        load_pretrained_encoder(
+            fresh, tmp_path / ENCODER_FILE, encoder_options(overrides={**TINY, "init_filters": 8})
+        )
     encoder_only = {k: v for k, v in weights.items() if k.startswith("weights/encoder.")}
     assert save_models(encoder_only, tmp_path / "enc", {"bundle": TINY}, pretraining=True) == [
         tmp_path / "enc" / ENCODER_FILE

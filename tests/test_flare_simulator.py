@@ -24,7 +24,7 @@ from fedcontrast.methods.metadata import STATS_ENTRIES
 from fedcontrast.methods.partitions import site_tag
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
-from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 
 pytestmark = pytest.mark.simulator
 
@@ -121,7 +121,9 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
     metrics = json.loads((output / "metrics.json").read_text())["records"]
     assert len(metrics) == 4 and all(m["metrics"]["loss_remote"] > 0 for m in metrics if m["round"] == 1)
     network = build_network(overrides=tiny_fcl_config["bundle"])
-    assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
+    assert load_pretrained_encoder(
+        network, output / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
+    )
 
 
 def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_config, tmp_path):

@@ -11,7 +11,7 @@ from fedcontrast.methods.base import message_to_state_dict
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.supervised import SupervisedBundleTrainer, supervised_entries
-from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.bundle import build_network, encoder_options, save_encoder
 
 SITES = ("site-1", "site-2")
 #: A tiny network on the small phantom (about 3.3 mm pixels, 7-9 slices).
@@ -61,13 +61,22 @@ def test_initial_message_is_the_seeded_bundle_network():
 def test_initial_message_loads_the_pretrained_encoder(tmp_path):
     encoder = build_network(overrides=TINY).encoder.state_dict()
     encoder = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in encoder.items()}
-    torch.save(encoder, tmp_path / "encoder.pt")
+    save_encoder(encoder, tmp_path / "encoder.pt", encoder_options(overrides=TINY))
     weights = message_to_state_dict(
         SupervisedBundleTrainer.initial_message(
             {**CONFIG, "pretrained_encoder": str(tmp_path / "encoder.pt")}
         )
     )
     assert all(torch.equal(weights[f"encoder.{k}"], v) for k, v in encoder.items())
+    # fine-tuning on another voxel grid than pre-training is refused, naming the option
+    with pytest.raises(ValueError, match=r"roi_size: pre-trained \[48, 48\], this network \[64, 64\]"):
+        SupervisedBundleTrainer.initial_message(
+            {
+                **CONFIG,
+                "bundle": {**TINY, "roi_size": [64, 64]},
+                "pretrained_encoder": str(tmp_path / "encoder.pt"),
+            }
+        )
 
 
 def test_unlabelled_entries_are_refused():

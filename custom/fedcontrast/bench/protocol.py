@@ -51,6 +51,7 @@ import torch
 from fedcontrast.methods.base import KINDS, Message, message_to_state_dict, select
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.bundle import encoder_options, save_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -222,19 +223,20 @@ def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, 
     result = run_in_process(
         method, config.pretrain_config(seed), entries, config.pretrain_rounds, device=config.torch_device
     )
+    options = encoder_options(None, config.pretrain_config(seed)["bundle"])
     out.mkdir(parents=True, exist_ok=True)
     if get_method(method).federated:
         weights = select(result.global_message, "weights")
         encoder = {
             k[len("encoder.") :]: torch.as_tensor(v) for k, v in weights.items() if k.startswith("encoder.")
         }
-        torch.save(encoder, out / "global.pt")
+        save_encoder(encoder, out / "global.pt", options)
     else:
         for site, state in result.encoders.items():
-            torch.save(state, out / f"{site}.pt")
+            save_encoder(state, out / f"{site}.pt", options)
         stacked = {k: torch.stack([s[k].float() for s in result.encoders.values()]) for k in state}
         average = {k: v.mean(0).to(state[k].dtype) for k, v in stacked.items()}
-        torch.save(average, out / "global.pt")
+        save_encoder(average, out / "global.pt", options)
     record = {
         "method": method,
         "seed": seed,

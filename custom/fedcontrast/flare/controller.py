@@ -17,8 +17,9 @@ all updated after every round:
 - federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
   dict of the bundle network, written when they cover the whole network (the bundle's
   ``evaluate``/``inference`` load it with ``--ckpt_path``); for a pre-training method
-  ``pretrained_encoder.pt``, the ``weights/encoder.*`` entries with ``encoder.`` stripped
-  (the bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
+  ``pretrained_encoder.pt``, the ``weights/encoder.*`` entries with ``encoder.`` stripped, with
+  the voxel grid and network options they fit (the bundle's ``scripts/encoder.py`` format; the
+  bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
 - methods whose trainer defines a ``save_checkpoint(weights, out_dir, config, site)`` class
   method write their own files too (``local_decoder``: ``pretrained_decoder.pt``, the
   decoder-stage checkpoint; ``site`` is None for the global model);
@@ -46,7 +47,7 @@ from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
 from fedcontrast.methods.registry import MethodSpec, get_method
-from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.bundle import build_network, encoder_options, save_encoder
 
 MODEL_FILE = "global_model.pt"
 ENCODER_FILE = "pretrained_encoder.pt"
@@ -62,7 +63,8 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = message_to_state_dict(weights, "weights")
-    network_keys = build_network(config.get("bundle_dir"), config.get("bundle", {})).state_dict().keys()
+    bundle_dir, overrides = config.get("bundle_dir"), config.get("bundle", {})
+    network_keys = build_network(bundle_dir, overrides).state_dict().keys()
     written = []
     if network_keys <= state.keys():
         torch.save({k: state[k] for k in network_keys}, out_dir / MODEL_FILE)
@@ -72,7 +74,7 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
         encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not encoder:
             raise ValueError("a pre-training method's weights hold no 'encoder.*' entry")
-        torch.save(encoder, out_dir / ENCODER_FILE)
+        save_encoder(encoder, out_dir / ENCODER_FILE, encoder_options(bundle_dir, overrides), bundle_dir)
         written.append(out_dir / ENCODER_FILE)
     return written
 

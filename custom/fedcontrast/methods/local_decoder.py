@@ -60,7 +60,7 @@ from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.runner import RunResult, run_in_process
-from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.decoder import (
     DecoderWithLocalHead,
     build_checkpoint,
@@ -135,7 +135,8 @@ class DecoderPretrainer(ContrastivePretrainer):
         if not Path(path).is_file():
             raise ValueError(f"{site}: pretrained encoder file not found: {path}")
         super().__init__(cfg, datalist, site, device)
-        load_pretrained_encoder(self.model, path)
+        options = encoder_options(cfg["bundle_dir"], cfg["bundle"])
+        load_pretrained_encoder(self.model, path, options, cfg["bundle_dir"])
         self.encoder_file = path
 
     @classmethod

@@ -17,7 +17,8 @@ Configuration (:data:`DEFAULTS`, merged under the config given):
 - ``bundle_dir``: bundle folder (None: the repository's bundle);
 - ``bundle``: bundle config overrides (any id of the train config, e.g.
   ``{"init_filters": 8, "spatial_dims": 2, "roi_size": [64, 64]}``);
-- ``pretrained_encoder``: encoder checkpoint loaded into the round-0 network ("" for none);
+- ``pretrained_encoder``: encoder file loaded into the round-0 network ("" for none); refused
+  when it was pre-trained with other ``encoder_options`` (voxel grid, network widths);
 - ``pretrained_decoder``: a decoder-stage checkpoint (``local_decoder``'s ``pretrained_decoder.pt``,
   :mod:`fedcontrast.nets.decoder`) whose decoder blocks, and encoder, are loaded into the
   round-0 network with a strict key check ("" for none). With ``pretrained_encoder`` also
@@ -51,7 +52,7 @@ from monai.handlers import from_engine
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.decoder import load_pretrained_decoder
 
 DEFAULTS: dict[str, Any] = {
@@ -157,7 +158,8 @@ class SupervisedBundleTrainer(SiteTrainer):
             torch.manual_seed(int(cfg["seed"]))
             network = build_network(cfg["bundle_dir"], cfg["bundle"])
         if cfg["pretrained_encoder"]:
-            load_pretrained_encoder(network, cfg["pretrained_encoder"])
+            options = encoder_options(cfg["bundle_dir"], cfg["bundle"])
+            load_pretrained_encoder(network, cfg["pretrained_encoder"], options, cfg["bundle_dir"])
         if cfg["pretrained_decoder"]:
             load_pretrained_decoder(
                 network, cfg["pretrained_decoder"], load_encoder=not cfg["pretrained_encoder"]

@@ -11,18 +11,17 @@ e.g. ``{"spatial_dims": 2, "init_filters": 8, "roi_size": [64, 64]}``.
 
 from __future__ import annotations
 
-import logging
+import importlib
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
-
-logger = logging.getLogger(__name__)
 
 #: Config files of each bundle workflow, in merge order: evaluation and inference
 #: are overlays on ``train.json``, which defines the network and the transforms once.
@@ -162,29 +161,55 @@ def _is_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and "contains" in obj and "format" in obj
 
 
-def load_pretrained_encoder(network: torch.nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load an encoder checkpoint into ``network.encoder``, refusing any key mismatch.
+def encoder_options(
+    bundle_dir: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The voxel grid and network options an encoder file records (config id ``encoder_options``).
+
+    E.g. ``{"spatial_dims": 3, "in_channels": 1, "init_filters": 8, "blocks_down": [1, 2, 2, 4],
+    "inplane_spacing": 1.5, "slice_spacing": 10.0, "roi_size": [160, 160]}`` (spacings in mm,
+    ``roi_size`` in voxels) for the bundle with ``overrides`` applied.
+    """
+    return dict(bundle_parser(bundle_dir, "train", overrides).get_parsed_content("encoder_options"))
+
+
+def _encoder_scripts(bundle_dir: str | os.PathLike | None) -> ModuleType:
+    """The bundle's ``scripts.encoder`` (the module its configs use), imported from the bundle root."""
+    _bundle_root(bundle_dir)
+    return importlib.import_module("scripts.encoder")
+
+
+def save_encoder(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    options: Mapping[str, Any],
+    bundle_dir: str | os.PathLike | None = None,
+) -> None:
+    """Write an encoder file recording ``options`` (:func:`encoder_options`), via the bundle's scripts."""
+    _encoder_scripts(bundle_dir).save_encoder(state, path, options)
+
+
+def load_pretrained_encoder(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    options: Mapping[str, Any] | None,
+    bundle_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Load an encoder file into ``network.encoder`` through the bundle's ``scripts.encoder``.
 
     Args:
         network: a bundle network (its ``encoder`` attribute receives the weights).
-        path: a ``torch.save``-d state dict with the encoder's own key names
-            (``weights/encoder.*`` entries with ``encoder.`` stripped).
+        path: an encoder file written by :func:`save_encoder` (or a plain encoder state dict,
+            loaded with a warning that its grid cannot be checked).
+        options: :func:`encoder_options` of the config ``network`` was built from; None skips
+            the option check.
+        bundle_dir: the bundle whose scripts read the file.
 
     Returns:
         The loaded keys, sorted.
 
     Raises:
-        ValueError: the file holds no state dict, or its keys or shapes differ from
-            ``network.encoder``'s; the message lists the offending keys.
+        ValueError: a recorded option differs from ``options`` (the message names it and both
+            values), or the keys or shapes differ from ``network.encoder``'s (listed).
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        hint = " (a decoder-stage checkpoint? pass it as pretrained_decoder)" if _is_checkpoint(state) else ""
-        raise ValueError(
-            f"pretrained encoder {path}: expected a state dict of tensors, got {type(state)}{hint}"
-        )
-    check_encoder_state(network, state, f"pretrained encoder {path}")
-    network.encoder.load_state_dict(state, strict=True)
-    loaded = sorted(state)
-    logger.info("loaded %d encoder tensors from %s: %s", len(loaded), path, loaded)
-    return loaded
+    return _encoder_scripts(bundle_dir).load_pretrained_encoder(network, path, options)
