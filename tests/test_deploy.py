@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcontrast.cli import build_parser
+from fedcontrast.cli import main, parse_args
 from fedcontrast.demo import prepare_data
 from fedcontrast.deploy.admin import (
     COMPONENTS_DIR,
@@ -163,10 +163,21 @@ def test_job_folders_and_job_names(tmp_path):
 
 
 def test_cli_passes_options_after_dashes_to_the_job_script():
-    args = build_parser().parse_args(["deploy", "poc", "--sites", "2", "--", "--rounds", "1", "--local"])
+    args = parse_args(["deploy", "poc", "--sites", "2", "--", "--rounds", "1", "--local"])
     assert (args.sites, args.job, args.job_args) == (2, "fcl", ["--rounds", "1", "--local"])
-    args = build_parser().parse_args(["deploy", "poc", "--rounds", "3", "--", "--local"])
+    args = parse_args(["deploy", "poc", "--rounds", "3", "--", "--local"])
     assert job_options(args) == ["--rounds", "3", "--local"]
+    args = parse_args(["job", "export", "fcl", "--out", "x", "--rounds", "2", "--", "--config", "{}"])
+    assert (args.job, args.out, job_options(args)) == ("fcl", Path("x"), ["--rounds", "2", "--config", "{}"])
+    with pytest.raises(SystemExit):
+        parse_args(["bench", "--quick", "--", "--rounds", "1"])
+
+
+def test_job_export_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("a hospital's file")
+    assert main(["job", "export", "fcl", "--out", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").is_file()
 
 
 def test_admin_user_comes_from_the_admin_kit(tmp_path):

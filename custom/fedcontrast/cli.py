@@ -38,9 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; everything after a ``--`` goes to the command's ``job_args``.
+
+    The options of a job script are split off before parsing: argparse alone cannot give them
+    to a command that also has a positional argument (``fedcontrast job export fcl -- ...``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:split])
+    passthrough = argv[split + 1 :]
+    if passthrough:
+        if not hasattr(args, "job_args"):
+            parser.error(f"{args.command} takes no options after '--'")
+        args.job_args = [*args.job_args, *passthrough]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedcontrast`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

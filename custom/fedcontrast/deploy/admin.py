@@ -37,6 +37,11 @@ LOG_RECORD = re.compile(
 )
 
 
+def job_names() -> list[str]:
+    """The job scripts this installation carries (``jobs/<name>/job.py``)."""
+    return sorted(p.parent.name for p in JOBS_DIR.glob("*/job.py"))
+
+
 def export_job(name: str, out_dir: str | Path, num_sites: int, job_args: Sequence[str] = ()) -> Path:
     """Export ``jobs/<name>/job.py`` for ``num_sites`` sites (``--export``); returns the job folder.
 
@@ -49,8 +54,9 @@ def export_job(name: str, out_dir: str | Path, num_sites: int, job_args: Sequenc
     """
     script = JOBS_DIR / name / "job.py"
     if not script.is_file():
-        known = sorted(p.parent.name for p in JOBS_DIR.glob("*/job.py"))
-        raise ValueError(f"no job script {script} (known jobs: {known}); or pass an exported job folder")
+        raise ValueError(
+            f"no job script {script} (known jobs: {job_names()}); or pass an exported job folder"
+        )
     spec = importlib.util.spec_from_file_location(f"fedcontrast_job_{name}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -42,7 +42,23 @@ stop every process it started. Options after `--` go to jobs/<JOB>/job.py, e.g.
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``fedcontrast deploy {provision,site,submit,poc}``."""
+    """Register ``fedcontrast deploy {provision,site,submit,poc}`` and ``fedcontrast job export``."""
+    job = subparsers.add_parser("job", help="job folders from the installed package's job scripts")
+    job_commands = job.add_subparsers(dest="job_command", required=True, metavar="JOB_COMMAND")
+    export = job_commands.add_parser(
+        "export",
+        help="write a deployable job folder (no checkout needed)",
+        description="Export jobs/<JOB>/job.py of the installed package into OUT/<job name>. JOB is a job "
+        "(fcl, fclopt, finetune) or a pre-training method, exported through the fcl job. Options after "
+        '`--` go to the job script, e.g. `-- --config \'{"bundle": {"init_filters": 8}}\'`.',
+    )
+    export.add_argument("job", metavar="JOB", help="job or pre-training method name")
+    export.add_argument("--out", type=Path, required=True, help="folder to write (new or empty)")
+    export.add_argument("--sites", type=int, default=3, help="number of sites the job needs (default 3)")
+    export.add_argument("--rounds", type=int, help="federated rounds (the job script's --rounds)")
+    export.add_argument("job_args", nargs="*", metavar="-- JOB_OPTION", help="options of the job script")
+    export.set_defaults(func=run_job_export)
+
     deploy = subparsers.add_parser("deploy", help="NVFlare deployment: kits, sites, jobs, local run")
     commands = deploy.add_subparsers(dest="deploy_command", required=True, metavar="DEPLOY_COMMAND")
 
@@ -111,6 +127,23 @@ def user_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
             raise UserError(str(exc)) from exc
 
     return wrapper
+
+
+@user_errors
+def run_job_export(args: argparse.Namespace) -> int:
+    """``job export``."""
+    from fedcontrast.deploy.admin import export_job, job_names
+    from fedcontrast.methods.registry import available_methods
+
+    name, options = args.job, job_options(args)
+    if name not in job_names() and name in available_methods(pretraining=True):
+        name, options = "fcl", ["--method", args.job, *options]
+    out = args.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: give a new or empty folder")
+    folder = export_job(name, out, args.sites, options)
+    print(f"job folder: {folder}")
+    return 0
 
 
 @user_errors

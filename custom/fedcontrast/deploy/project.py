@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
-#: The repository (``custom/fedcontrast/deploy/`` is three levels down).
-REPO_DIR = Path(__file__).resolve().parents[3]
-#: The repository's deployment folder and its job scripts (``jobs/<name>/job.py``).
-DEPLOY_DIR, JOBS_DIR = REPO_DIR / "deploy", REPO_DIR / "jobs"
+from fedcontrast.resources import deploy_dir, jobs_dir
+
+#: The deployment folder and the job scripts (``jobs/<name>/job.py``): the installed package's
+#: (or the checkout's), see :mod:`fedcontrast.resources`.
+DEPLOY_DIR, JOBS_DIR = deploy_dir(), jobs_dir()
 #: The project file ``fedcontrast deploy`` starts from unless told otherwise.
 DEFAULT_PROJECT = DEPLOY_DIR / "project.yml"
 

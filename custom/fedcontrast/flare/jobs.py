@@ -37,7 +37,7 @@ from fedcontrast.flare.controller import DECODER_FILE, ENCODER_FILE, LOCAL_DIR, 
 from fedcontrast.flare.executor import MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
-from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, allow_installed_package
+from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER
 from fedcontrast.methods.registry import get_method
 
 #: Task names: the feature privacy filter is bound to the pre-training task.
@@ -147,7 +147,6 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
         RuntimeError: the simulation failed; the message says where the logs are.
     """
     workspace = Path(workspace).resolve()
-    allow_installed_package(workspace / "local")
     with tempfile.TemporaryDirectory() as job_root:
         job_dir = export_job(job, job_root)
         command = [sys.executable, "-m", "fedcontrast.flare.simulator", str(job_dir), "-w", str(workspace)]

@@ -15,6 +15,9 @@ as it does in a deployment. With fewer threads than sites NVFlare starts a fresh
 every task and that state is lost.
 
     python -m fedcontrast.flare.simulator JOB_FOLDER -w WORKSPACE -c site-1,site-2 -t 2
+
+runs any exported fedcontrast job folder; the workspace's ``local/resources.json`` is given
+``"fedcontrast."`` in its ``class_allow_list`` first, as a provisioned site's is.
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import multiprocessing
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from nvflare.private.fed.app.simulator import simulator as nvflare_simulator
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+
+from fedcontrast.flare.site_config import allow_installed_package
 
 
 class ThreadBuildContext:
@@ -77,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     nvflare_simulator.define_simulator_parser(parser)
     args = parser.parse_args(argv)
+    allow_installed_package(Path(args.workspace).resolve() / "local")  # the jobs carry no code
     install()
     if sys.platform.startswith("linux"):
         # the runner's client process must inherit install(): fork (Python 3.11's default

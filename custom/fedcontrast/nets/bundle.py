@@ -23,6 +23,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 
+from fedcontrast import resources
+
 #: Config files of each bundle workflow, in merge order: evaluation and inference
 #: are overlays on ``train.json``, which defines the network and the transforms once.
 CONFIG_FILES: dict[str, tuple[str, ...]] = {
@@ -36,11 +38,8 @@ WORKFLOW_TYPES: dict[str, str | None] = {"train": "train", "evaluate": None, "in
 
 
 def default_bundle_dir() -> Path:
-    """``$FEDCONTRAST_BUNDLE_DIR`` if set, else the repository's ``bundles/cardiac_seg``."""
-    env = os.environ.get("FEDCONTRAST_BUNDLE_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parents[3] / "bundles" / "cardiac_seg"
+    """``$FEDCONTRAST_BUNDLE_DIR`` if set, else the installed package's (or the checkout's) bundle."""
+    return resources.bundle_dir()
 
 
 def config_files(bundle_dir: str | os.PathLike | None = None, config: str = "train") -> list[str]:
@@ -51,7 +50,10 @@ def config_files(bundle_dir: str | os.PathLike | None = None, config: str = "tra
     paths = [root / "configs" / name for name in CONFIG_FILES[config]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"bundle config file(s) not found: {missing}")
+        raise FileNotFoundError(
+            f"bundle config file(s) not found: {missing} (bundle folder {root}: set FEDCONTRAST_BUNDLE_DIR "
+            "to a bundle, or install fedcontrast from its wheel or sdist, which carry one)"
+        )
     return [str(p) for p in paths]
 
 
