@@ -1,6 +1,11 @@
 """Suite-wide test settings."""
 
 import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +68,52 @@ def tiny_fcl_config() -> dict:
         "local_samples": 2,
         "remote_samples": 2,
     }
+
+
+@pytest.fixture(scope="session")
+def venv_without_fedcontrast(tmp_path_factory) -> Callable[[str], Path]:
+    """A factory of fresh virtual environments that see this one's packages but not fedcontrast.
+
+    ``make(name)`` returns the new environment's folder (``bin/python``, no pip of its own: its
+    ``python -m pip`` is this environment's). This environment's site-packages are on its path
+    as a plain folder: their ``.pth`` files, among them an editable install of the checkout, are
+    not processed, so fedcontrast is importable there only once something installs it. Seconds
+    and offline, where a venv with its own dependencies would take minutes and the network.
+    """
+
+    def make(name: str) -> Path:
+        root = tmp_path_factory.mktemp(name) / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+        code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        out = subprocess.run(
+            [root / "bin" / "python", "-c", code], check=True, capture_output=True, text=True
+        )
+        shared = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+        (Path(out.stdout.strip()) / "shared_dependencies.pth").write_text("\n".join(shared) + "\n")
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def env_outside_checkout() -> dict[str, str]:
+    """This process's environment without anything that points into the checkout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FEDCONTRAST_BUNDLE_DIR")}
+    return {**env, "PYTHONNOUSERSITE": "1"}
+
+
+def run_checked(cmd: list, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """Run ``cmd`` in ``cwd``; its stdout, or a test failure with the end of its output."""
+    done = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (
+        f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def run_ok() -> Callable[..., str]:
+    """:func:`run_checked`, for tests that run commands in another environment."""
+    return run_checked

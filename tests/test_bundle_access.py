@@ -41,7 +41,7 @@ def test_default_bundle_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_config_files_are_overlays_on_train():
-    assert [p.rsplit("/", 1)[1] for p in config_files(config="inference")] == ["train.json", "inference.json"]
+    assert [p.rsplit("/", 1)[1] for p in config_files(config="inference")] == ["inference.json"]
     with pytest.raises(ValueError, match="unknown bundle config 'deploy'"):
         config_files(config="deploy")
 

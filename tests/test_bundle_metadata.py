@@ -12,7 +12,7 @@ from fedcontrast.nets.bundle import build_network, default_bundle_dir
 
 BUNDLE = default_bundle_dir()
 META = str(BUNDLE / "configs" / "metadata.json")
-TRAIN = str(BUNDLE / "configs" / "train.json")
+INFERENCE = str(BUNDLE / "configs" / "inference.json")
 #: The schema vendored for offline checks (verify_metadata downloads only when the file is missing).
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 
@@ -23,7 +23,7 @@ def test_metadata_validates_against_the_vendored_schema():
 
 
 def test_network_input_and_output_match_the_metadata():
-    verify_net_in_out(net_id="network_def", meta_file=META, config_file=TRAIN, device="cpu")
+    verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFERENCE, device="cpu")
 
 
 def test_ckpt_export_writes_torchscript(tmp_path):
@@ -32,7 +32,7 @@ def test_ckpt_export_writes_torchscript(tmp_path):
         filepath=str(tmp_path / "model.ts"),
         ckpt_file=str(BUNDLE / "models" / "model.pt"),
         meta_file=META,
-        config_file=TRAIN,
+        config_file=INFERENCE,
         use_trace=True,
         input_shape=[1, 1, 160, 160, 8],
     )

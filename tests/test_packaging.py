@@ -9,13 +9,11 @@ simulator on 2 sites for 1 round, and runs the packaged bundle's inference on a 
 
 import ast
 import json
-import os
 import shutil
-import subprocess
 import sys
-import sysconfig
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -45,16 +43,7 @@ NEEDED = (
 )
 
 
-def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    """Run ``cmd``; fail the test with its output when it fails."""
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, (
-        f"{cmd} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    )
-    return done.stdout
-
-
-def build_hook(hook: str, cwd: Path, out: Path) -> Path:
+def build_hook(run: Callable[..., str], hook: str, cwd: Path, out: Path) -> Path:
     """Call the PEP 517 ``hook`` of setuptools (no isolation: offline) in ``cwd``; the file it wrote."""
     code = f"from setuptools import build_meta as b; print(b.{hook}({str(out)!r}))"
     name = run([sys.executable, "-c", code], cwd).strip().splitlines()[-1]
@@ -62,7 +51,7 @@ def build_hook(hook: str, cwd: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def wheel(tmp_path_factory, run_ok) -> Path:
     src = tmp_path_factory.mktemp("source")
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in SOURCE:
@@ -72,34 +61,24 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy2(path, src / name)
     dist = tmp_path_factory.mktemp("dist")
-    sdist = build_hook("build_sdist", src, dist)
+    sdist = build_hook(run_ok, "build_sdist", src, dist)
     with tarfile.open(sdist) as tar:
         tar.extractall(dist / "unpacked", filter="data")
     (unpacked,) = (dist / "unpacked").iterdir()
-    return build_hook("build_wheel", unpacked, dist)
+    return build_hook(run_ok, "build_wheel", unpacked, dist)
 
 
 @pytest.fixture(scope="module")
-def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh venv with the wheel installed, seeing the dependencies already installed here."""
-    root = tmp_path_factory.mktemp("hospital") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+def venv(wheel, venv_without_fedcontrast, env_outside_checkout, run_ok) -> Path:
+    """A fresh venv outside the checkout with the wheel installed (not editable, no dependencies)."""
+    root = venv_without_fedcontrast("hospital")
     python = str(root / "bin" / "python")
-    purelib = Path(
-        run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root).strip()
+    run_ok(
+        [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+        root,
+        env_outside_checkout,
     )
-    # the running interpreter's site-packages as a plain path: its .pth files (among them an
-    # editable install of this checkout) are not processed, so only the wheel provides fedcontrast
-    shared = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (purelib / "shared_dependencies.pth").write_text("\n".join(sorted(shared)) + "\n")
-    run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], root, clean_env())
     return root
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without anything that points into the checkout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FEDCONTRAST_BUNDLE_DIR")}
-    return {**env, "PYTHONNOUSERSITE": "1"}
 
 
 def test_sdist_and_wheel_carry_the_bundle_jobs_and_project(wheel):
@@ -117,9 +96,10 @@ def test_sdist_and_wheel_carry_the_bundle_jobs_and_project(wheel):
 
 
 def test_installed_package_exports_and_simulates_the_fcl_job_and_runs_inference(
-    venv, site_splits, tiny_fcl_config, tmp_path
+    venv, site_splits, tiny_fcl_config, env_outside_checkout, run_ok, tmp_path
 ):
-    bin_dir, env, work = venv / "bin", clean_env(), tmp_path / "hospital"
+    run = run_ok
+    bin_dir, env, work = venv / "bin", env_outside_checkout, tmp_path / "hospital"
     work.mkdir()
     where = json.loads(
         run([str(bin_dir / "python"), "-c", "import fedcontrast, fedcontrast.resources as r, json; "

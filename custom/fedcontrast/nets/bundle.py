@@ -25,12 +25,13 @@ from monai.transforms import Compose
 
 from fedcontrast import resources
 
-#: Config files of each bundle workflow, in merge order: evaluation and inference
-#: are overlays on ``train.json``, which defines the network and the transforms once.
+#: Config files of each bundle workflow, in merge order, as the model zoo has them:
+#: ``train.json`` and ``inference.json`` each stand alone (the ids they share are kept
+#: identical, see ``tests/test_bundle_standalone.py``); evaluation is an overlay on ``train.json``.
 CONFIG_FILES: dict[str, tuple[str, ...]] = {
     "train": ("train.json",),
     "evaluate": ("train.json", "evaluate.json"),
-    "inference": ("train.json", "inference.json"),
+    "inference": ("inference.json",),
 }
 
 #: MONAI workflow type of each config, whose required ids ``check_properties`` verifies.
