@@ -75,7 +75,7 @@ from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetr
 from fedcontrast.methods.pretrain import check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.supervised import VALIDATION, image_label
-from fedcontrast.nets.bundle import build_network, bundle_workflow, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.encoder import ema_update, momentum_copy
 
 #: Bundle config value of ``network_class`` that selects the FedCRLD network.
@@ -211,7 +211,8 @@ class FedCRLDTrainer(SiteTrainer):
             torch.manual_seed(int(cfg["seed"]))
             network = build_network(cfg["bundle_dir"], network_overrides(cfg))
         if cfg["pretrained_encoder"]:
-            load_pretrained_encoder(network, cfg["pretrained_encoder"])
+            options = encoder_options(cfg["bundle_dir"], network_overrides(cfg))
+            load_pretrained_encoder(network, cfg["pretrained_encoder"], options, cfg["bundle_dir"])
         return pack("weights", shared_state(network))
 
     def load_shared(self, incoming: Message) -> None:
