@@ -16,7 +16,13 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.fuel.utils.class_utils import get_component_init_parameters
 
-from fedcontrast.flare.controller import ENCODER_FILE, MODEL_FILE, MethodController, save_models
+from fedcontrast.flare.controller import (
+    ENCODER_FILE,
+    MODEL_BUNDLE_DIR,
+    MODEL_FILE,
+    MethodController,
+    save_models,
+)
 from fedcontrast.flare.executor import MethodExecutor, site_entries
 from fedcontrast.flare.filters import FeaturePrivacyFilter, privatize_features
 from fedcontrast.flare.jobs import build_job, export_job
@@ -243,7 +249,7 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
     written = save_models(
         {**weights, "weights/head.fc.weight": np.zeros((2, 2))}, tmp_path, {"bundle": TINY}, pretraining=True
     )
-    assert written == [tmp_path / MODEL_FILE, tmp_path / ENCODER_FILE]
+    assert written == [tmp_path / MODEL_FILE, tmp_path / MODEL_BUNDLE_DIR, tmp_path / ENCODER_FILE]
     fresh = build_network(overrides=TINY)
     fresh.load_state_dict(torch.load(tmp_path / MODEL_FILE))
     assert load_pretrained_encoder(fresh, tmp_path / ENCODER_FILE, encoder_options(overrides=TINY))

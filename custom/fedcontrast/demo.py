@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fedcontrast.data.labels import ACDC_LABELS, class_names
+
 logger = logging.getLogger(__name__)
 
 #: Bundle overrides for the demo's small volumes (about 150 mm field of view, 9 slices).
@@ -33,7 +35,7 @@ DEMO_BUNDLE: dict[str, Any] = {
     "roi_size": [48, 48],
     "patch_size": [48, 48, 8],
 }
-CLASS_NAMES = ("RV", "MYO", "LV")
+CLASS_NAMES = tuple(class_names(ACDC_LABELS))  # the phantom's
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -27,8 +27,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedcontrast.nets.bundle import bundle_parser
 
-CLASS_NAMES: tuple[str, ...] = ("RV", "MYO", "LV")
-
 
 @torch.no_grad()
 def reestimate_batchnorm(network: torch.nn.Module, images: list[torch.Tensor], inferer: Any) -> None:
@@ -62,7 +60,8 @@ class BundleScorer:
 
     Args:
         test_sets: site -> labelled entries (``{"image", "label"}``) scored as ``split="test"``.
-        overrides: bundle config overrides (network size, geometry).
+        overrides: bundle config overrides (network size, geometry, ``labels``: the label set,
+            which sets the classes scored and their names).
         bundle_dir: the bundle (default: the repository's).
         calibration_sets: site -> the site's labelled *training* entries; when given, the
             BatchNorm statistics are re-estimated on them before every score at that site.
@@ -91,7 +90,8 @@ class BundleScorer:
         self.splits = {"test": load(test_sets), "validation": load(validation_sets)}
         self.volumes = self.splits["test"]
         self.calibration = {site: [v["image"] for v in vols] for site, vols in load(calibration_sets).items()}
-        self.num_classes = len(CLASS_NAMES) + 1
+        self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
+        self.num_classes = int(parser.get_parsed_content("num_classes"))
 
     def load(self, state_dict: Mapping[str, torch.Tensor], site: str) -> None:
         """Load ``state_dict`` for scoring at ``site``: BatchNorm re-estimated on its training volumes."""
@@ -127,7 +127,7 @@ class BundleScorer:
             hd_classes = np.nanmean(np.where(np.isinf(np.stack(hd95)), np.nan, np.stack(hd95)), axis=0)
         hd_mean = float(np.nanmean(hd_classes)) if np.isfinite(hd_classes).any() else None
         return {
-            "dice": {name: float(v) for name, v in zip(CLASS_NAMES, per_class)},
+            "dice": {name: float(v) for name, v in zip(self.class_names, per_class)},
             "dice_mean": float(np.nanmean(per_class)),
             "hd95_mean": hd_mean,
         }

@@ -50,10 +50,11 @@ import numpy as np
 from scipy import ndimage
 
 from fedcontrast.data.io import save_nifti, write_json
+from fedcontrast.data.labels import ACDC_LABELS
 from fedcontrast.data.validation import DataValidationError
 
 #: ACDC label convention used by the phantom.
-LABELS: dict[str, int] = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+LABELS: dict[str, int] = dict(ACDC_LABELS)
 
 #: Name of the summary file ``synthesize_dataset`` writes at the top of its output.
 SUMMARY_FILE = "phantom.json"

@@ -25,10 +25,8 @@ import nibabel as nib
 import numpy as np
 
 from fedcontrast.data.io import save_nifti
+from fedcontrast.data.labels import ACDC_LABELS, check_label_set  # ACDC's: every cardiac reader's
 from fedcontrast.data.validation import DataValidationError, Geometry, check_3d, read_geometry
-
-#: The ACDC label convention every cardiac reader returns.
-ACDC_LABELS: dict[str, int] = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 
 #: M&Ms label value -> ACDC label value (M&Ms: 1 LV, 2 MYO, 3 RV; ACDC swaps 1 and 3).
 MNMS_TO_ACDC = np.array([0, 3, 2, 1], dtype=np.uint8)
@@ -328,7 +326,7 @@ def parse_labels(labels: Mapping[str, Any], source: str | Path) -> dict[str, int
         raise DataValidationError(f"{source}: labels must map values to names or names to integer values")
     if len(set(parsed.values())) != len(parsed):
         raise DataValidationError(f"{source}: label values declared twice in {dict(labels)}")
-    return parsed
+    return check_label_set(parsed, str(source))
 
 
 def read_decathlon_labels(path: str | Path) -> dict[str, int]:

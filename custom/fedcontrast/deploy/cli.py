@@ -26,6 +26,7 @@ from fedcontrast.deploy.project import (
 #: Files of a job's result that the summary points at, when present.
 RESULT_FILES = (
     "global_model.pt",
+    "model_bundle",
     "pretrained_encoder.pt",
     "pretrained_decoder.pt",
     "bytes.json",

@@ -16,7 +16,9 @@ all updated after every round:
 - ``bytes.json``, ``metrics.json``, ``tensorboard/`` (see :mod:`fedcontrast.flare.ledger`);
 - federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
   dict of the bundle network, written when they cover the whole network (the bundle's
-  ``evaluate``/``inference`` load it with ``--ckpt_path``); for a pre-training method
+  ``evaluate``/``inference`` load it with ``--ckpt_path``), and ``model_bundle/``, a copy of
+  the bundle that runs it by itself (its configs hold the job's ``bundle`` overrides, its
+  ``metadata.json`` names the label set's output channels); for a pre-training method
   ``pretrained_encoder.pt``, the ``weights/encoder.*`` entries with ``encoder.`` stripped, with
   the voxel grid and network options they fit (the bundle's ``scripts/encoder.py`` format; the
   bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
@@ -47,9 +49,11 @@ from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
 from fedcontrast.methods.registry import MethodSpec, get_method
-from fedcontrast.nets.bundle import build_network, encoder_options, save_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, export_bundle, save_encoder
 
 MODEL_FILE = "global_model.pt"
+#: The bundle that runs ``MODEL_FILE`` by itself (:func:`~fedcontrast.nets.bundle.export_bundle`).
+MODEL_BUNDLE_DIR = "model_bundle"
 ENCODER_FILE = "pretrained_encoder.pt"
 LOCAL_DIR = "local"
 MESSAGES_DIR = "messages"
@@ -69,6 +73,7 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
     if network_keys <= state.keys():
         torch.save({k: state[k] for k in network_keys}, out_dir / MODEL_FILE)
         written.append(out_dir / MODEL_FILE)
+        written.append(export_bundle(out_dir / MODEL_FILE, out_dir / MODEL_BUNDLE_DIR, overrides, bundle_dir))
     if pretraining:
         prefix = "encoder."
         encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -23,7 +23,7 @@ site's folder of the job run, never to a temporary folder that a killed process 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -37,27 +37,40 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.data.labels import common_label_set
 from fedcontrast.flare.messages import as_message, update_to_flmodel
 from fedcontrast.flare.site_config import resolve_datalist
 from fedcontrast.methods.base import SiteTrainer
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.supervised import VALIDATION
+from fedcontrast.nets.bundle import bundle_parser
 
 
 def site_entries(
-    site: str, path: Path, keys: Sequence[str], validation_key: str = "", min_volumes: int = 1
+    site: str,
+    path: Path,
+    keys: Sequence[str],
+    validation_key: str = "",
+    min_volumes: int = 1,
+    labels: tuple[str, Mapping[str, int]] | None = None,
 ) -> list[dict]:
     """The entries a site trains on: the ``keys`` lists of its datalist, then the
     ``validation_key`` list tagged ``"split": "validation"`` (held out, measured every round).
 
+    ``labels``: ``(where from, label set)`` of the job; the datalist must declare the same.
+
     Raises:
-        ValueError: the datalist is unreadable or invalid, or has fewer than ``min_volumes``
-            entries in ``keys``; the message names the site and the file.
+        ValueError: the datalist is unreadable or invalid, has fewer than ``min_volumes``
+            entries in ``keys``, or declares another label set than ``labels`` (both named);
+            the message names the site and the file.
     """
     try:
         datalist = load_site_datalist(path)
     except (ValueError, OSError) as exc:  # the message names the file
         raise ValueError(f"{site}: cannot use its datalist: {exc}") from exc
+    if labels is not None:
+        source, job_labels = labels
+        common_label_set({source: job_labels, f"{site}'s datalist {path}": datalist["labels"]})
     entries = [dict(e) for key in keys for e in datalist.get(key, [])]
     if len(entries) < min_volumes:
         raise ValueError(
@@ -112,13 +125,25 @@ class MethodExecutor(Executor):
         if event_type == EventType.END_RUN:
             self.trainer = None
 
+    def job_labels(self) -> tuple[str, dict[str, int]] | None:
+        """``(where from, label set)`` a fine-tuning job's sites must declare; None for pre-training."""
+        if get_method(self.method).pretraining:
+            return None
+        bundle = dict(self.config.get("bundle") or {})
+        if "labels" in bundle:
+            return "the job's label set", dict(bundle["labels"])
+        parser = bundle_parser(self.config.get("bundle_dir"), "train", bundle)
+        return "the bundle's default label set", dict(parser.get_parsed_content("labels"))
+
     def build_trainer(self, fl_ctx: FLContext) -> SiteTrainer:
         """The method's trainer on this site's data (see the module docstring for the datalist)."""
         site = fl_ctx.get_identity_name()
         workspace = fl_ctx.get_engine().get_workspace()
         path, source = resolve_datalist(site, self.datalist, workspace.get_site_config_dir())
         self.log_info(fl_ctx, f"{site}: datalist {path} (from {source})")
-        entries = site_entries(site, path, self.datalist_keys, self.validation_key, self.min_volumes)
+        entries = site_entries(
+            site, path, self.datalist_keys, self.validation_key, self.min_volumes, self.job_labels()
+        )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # local outputs (e.g. the bundle's checkpoints and logs) stay in the site's job folder
         workdir = Path(workspace.get_run_dir(fl_ctx.get_job_id())) / LOCAL_OUTPUT_DIR

@@ -33,7 +33,15 @@ from typing import Any
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
-from fedcontrast.flare.controller import DECODER_FILE, ENCODER_FILE, LOCAL_DIR, MODEL_FILE, MethodController
+from fedcontrast.data.labels import common_label_set
+from fedcontrast.flare.controller import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    LOCAL_DIR,
+    MODEL_BUNDLE_DIR,
+    MODEL_FILE,
+    MethodController,
+)
 from fedcontrast.flare.executor import MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
@@ -46,7 +54,16 @@ TRAIN_TASK = "train"
 #: Where the simulator's server writes its results, under the simulator workspace.
 SIMULATOR_RESULT_DIR = Path("server") / "simulate_job"
 #: What :func:`collect_results` copies.
-RESULT_FILES = (MODEL_FILE, ENCODER_FILE, DECODER_FILE, BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR, LOCAL_DIR)
+RESULT_FILES = (
+    MODEL_FILE,
+    MODEL_BUNDLE_DIR,
+    ENCODER_FILE,
+    DECODER_FILE,
+    BYTES_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    LOCAL_DIR,
+)
 
 
 def site_names(num_sites: int) -> list[str]:
@@ -59,6 +76,35 @@ def site_names(num_sites: int) -> list[str]:
 def task_name(method: str) -> str:
     """The task a method's job sends: ``pretrain`` for pre-training methods, else ``train``."""
     return PRETRAIN_TASK if get_method(method).pretraining else TRAIN_TASK
+
+
+def with_label_set(config: Mapping[str, Any], datalist: str, num_sites: int) -> dict[str, Any]:
+    """``config`` with ``bundle.labels`` set to the label set the sites' datalists declare.
+
+    ``datalist`` is the job's template (``{site}`` for the site name; "" leaves ``config`` as it
+    is); a site whose file does not exist is left to report itself when the job runs. The set sets
+    the network's output channels and every class name of the run's metrics.
+
+    Raises:
+        ValueError: two datalists, or a datalist and ``config``'s own ``bundle.labels``, declare
+            different label sets (the message names both), or a datalist is not JSON.
+    """
+    config = dict(config)
+    declared: dict[str, Mapping[str, int]] = {}
+    given = dict(config.get("bundle") or {}).get("labels")
+    if given is not None:
+        declared["the job config's bundle.labels"] = given
+    for site in site_names(num_sites) if datalist else []:
+        path = Path(datalist.replace(SITE_PLACEHOLDER, site))
+        if path.is_file():
+            try:
+                labels = json.loads(path.read_text()).get("labels")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{site}: datalist {path} is not JSON: {exc}") from exc
+            declared[f"{site}'s datalist {path}"] = labels
+    if declared:
+        config["bundle"] = {**dict(config.get("bundle") or {}), "labels": common_label_set(declared)}
+    return config
 
 
 def build_job(
@@ -97,6 +143,10 @@ def build_job(
         feature_clip, feature_noise: the feature privacy filter (pre-training methods; 0 and 0: off).
         task_timeout: seconds a site may take per round (0: no limit).
         record_messages: save every message on the server (audit, tests).
+
+    A fine-tuning job given a ``datalist`` template takes its label set from the sites'
+    datalists (:func:`with_label_set`); one exported without gets it from ``config``'s
+    ``bundle.labels`` (default: the bundle's), and each site refuses a datalist declaring another.
     """
     spec = get_method(method)
     task = task_name(method)
@@ -107,6 +157,8 @@ def build_job(
     if (feature_clip or feature_noise) and not spec.pretraining:
         raise ValueError(f"the feature privacy filter applies to pre-training methods, not {method!r}")
     config = json.loads(json.dumps(dict(config)))  # a plain JSON copy: what the job config will hold
+    if not spec.pretraining:
+        config = with_label_set(config, datalist, num_sites)
     job = FedJob(name=name or method, min_clients=num_sites)
     job.set_app_packages([PACKAGE])
     controller = MethodController(

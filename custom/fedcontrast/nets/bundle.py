@@ -12,7 +12,9 @@ e.g. ``{"spatial_dims": 2, "init_filters": 8, "roi_size": [64, 64]}``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -216,3 +218,68 @@ def load_pretrained_encoder(
             values), or the keys or shapes differ from ``network.encoder``'s (listed).
     """
     return _encoder_scripts(bundle_dir).load_pretrained_encoder(network, path, options)
+
+
+#: The configs an exported bundle writes its overrides into (each stands alone; evaluate.json
+#: is an overlay on train.json and takes them from there).
+EXPORTED_CONFIGS = ("train.json", "inference.json")
+
+
+def export_bundle(
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    bundle_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A copy of the bundle that runs ``model`` by itself, as a model-zoo bundle.
+
+    ``model`` (a network state dict, e.g. a fine-tuning job's ``global_model.pt``) becomes its
+    ``models/model.pt``; ``overrides`` (top-level config ids, e.g. the job's ``bundle`` dict with
+    its ``labels``) are written into ``configs/train.json`` and ``configs/inference.json``; its
+    ``configs/metadata.json`` describes the network's input and output: ``in_channels``, the
+    window shape and one named output channel per class of the label set (also its
+    ``label_classes`` and ``pred_classes``; the shipped weights' ``eval_metrics`` are dropped).
+    ``out_dir`` is replaced.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: ``model`` does not fit the network of the overridden config (keys or shapes).
+    """
+    source = Path(bundle_dir).resolve() if bundle_dir is not None else default_bundle_dir()
+    out = Path(out_dir)
+    overrides = dict(overrides or {})
+    parser = bundle_parser(source, "train", overrides)
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    try:
+        parser.get_parsed_content("network_def").load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{model} does not fit the bundle network with {overrides}: {exc}") from exc
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", "*.py[co]", "logs", "eval", "*.pt", "*.ts")
+    shutil.copytree(source, partial, ignore=skip)
+    (partial / "models").mkdir(exist_ok=True)
+    shutil.copy2(model, partial / "models" / "model.pt")
+    for name in EXPORTED_CONFIGS:
+        path = partial / "configs" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **overrides}, indent=4) + "\n")
+    meta_path = partial / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    labels = parser.get_parsed_content("labels")
+    shape = [int(v) for v in parser.get_parsed_content("window_size")]
+    inputs, outputs = (
+        meta["network_data_format"]["inputs"]["image"],
+        meta["network_data_format"]["outputs"]["pred"],
+    )
+    inputs.update(num_channels=int(parser.get_parsed_content("in_channels")), spatial_shape=shape)
+    channels = {str(value): name for name, value in sorted(labels.items(), key=lambda kv: kv[1])}
+    outputs.update(num_channels=len(labels), spatial_shape=shape, channel_def=channels)
+    classes = ", ".join(f"{value} {name}" for value, name in channels.items())
+    meta.update(label_classes=classes, pred_classes=classes)
+    meta.pop("eval_metrics", None)  # the shipped weights' scores, not this model's
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
