@@ -12,6 +12,7 @@ import pytest
 from fedcontrast.cli import main
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import ACDC_LABELS, read_acdc, read_dataset, read_decathlon, read_mnms
+from fedcontrast.data.splits import write_site_splits
 from fedcontrast.data.validation import DataValidationError
 
 AFFINE = np.diag([1.5, 1.25, 8.0, 1.0])
@@ -247,8 +248,29 @@ def test_decathlon_labels_and_sites(tmp_path):
     data = json.loads((root / "dataset.json").read_text())
     data["test"] = ["./imagesTs/heart_100.nii.gz"]
     (root / "dataset.json").write_text(json.dumps(data))
-    with pytest.raises(DataValidationError, match=r"dataset\.json: test item 3 has no site key 'hospital'"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"dataset\.json: 1 item\(s\) have no site key 'hospital' \(1 in test; first: test item 0\)",
+    ):
         read_decathlon(root, site_key="hospital")
+    # assigned by a flag instead: the unlabelled image joins that site (pre-training images)
+    entries = read_decathlon(root, site_key="hospital", missing_site="south")
+    assert entries[3]["site"] == "south" and "label" not in entries[3]
+
+
+def test_decathlon_other_lists_give_unlabelled_pretraining_images(tmp_path):
+    root = write_decathlon(tmp_path / "Task02_Heart", {"0": "background", "1": "left atrium"})
+    data = json.loads((root / "dataset.json").read_text())
+    save(root / "imagesUn" / "heart_200.nii.gz", np.zeros((6, 5, 4), np.float32))
+    data["unlabelled"] = ["./imagesUn/heart_200.nii.gz"]
+    (root / "dataset.json").write_text(json.dumps(data))
+    entries, _ = read_dataset(root, "decathlon", unlabelled_keys=["test", "unlabelled"])
+    unlabelled = [Path(e["image"]).name for e in entries if "label" not in e]
+    assert unlabelled == ["heart_100.nii.gz", "heart_200.nii.gz"]
+    assert len(read_decathlon(root, unlabelled_keys=[])) == 3  # the training items only
+    splits = write_site_splits(entries, {"background": 0, "LA": 1}, tmp_path / "splits", 1, 1, seed=0)
+    site = json.loads((tmp_path / "splits" / f"{next(iter(splits['sites']))}.json").read_text())
+    assert {"heart_100.nii.gz", "heart_200.nii.gz"} <= {Path(e["image"]).name for e in site["unlabeled"]}
 
 
 def test_decathlon_single_site_named_after_folder(tmp_path):

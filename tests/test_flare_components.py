@@ -365,3 +365,17 @@ def test_read_config_takes_a_json_string_longer_than_a_file_name():
 
     config = {"network": {"roi_size": [48, 48]}, "note": "x" * 300}
     assert read_config(json.dumps(config)) == config
+
+
+def test_simulator_patch_refuses_an_nvflare_it_was_not_written_for():
+    from fedcontrast.flare.simulator import check_patch_applies
+
+    check_patch_applies()  # the installed NVFlare: the patch applies
+    with pytest.raises(RuntimeError, match=r"patches NVFlare 2\.9\.x's .*NVFlare 2\.10\.0 is installed"):
+        check_patch_applies(version="2.10.0")
+
+    def do_one_task(self, client):  # a changed method: no shared build context written
+        self.build_ctx = {"client_name": client.client_name}
+
+    with pytest.raises(RuntimeError, match="no longer contains the line the simulator patch relies on"):
+        check_patch_applies(version="2.9.0", method=do_one_task)

@@ -79,6 +79,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--allow-unlabeled", action="store_true", help="ACDC: accept volumes without _gt file")
     split.add_argument(
+        "--unlabelled-key",
+        action="append",
+        metavar="KEY",
+        help="Decathlon: a dataset.json list of unlabelled pre-training images (repeatable; default: test)",
+    )
+    split.add_argument(
+        "--missing-site",
+        metavar="SITE",
+        help="Decathlon with --site-key: the site of items without that key (default: refuse them)",
+    )
+    split.add_argument(
         "--no-value-check",
         action="store_true",
         help="skip loading labels to check their values (headers only)",
@@ -115,6 +126,8 @@ def run_split(args: argparse.Namespace) -> int:
         site_key=args.site_key,
         cache_dir=args.out / MNMS_CACHE if args.fmt == "mnms" else None,
         allow_unlabeled=args.allow_unlabeled,
+        unlabelled_keys=args.unlabelled_key or ("test",),
+        missing_site=args.missing_site,
     )
     logger.info("read %d volumes from %s", len(entries), args.dataset)
     index = write_site_splits(

@@ -17,7 +17,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -341,43 +342,69 @@ def _stem(path: str) -> str:
 
 
 def read_decathlon(
-    path: str | Path, site_key: str | None = None, site: str | None = None
+    path: str | Path,
+    site_key: str | None = None,
+    site: str | None = None,
+    unlabelled_keys: Sequence[str] = ("test",),
+    missing_site: str | None = None,
 ) -> list[dict[str, Any]]:
     """Read a Decathlon-style ``dataset.json`` (the file or its folder).
 
-    ``training`` items (``{"image", "label", ...}``) give labelled entries, ``test`` items (paths
-    or ``{"image"}``) unlabelled ones; relative paths are resolved against the JSON's folder.
-    An item's ``patient`` (default: the image file name without extension) and ``frame``
-    (default 0) are kept. Its site is the item's ``site_key`` value when given, else ``site``,
-    else the folder name. The declared label set is :func:`read_decathlon_labels`.
+    ``training`` items (``{"image", "label", ...}``) give labelled entries; the items of each
+    ``unlabelled_keys`` list (paths or ``{"image"}``; default the ``test`` list) unlabelled ones,
+    which a split puts in ``unlabeled``: pre-training images. Relative paths are resolved against
+    the JSON's folder. An item's ``patient`` (default: the image file name without extension)
+    and ``frame`` (default 0) are kept. Its site is the item's ``site_key`` value when given,
+    else ``site``, else the folder name. With ``site_key``, items without that key go to site
+    ``missing_site``; without ``missing_site`` they are refused, all counted in one message.
+    The declared label set is :func:`read_decathlon_labels`.
 
     Raises:
-        DataValidationError: missing or malformed JSON, an item without image or site key,
-            missing files, corrupt headers, non-3D volumes.
+        DataValidationError: missing or malformed JSON, an item without image (or label), items
+            without the site key (counted per list) and no ``missing_site``, missing files,
+            corrupt headers, non-3D volumes.
     """
     json_path, data = _decathlon_json(path)
     base = json_path.parent
     default_site = site or base.name
-    items = [(item, True) for item in data.get("training", [])]
-    items += [({"image": item} if isinstance(item, str) else item, False) for item in data.get("test", [])]
+    if "training" in unlabelled_keys:
+        raise DataValidationError(f"{json_path}: 'training' is the labelled list, not an unlabelled one")
+    lists = [("training", True)] + [(key, False) for key in unlabelled_keys]
+    items = []
+    for key, labelled in lists:
+        raw = data.get(key, [])
+        if not isinstance(raw, list):
+            raise DataValidationError(f"{json_path}: {key!r} must be a list of items")
+        items += [
+            (key, number, {"image": i} if isinstance(i, str) else i, labelled) for number, i in enumerate(raw)
+        ]
     if not items:
-        raise DataValidationError(f"{json_path}: no volumes in 'training' or 'test'")
-    entries = []
-    for number, (item, labelled) in enumerate(items):
-        where = f"{json_path}: {'training' if labelled else 'test'} item {number}"
+        raise DataValidationError(f"{json_path}: no volumes in {[key for key, _ in lists]}")
+    for key, number, item, labelled in items:
         if not isinstance(item, Mapping) or "image" not in item or (labelled and "label" not in item):
-            raise DataValidationError(f"{where} needs 'image'{' and label' if labelled else ''}")
-        if site_key is not None and site_key not in item:
-            raise DataValidationError(f"{where} has no site key {site_key!r}")
+            raise DataValidationError(
+                f"{json_path}: {key} item {number} needs 'image'{' and label' * labelled}"
+            )
+    if site_key is not None:
+        lacking = [(key, number) for key, number, item, _ in items if site_key not in item]
+        if lacking and missing_site is None:
+            counts = ", ".join(f"{n} in {key}" for key, n in Counter(k for k, _ in lacking).items())
+            raise DataValidationError(
+                f"{json_path}: {len(lacking)} item(s) have no site key {site_key!r} ({counts}; first: "
+                f"{lacking[0][0]} item {lacking[0][1]}): add the key, or name the site they belong to "
+                "(--missing-site)"
+            )
+    entries = []
+    for _, _, item, labelled in items:
+        if site_key is None:
+            item_site = default_site
+        else:
+            item_site = str(item[site_key]) if site_key in item else str(missing_site)
         image = (base / item["image"]).resolve()
         label = (base / item["label"]).resolve() if labelled else None
         entries.append(
             _entry(
-                image,
-                label,
-                str(item[site_key]) if site_key else default_site,
-                str(item.get("patient", _stem(item["image"]))),
-                item.get("frame", 0),
+                image, label, item_site, str(item.get("patient", _stem(item["image"]))), item.get("frame", 0)
             )
         )
     return entries
@@ -394,12 +421,15 @@ def read_dataset(
     site_key: str | None = None,
     cache_dir: str | Path | None = None,
     allow_unlabeled: bool = False,
+    unlabelled_keys: Sequence[str] = ("test",),
+    missing_site: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Read a dataset of any supported format; returns ``(entries, declared labels {name: value})``.
 
     ``site_key``: M&Ms ``vendor``/``centre`` (default ``vendor``), or the Decathlon item key
     naming the site; not used for ACDC. ``cache_dir``: where M&Ms frames are extracted
     (required for M&Ms). ``allow_unlabeled``: ACDC volumes without ``_gt`` file are accepted.
+    ``unlabelled_keys``, ``missing_site``: Decathlon only (see :func:`read_decathlon`).
     """
     if fmt == "acdc":
         if site_key is not None:
@@ -414,5 +444,8 @@ def read_dataset(
             raise DataValidationError("M&Ms needs a cache folder for the extracted ED/ES frames")
         return read_mnms(path, cache_dir, site_key=site_key or "vendor"), dict(ACDC_LABELS)  # type: ignore[arg-type]
     if fmt == "decathlon":
-        return read_decathlon(path, site_key=site_key, site=site), read_decathlon_labels(path)
+        entries = read_decathlon(
+            path, site_key=site_key, site=site, unlabelled_keys=unlabelled_keys, missing_site=missing_site
+        )
+        return entries, read_decathlon_labels(path)
     raise DataValidationError(f"format {fmt!r}: expected one of {list(FORMATS)}")

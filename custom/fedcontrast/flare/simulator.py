@@ -23,13 +23,15 @@ runs any exported fedcontrast job folder; the workspace's ``local/resources.json
 from __future__ import annotations
 
 import argparse
+import inspect
 import multiprocessing
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nvflare
 from nvflare.private.fed.app.simulator import simulator as nvflare_simulator
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
 
@@ -73,8 +75,53 @@ def _do_one_task_with_own_context(self: SimulatorClientRunner, *args: Any, **kwa
     return _nvflare_do_one_task(self, *args, **kwargs)
 
 
+#: The NVFlare release the patch was written for, and the line of ``do_one_task`` it relies on
+#: (the thread writes its site's name into the shared build context, then sends the context).
+PATCHED_VERSION = "2.9."
+PATCHED_LINE = 'self.build_ctx["client_name"] = client.client_name'
+
+
+def check_patch_applies(version: str | None = None, method: Callable[..., Any] | None = None) -> None:
+    """Refuse to patch an NVFlare whose ``SimulatorClientRunner.do_one_task`` is not the one known.
+
+    Args:
+        version: NVFlare's version (default: the installed one's).
+        method: the method to be wrapped (default: NVFlare's ``do_one_task``).
+
+    Raises:
+        RuntimeError: another NVFlare release, or ``do_one_task`` no longer writes the site name
+            into ``self.build_ctx`` as :data:`PATCHED_LINE`; the message says what to check.
+    """
+    version = nvflare.__version__ if version is None else version
+    method = _nvflare_do_one_task if method is None else method
+    if not version.startswith(PATCHED_VERSION):
+        raise RuntimeError(
+            f"fedcontrast.flare.simulator patches NVFlare {PATCHED_VERSION}x's "
+            f"SimulatorClientRunner.do_one_task; NVFlare {version} is installed: check whether its "
+            "simulator still shares one build context between client threads, then update the patch "
+            "(or pin nvflare)"
+        )
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError) as exc:
+        raise RuntimeError(
+            f"cannot read NVFlare's SimulatorClientRunner.do_one_task to check the patch: {exc}"
+        ) from exc
+    if PATCHED_LINE not in source:
+        raise RuntimeError(
+            "NVFlare's SimulatorClientRunner.do_one_task no longer contains the line the simulator patch "
+            f"relies on ({PATCHED_LINE}); the patch would not apply: update fedcontrast.flare.simulator"
+        )
+
+
 def install() -> None:
-    """Give every client thread of this process's simulator runs its own build context."""
+    """Give every client thread of this process's simulator runs its own build context.
+
+    Raises:
+        RuntimeError: the installed NVFlare is not the one the patch was written for
+            (:func:`check_patch_applies`).
+    """
+    check_patch_applies()
     SimulatorClientRunner.do_one_task = _do_one_task_with_own_context
 
 
