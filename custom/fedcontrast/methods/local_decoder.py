@@ -60,7 +60,7 @@ from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.runner import RunResult, run_in_process
-from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder, read_encoder
 from fedcontrast.nets.decoder import (
     DecoderWithLocalHead,
     build_checkpoint,
@@ -216,7 +216,7 @@ class DecoderPretrainer(ContrastivePretrainer):
         path = encoder_path(cfg, site)
         encoder = None
         if path and "{site}" not in path and Path(path).is_file():
-            encoder = torch.load(path, map_location="cpu", weights_only=True)
+            encoder, _ = read_encoder(path, cfg["bundle_dir"])
         else:
             logger.warning("encoder file %r not readable here: the decoder checkpoint holds no encoder", path)
         stages = [

@@ -194,6 +194,13 @@ def save_encoder(
     _encoder_scripts(bundle_dir).save_encoder(state, path, options)
 
 
+def read_encoder(
+    path: str | os.PathLike, bundle_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """An encoder file's state dict and recorded options (None for a plain state dict)."""
+    return _encoder_scripts(bundle_dir).read_encoder(path)
+
+
 def load_pretrained_encoder(
     network: torch.nn.Module,
     path: str | os.PathLike,
