@@ -57,8 +57,8 @@ class DecoderBenchConfig(BenchConfig):
 
     decoders: dict[str, str] = field(default_factory=dict)
 
-    def finetune_config(self, seed: int, encoder: str) -> dict[str, Any]:
-        config = super().finetune_config(seed, encoder)
+    def finetune_config(self, seed: int, encoder: str, readout: str = "finetune") -> dict[str, Any]:
+        config = super().finetune_config(seed, encoder, readout)
         if encoder in self.decoders:
             config.update(pretrained_encoder="", pretrained_decoder=self.decoders[encoder])
         return config
@@ -87,7 +87,15 @@ def decoder_stage(config: BenchConfig, method: str, seed: int, splits: dict, fol
 
 def summarise(rows: list[dict[str, Any]], methods: list[str], config: BenchConfig) -> dict[str, Any]:
     """Mean Dice per column and paired differences, per mode and N (pairs: same seed and site)."""
-    by = {(r["method"], r["finetune"], r["n_labeled"], r["seed"], r["site"]): r["dice_mean"] for r in rows}
+    # full fine-tuning scored on test at its last checkpoint (rows of older protocols lack these keys)
+    last: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("readout", "finetune") != "finetune" or r.get("eval_split", "test") != "test":
+            continue
+        key = (r["method"], r["finetune"], r["n_labeled"], r["seed"], r["site"])
+        if key not in last or r.get("finetune_steps", 0) >= last[key].get("finetune_steps", 0):
+            last[key] = r
+    by = {key: r["dice_mean"] for key, r in last.items()}
     out: dict[str, Any] = {}
     for mode in MODES:
         for n in config.budgets:
