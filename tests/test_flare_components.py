@@ -282,6 +282,8 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         feature_noise=0.2,
         task_timeout=60,
         record_messages=True,
+        task_request_interval=0.3,
+        task_check_period=0.1,
     )
     folder = export_job(job, tmp_path)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
@@ -309,6 +311,7 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         for param in set(get_component_init_parameters(rebuilt)) - {"self", "seed"}:
             assert param in entry["args"], f"{cls.__name__}.{param} is missing from the job config"
     assert server["workflows"][0]["args"]["config"] == {"bundle": TINY, "seed": 4}
+    assert server["server"] == {"task_request_interval": 0.3}  # how often the sites ask for tasks
 
 
 def test_allow_list_gains_the_package_prefix_once(tmp_path):

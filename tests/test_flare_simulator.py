@@ -118,8 +118,13 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
     assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {
         (r, s, d) for r in (0, 1) for s in SITES for d in ("down", "up")
     }
-    metrics = json.loads((output / "metrics.json").read_text())["records"]
+    records = json.loads((output / "metrics.json").read_text())["records"]
+    metrics = [m for m in records if m["site"] != "server"]
     assert len(metrics) == 4 and all(m["metrics"]["loss_remote"] > 0 for m in metrics if m["round"] == 1)
+    # the server times every round: the slowest site's training and what the federation added
+    timing = [m["metrics"] for m in records if m["site"] == "server"]
+    assert len(timing) == 2 and all(0 < t["site_train_s"] < t["round_s"] for t in timing)
+    assert all(t["overhead_s"] == pytest.approx(t["round_s"] - t["site_train_s"]) for t in timing)
     network = build_network(overrides=tiny_fcl_config["bundle"])
     assert load_pretrained_encoder(
         network, output / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
@@ -194,7 +199,8 @@ def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):
          "--config", json.dumps({"bundle": TINY_BUNDLE})]
     )  # fmt: skip
     assert code == 0
-    metrics = json.loads((output / "metrics.json").read_text())["records"]
+    records = json.loads((output / "metrics.json").read_text())["records"]
+    metrics = [m for m in records if m["site"] != "server"]
     assert [(m["round"], m["site"]) for m in metrics] == [(r, s) for r in range(3) for s in SITES]
     assert all(0.0 <= m["metrics"]["val_dice"] <= 1.0 for m in metrics)
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))

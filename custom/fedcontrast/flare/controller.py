@@ -14,6 +14,8 @@ configured a result root; in the simulator ``<workspace>/server/simulate_job/``)
 all updated after every round:
 
 - ``bytes.json``, ``metrics.json``, ``tensorboard/`` (see :mod:`fedcontrast.flare.ledger`);
+  ``metrics.json`` holds, for the site ``"server"``, every round's timing (:func:`round_timing`)
+  and the strategy's own round metrics;
 - federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
   dict of the bundle network, written when they cover the whole network (the bundle's
   ``evaluate``/``inference`` load it with ``--ckpt_path``), and ``model_bundle/``, a copy of
@@ -45,10 +47,11 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from fedcontrast.flare.ledger import RunLedger
-from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
+from fedcontrast.flare.messages import TRAIN_SECONDS, flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
 from fedcontrast.methods.registry import MethodSpec, get_method
+from fedcontrast.methods.transfer import transfer_precision
 from fedcontrast.nets.bundle import build_network, encoder_options, export_bundle, save_encoder
 
 MODEL_FILE = "global_model.pt"
@@ -57,6 +60,24 @@ MODEL_BUNDLE_DIR = "model_bundle"
 ENCODER_FILE = "pretrained_encoder.pt"
 LOCAL_DIR = "local"
 MESSAGES_DIR = "messages"
+#: Seconds between the server's checks for finished tasks (see :class:`MethodController`).
+TASK_CHECK_PERIOD = 0.05
+
+
+def round_timing(round_s: float, train_seconds: dict[str, float]) -> dict[str, float]:
+    """The server's timing metrics of one round.
+
+    Args:
+        round_s: seconds from sending the round's tasks until every site's update was in.
+        train_seconds: site -> seconds its ``local_round`` took (the executor's ``meta``).
+
+    Returns:
+        ``round_s``, ``site_train_s`` (the slowest site's training) and ``overhead_s``
+        (their difference: what the federation layer added to the round: task pick-up,
+        serialisation, filters, result upload and the server's checks).
+    """
+    slowest = max(train_seconds.values(), default=float("nan"))
+    return {"round_s": round_s, "site_train_s": slowest, "overhead_s": round_s - slowest}
 
 
 def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
@@ -115,6 +136,8 @@ class MethodController(ModelController):
         federated: False: no aggregation, each site gets back its own last upload.
         task_timeout: seconds a site may take for one round (0: no limit).
         record_messages: also save every message sent and received (an audit; costs disk).
+        task_check_period: seconds between the server's checks for finished tasks (NVFlare's
+            default is 0.5; every round waits up to two such periods, so it is kept short).
     """
 
     def __init__(
@@ -127,9 +150,10 @@ class MethodController(ModelController):
         federated: bool = True,
         task_timeout: int = 0,
         record_messages: bool = False,
+        task_check_period: float = TASK_CHECK_PERIOD,
     ):
         # no persistor: the strategy holds the global state; one failed site stops the run
-        super().__init__(persistor_id="", ignore_result_error=False)
+        super().__init__(persistor_id="", ignore_result_error=False, task_check_period=task_check_period)
         self.method = method
         self.config = dict(config or {})
         self.num_rounds = num_rounds
@@ -138,6 +162,8 @@ class MethodController(ModelController):
         self.federated = federated
         self.task_timeout = task_timeout
         self.record_messages = record_messages
+        self.task_check_period = task_check_period
+        self._train_seconds: dict[str, float] = {}
 
     def result_dir(self) -> Path:
         """The server's result folder for this job."""
@@ -154,19 +180,21 @@ class MethodController(ModelController):
         strategy = spec.strategy(self.config, initial) if self.federated and spec.federated else None
         own: dict[str, Message] = {site: dict(initial) for site in sites}
         out_dir = self.result_dir()
-        ledger = RunLedger(out_dir)
+        ledger = RunLedger(out_dir, transfer=transfer_precision(self.config))
         self.info(f"{self.method}: {self.num_rounds} round(s) on {sites}, federated={strategy is not None}")
         try:
             for round_num in range(self.num_rounds):
                 messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
+                start = time.perf_counter()
                 updates = self.run_round(round_num, messages, ledger)
                 if updates is None:
                     return
+                timing = round_timing(time.perf_counter() - start, self._train_seconds)
                 if strategy:
                     strategy.aggregate(updates, round_num)
-                    if server_metrics := strategy.round_metrics(round_num):
-                        ledger.record_metrics(round_num, "server", server_metrics, 0)
-                else:
+                    timing |= strategy.round_metrics(round_num)
+                ledger.record_metrics(round_num, "server", timing, 0)
+                if not strategy:
                     own.update({s: u.message for s, u in updates.items()})
                 ledger.end_round(round_num)
         finally:
@@ -186,9 +214,12 @@ class MethodController(ModelController):
     ) -> dict[str, SiteUpdate] | None:
         """Send each site its message as its own task, wait for all; None when the run was stopped."""
         updates: dict[str, SiteUpdate] = {}
+        self._train_seconds = {}
 
         def collect(result: FLModel) -> None:
-            updates[result.meta["client_name"]] = flmodel_to_update(result)
+            site = result.meta["client_name"]
+            updates[site] = flmodel_to_update(result)
+            self._train_seconds[site] = float(result.meta.get(TRAIN_SECONDS, float("nan")))
 
         for site, message in messages.items():
             ledger.record_message(round_num, site, "down", message)

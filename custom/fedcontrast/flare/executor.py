@@ -23,6 +23,7 @@ site's folder of the job run, never to a temporary folder that a killed process 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.labels import common_label_set
-from fedcontrast.flare.messages import as_message, update_to_flmodel
+from fedcontrast.flare.messages import TRAIN_SECONDS, as_message, update_to_flmodel
 from fedcontrast.flare.site_config import resolve_datalist
 from fedcontrast.methods.base import SiteTrainer
 from fedcontrast.methods.registry import get_method
@@ -178,6 +179,7 @@ class MethodExecutor(Executor):
                 return failed
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
+        start = time.perf_counter()
         try:
             update = self.trainer.local_round(incoming, round_num)
         except Exception as exc:
@@ -188,4 +190,6 @@ class MethodExecutor(Executor):
         self.log_info(
             fl_ctx, f"{site}: round {round_num} done, {update.num_samples} samples, {update.metrics}"
         )
-        return FLModelUtils.to_shareable(update_to_flmodel(update, round_num))
+        result = update_to_flmodel(update, round_num)
+        result.meta[TRAIN_SECONDS] = time.perf_counter() - start  # the server's round timing
+        return FLModelUtils.to_shareable(result)

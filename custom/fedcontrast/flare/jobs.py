@@ -5,7 +5,9 @@ one :class:`~fedcontrast.flare.executor.MethodExecutor` for every site (one app,
 deployed to ``@ALL``: one job folder serves every hospital) and, for pre-training
 methods with privacy switched on, a
 :class:`~fedcontrast.flare.filters.FeaturePrivacyFilter` on the sites' results of
-the pre-training task. Components get plain arguments (names, dicts, paths), never
+the pre-training task and, when the method's ``transfer`` setting is float16 or blockwise8,
+the quantisation filter pair of :mod:`fedcontrast.flare.quantize` on both sides. Components
+get plain arguments (names, dicts, paths), never
 live torch objects.
 
 **Deployment choice: the installed package, not bring-your-own-code.** The job
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,19 +43,26 @@ from fedcontrast.flare.controller import (
     LOCAL_DIR,
     MODEL_BUNDLE_DIR,
     MODEL_FILE,
+    TASK_CHECK_PERIOD,
     MethodController,
 )
 from fedcontrast.flare.executor import MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
+from fedcontrast.flare.quantize import NetworkDequantizer, NetworkQuantizer
 from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER
 from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.transfer import transfer_precision
 
 #: Task names: the feature privacy filter is bound to the pre-training task.
 PRETRAIN_TASK = "pretrain"
 TRAIN_TASK = "train"
 #: Where the simulator's server writes its results, under the simulator workspace.
 SIMULATOR_RESULT_DIR = Path("server") / "simulate_job"
+#: Seconds a site waits, after a task or an empty poll, before asking for its next task.
+#: NVFlare's default (2 s) is paid once per round by every method; a site polling 5 times a
+#: second while the server aggregates costs the server a few tiny requests per site.
+TASK_REQUEST_INTERVAL = 0.2
 #: What :func:`collect_results` copies.
 RESULT_FILES = (
     MODEL_FILE,
@@ -123,6 +133,8 @@ def build_job(
     feature_noise: float = 0.0,
     task_timeout: int = 0,
     record_messages: bool = False,
+    task_request_interval: float = TASK_REQUEST_INTERVAL,
+    task_check_period: float = TASK_CHECK_PERIOD,
 ) -> FedJob:
     """The NVFlare job of ``method``.
 
@@ -143,6 +155,11 @@ def build_job(
         feature_clip, feature_noise: the feature privacy filter (pre-training methods; 0 and 0: off).
         task_timeout: seconds a site may take per round (0: no limit).
         record_messages: save every message on the server (audit, tests).
+        task_request_interval: seconds a site waits before asking the server for its next task,
+            written as ``server.task_request_interval`` in the job's server config (NVFlare's
+            default is 2 s, which every round pays once; see :data:`TASK_REQUEST_INTERVAL`).
+        task_check_period: seconds between the server's checks for finished tasks (see
+            :class:`~fedcontrast.flare.controller.MethodController`).
 
     A fine-tuning job given a ``datalist`` template takes its label set from the sites'
     datalists (:func:`with_label_set`); one exported without gets it from ``config``'s
@@ -170,8 +187,12 @@ def build_job(
         federated=federated,
         task_timeout=task_timeout,
         record_messages=record_messages,
+        task_check_period=task_check_period,
     )
     job.to_server(controller, id="controller")
+    if task_request_interval <= 0:
+        raise ValueError(f"task_request_interval must be > 0 seconds, got {task_request_interval}")
+    job.to_server({"server": {"task_request_interval": task_request_interval}})
     executor = MethodExecutor(
         method=method,
         config=config,
@@ -182,6 +203,13 @@ def build_job(
         task_name=task,
     )
     job.to_clients(executor, tasks=[task])
+    precision = transfer_precision(config)
+    if precision != "float32":
+        # NVFlare's placement of a quantiser pair: server -> site task data, site -> server results
+        job.to_server(NetworkQuantizer(precision), filter_type=FilterType.TASK_DATA, tasks=[task])
+        job.to_clients(NetworkDequantizer(), filter_type=FilterType.TASK_DATA, tasks=[task])
+        job.to_clients(NetworkQuantizer(precision), filter_type=FilterType.TASK_RESULT, tasks=[task])
+        job.to_server(NetworkDequantizer(), filter_type=FilterType.TASK_RESULT, tasks=[task])
     if feature_clip or feature_noise:
         privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
         job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
@@ -193,7 +221,9 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
 
     One client thread per site, so every site keeps its worker process, and its trainer's
     state, for the whole run; started through :mod:`fedcontrast.flare.simulator`, which keeps
-    the threads from starting a site under another site's name.
+    the threads from starting a site under another site's name. The sites share this machine's
+    cores: unless ``OMP_NUM_THREADS`` is set, each site's PyTorch gets ``cores // sites`` threads
+    (at least one), since K sites each starting one thread per core oversubscribe the CPU.
 
     Raises:
         RuntimeError: the simulation failed; the message says where the logs are.
@@ -203,7 +233,9 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
         job_dir = export_job(job, job_root)
         command = [sys.executable, "-m", "fedcontrast.flare.simulator", str(job_dir), "-w", str(workspace)]
         command += ["-c", ",".join(site_names(num_sites)), "-t", str(num_sites)]
-        code = subprocess.run(command, check=False).returncode
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_site(num_sites)))
+        code = subprocess.run(command, check=False, env=env).returncode
     result_dir = workspace / SIMULATOR_RESULT_DIR
     if code != 0:
         raise RuntimeError(
@@ -211,6 +243,11 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
             f"{workspace}/<site>/simulate_job/log.txt"
         )
     return result_dir
+
+
+def threads_per_site(num_sites: int) -> int:
+    """PyTorch threads for each of ``num_sites`` simulated sites sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_sites))
 
 
 def export_job(job: FedJob, out_dir: str | Path) -> Path:

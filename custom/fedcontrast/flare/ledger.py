@@ -2,8 +2,10 @@
 
 Bytes are counted with :func:`fedcontrast.methods.base.count_bytes` (``ndarray.nbytes``
 of every message entry, by kind), the one byte counter of the project, for every
-message the server sends (``down``) and receives (``up``). Everything is written
-after each round, so a run that stops early still leaves its record:
+message the server sends (``down``) and receives (``up``), as it travels: with a reduced
+``transfer`` precision the networks are counted as encoded
+(:func:`fedcontrast.methods.transfer.encode`, what the quantisation filters put on the wire).
+Everything is written after each round, so a run that stops early still leaves its record:
 
 - ``bytes.json``: ``{"counter", "records": [{"round", "site", "direction", "weights",
   "target", "features", "stats", "total"}], "totals": {direction: {kind: bytes}},
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcontrast.methods.base import KINDS, Message, count_bytes
+from fedcontrast.methods.transfer import PRECISIONS, encode
 
 DIRECTIONS: tuple[str, ...] = ("down", "up")
 BYTES_FILE = "bytes.json"
@@ -36,9 +39,13 @@ class RunLedger:
     Args:
         out_dir: where ``bytes.json``, ``metrics.json`` and ``tensorboard/`` are written.
         tensorboard: also write TensorBoard scalars.
+        transfer: the precision the networks travel in (:data:`~fedcontrast.methods.transfer.PRECISIONS`).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True, transfer: str = "float32"):
+        if transfer not in PRECISIONS:
+            raise ValueError(f"transfer must be one of {PRECISIONS}, got {transfer!r}")
+        self.transfer = transfer
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.bytes: list[dict[str, Any]] = []
@@ -50,10 +57,11 @@ class RunLedger:
             self._writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR))
 
     def record_message(self, round_num: int, site: str, direction: str, message: Message) -> dict[str, int]:
-        """Count one message sent to (``down``) or received from (``up``) ``site``; returns bytes by kind."""
+        """Count one message sent to (``down``) or received from (``up``) ``site``, as encoded for
+        the wire (``message`` is the decoded form); returns bytes by kind."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        counts = count_bytes(message)
+        counts = count_bytes(encode(message, self.transfer))
         self.bytes.append(
             {
                 "round": round_num,
@@ -91,6 +99,7 @@ class RunLedger:
             self.out_dir / BYTES_FILE,
             {
                 "counter": "ndarray.nbytes by kind (fedcontrast.methods.base.count_bytes)",
+                "transfer": self.transfer,
                 "records": self.bytes,
             }
             | self.totals(),

@@ -18,6 +18,8 @@ from fedcontrast.methods.base import Message, SiteUpdate, kind_of
 
 #: ``FLModel.meta`` key of an upload's sample count.
 NUM_SAMPLES = "num_samples"
+#: ``FLModel.meta`` key of the seconds the site's ``local_round`` took (set by the executor).
+TRAIN_SECONDS = "train_s"
 
 
 def as_message(params: Mapping[str, Any] | None) -> Message:

@@ -8,6 +8,10 @@ controller drive are called here directly. Two uses:
   contrastive learning); nothing is exchanged, each site keeps its own model;
 - ``federated=True``: the reference against which the benchmark measures the
   cost of the federation layer (same steps, no messaging).
+
+Federated messages go through what the wire does to them: with a reduced ``transfer``
+precision (:mod:`fedcontrast.methods.transfer`) every message is encoded, counted as encoded,
+and decoded by its receiver, as the NVFlare quantisation filters do.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from fedcontrast.methods.base import Message, SiteUpdate, count_bytes
 from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.transfer import decode, encode, transfer_precision
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ def run_in_process(
     if not datalists:
         raise ValueError("no sites to train: the datalists mapping is empty")
     spec = get_method(method)
+    precision = transfer_precision(config)
     start = time.perf_counter()
     initial = spec.trainer.initial_message(config)
     trainers = {site: spec.trainer(config, entries, site, device) for site, entries in datalists.items()}
@@ -81,9 +87,13 @@ def run_in_process(
     for round_num in range(rounds):
         updates: dict[str, SiteUpdate] = {}
         for site, trainer in trainers.items():
-            incoming = strategy.message_for(site, round_num) if strategy else own[site]
+            outgoing = strategy.message_for(site, round_num) if strategy else own[site]
+            sent_down = encode(outgoing, precision) if strategy else outgoing
             t0 = time.perf_counter()
-            update = trainer.local_round(incoming, round_num)
+            update = trainer.local_round(decode(sent_down) if strategy else outgoing, round_num)
+            sent_up = encode(update.message, precision) if strategy else update.message
+            if strategy:  # the server holds what arrives (networks decoded from the wire precision)
+                update = SiteUpdate(decode(sent_up), update.num_samples, update.metrics)
             updates[site] = update
             own[site] = update.message
             history.append(
@@ -91,8 +101,8 @@ def run_in_process(
                     "round": round_num,
                     "site": site,
                     "metrics": dict(update.metrics),
-                    "bytes_down": count_bytes(incoming) if strategy else {},
-                    "bytes_up": count_bytes(update.message) if strategy else {},
+                    "bytes_down": count_bytes(sent_down) if strategy else {},
+                    "bytes_up": count_bytes(sent_up) if strategy else {},
                     "seconds": time.perf_counter() - t0,
                 }
             )

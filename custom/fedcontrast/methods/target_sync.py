@@ -44,6 +44,10 @@ and its own forward passes move them far from any EMA prediction. They are still
 predicted with the same formula, so the sites hold identical copies. Target states are
 ``{name: ndarray}`` dicts named like the online network's state (``encoder.*``, ``head.*``),
 i.e. message entries without their kind.
+
+With a reduced ``transfer`` precision (:mod:`fedcontrast.methods.transfer`) the sites predict
+from the online weights and corrections as they arrive (decoded from float16 or 8 bits); the
+server predicts from the same round-tripped values, so its copy stays bit-identical to theirs.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import numpy as np
 
 from fedcontrast.methods.base import Message, ServerStrategy, SiteUpdate, pack, select, weighted_average
 from fedcontrast.methods.pretrain import check_choice, merge_config
+from fedcontrast.methods.transfer import round_trip, transfer_precision
 
 State = Mapping[str, np.ndarray]
 
@@ -223,7 +228,9 @@ class TargetSync(ServerStrategy):
         super().__init__(merge_config(self.DEFAULTS, config), initial)
         check_sync_config(self.config)
         self.mode: str = self.config["target_update"]
-        self.site_target: dict[str, np.ndarray] = select(initial, "target")
+        # the sites hold what the wire delivers: track their target from the same values
+        self.transfer = transfer_precision(self.config)
+        self.site_target: dict[str, np.ndarray] = select(round_trip(initial, self.transfer), "target")
         if not self.site_target:
             raise ValueError("the initial message of a target-network method must hold target/ entries")
         self.factor: float | None = None
@@ -259,11 +266,15 @@ class TargetSync(ServerStrategy):
             factors,
             {s: u.num_samples for s, u in updates.items()},
         )
-        theta = target_part(select(self.global_message, "weights"), self.site_target)
+        received = round_trip(self.global_weights(), self.transfer)  # θ_global as the sites hold it
+        theta = target_part(select(received, "weights"), self.site_target)
         predicted = predict_target(self.site_target, theta, self.factor)
         gap = relative_distance(predicted, running)
         self.correction = self.mode == "ptnu_dp" and needs_correction(gap, float(self.config["delta"]))
-        self.site_target = running if self.correction else predicted
+        if self.correction:
+            self.site_target = select(round_trip(pack("target", running), self.transfer), "target")
+        else:
+            self.site_target = predicted
         self.global_message.update(pack("target", running))
         self.sync_log.append(
             {
