@@ -186,13 +186,62 @@ def measure(
     }
 
 
+def render(result: dict[str, Any]) -> str:
+    """The markdown report of a result file."""
+    env = result["environment"]
+    settings = result["settings"]
+    ours = settings["fedcontrast"]
+    lines = [
+        "# Federation cost: NVFlare simulator round against the same steps in process",
+        "",
+        f"Written by `python benchmarks/federation_cost.py --defaults` on {env['date']} ({env['cpu']}, "
+        f"{result['gpu']}). {result['what']}; rounds {result['config']['rounds']}.",
+        "",
+        "Settings of `fedcontrast.flare` (NVFlare's default in brackets): "
+        + ", ".join(f"{k} {v} ({settings['nvflare_defaults'][k]})" for k, v in ours.items())
+        + ".",
+        "",
+        "| settings | sites | server: round (s) | server: slowest site's training (s) "
+        "| server: overhead per round (s) | simulator round (s) | in-process round (s) | ratio "
+        "| peak RSS per site (MB) | peak RSS server (MB) | peak RSS all (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        timing, memory = run["server_timing"], run["peak_rss_mb"]
+        sites = [v for k, v in memory.items() if k.startswith("site-")]
+        lines.append(
+            f"| {run['settings']} | {run['sites']} | {timing['median_round_s']:.2f} "
+            f"| {timing['median_site_train_s']:.2f} | {timing['median_overhead_s']:.2f} "
+            f"| {run['simulator_round_s']:.2f} | {run['in_process_round_s']:.2f} "
+            f"| {run['overhead_ratio']:.2f} "
+            f"| {max(sites, default=0):.0f} | {memory.get('server', 0):.0f} | {memory.get('all', 0):.0f} |"
+        )
+    lines += [
+        "",
+        "The server columns are medians over rounds 1.. of the controller's own timing in one run "
+        "(`metrics.json`, site `server`): from sending a round's tasks until every update is in, the "
+        "slowest site's `local_round`, and their difference. The simulator/in-process columns are "
+        "differences of two whole runs (R2 - R1 rounds) and carry the machine's load between runs.",
+        "",
+    ] + [f"- {note}" for note in result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federation_cost.json"))
     parser.add_argument("--rounds", type=int, nargs=2, default=[1, 3], metavar=("R1", "R2"))
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--defaults", action="store_true", help="also run 2 sites with NVFlare's settings")
+    parser.add_argument("--notes", nargs="*", default=[], help="lines for the report (e.g. the load)")
+    parser.add_argument("--render", action="store_true", help="only (re)write the report of --out")
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(args.out.read_text())
+        result["notes"] = args.notes or result.get("notes", [])
+        args.out.write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(render(result))
+        return
     torch.set_num_threads(1)
     rounds = tuple(args.rounds)
     runs = []
@@ -217,8 +266,10 @@ def main() -> None:
         "runs": runs,
         "gpu": "no GPU was lent to this task; CPU only",
     }
+    result["notes"] = args.notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(render(result))
 
 
 if __name__ == "__main__":
