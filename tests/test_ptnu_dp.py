@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from fedcontrast.methods.base import SiteUpdate, count_bytes, select, weighted_average
 from fedcontrast.methods.fclopt import FCLOptPTNUDPTrainer, FCLOptPTNUStrategy, FCLOptTrainer
@@ -242,7 +243,8 @@ def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch)
     monkeypatch.setattr(FCLOptTrainer, "begin_round", spy_begin)
     monkeypatch.setattr(FCLOptPTNUStrategy, "aggregate", spy_aggregate)
     rounds = 3
-    result = run_in_process("fclopt_ptnu", CONFIG, datalists, rounds=rounds)
+    # with the (optional) target upload, the server can measure the prediction against the real targets
+    result = run_in_process("fclopt_ptnu", {**CONFIG, "ptnu_upload": True}, datalists, rounds=rounds)
 
     initial_target = select(get_method("fclopt_ptnu").trainer.initial_message(CONFIG), "target")
     for r in range(rounds):
@@ -277,6 +279,14 @@ def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch)
     assert result.server_metrics[-1]["target_gap"] == pytest.approx(last["target_gap"])
     assert result.server_metrics[-1]["target_uploads"] == 2  # PTNU without DP: every site uploads
     assert 0 < last["target_gap"] < 0.5 and not last["correction"]
+
+    # by default no target leaves a site, and the sites train exactly as with the upload
+    quiet = run_in_process("fclopt_ptnu", CONFIG, datalists, rounds=2)
+    assert all(r["bytes_up"]["target"] == 0 and r["bytes_down"]["target"] == 0 for r in quiet.history)
+    assert all("target_gap" not in m and m["target_uploads"] == 0 for m in quiet.server_metrics)
+    loud = run_in_process("fclopt_ptnu", {**CONFIG, "ptnu_upload": True}, datalists, rounds=2)
+    for site, encoder in quiet.encoders.items():
+        assert all(torch.equal(encoder[k], loud.encoders[site][k]) for k in encoder)
 
 
 def test_dp_corrections_reach_every_site(datalists):

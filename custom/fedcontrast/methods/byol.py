@@ -20,14 +20,15 @@ Messages:
   network θ); under ``"average"`` also ``target/encoder.*``, ``target/head.*`` (the averaged
   target ξ); under PTNU/DP, from round 1, ``stats/ema_factor`` (μ, float64 scalar) and, only
   after a DP correction, the ``target/`` entries;
-- up: the site's ``weights/`` and its target ``target/`` (under ``"ptnu_dp"`` only when the
-  upload rule says so); under PTNU/DP also ``stats/steps`` (int64 scalar, local steps taken).
+- up: the site's ``weights/`` and its target ``target/`` (under ``"ptnu"`` only with
+  ``ptnu_upload``, under ``"ptnu_dp"`` only when the upload rule says so); under PTNU/DP also
+  ``stats/steps`` (int64 scalar, local steps taken).
 
 Configuration: :data:`DEFAULTS` = the common keys of :mod:`fedcontrast.methods.pretrain`,
 :data:`~fedcontrast.methods.target_sync.SYNC_DEFAULTS` (``momentum`` 0.99, ``target_update``
-``"average"``, ``delta`` (δ) 1e-3, ``sync_every`` (T) 5), plus ``predictor_hidden`` (256), the
-predictor's hidden width. Metrics beyond the loss terms under PTNU/DP: ``predicted_distance``
-(d_k of the DP rule) and ``target_uploaded`` (1 or 0).
+``"average"``, ``delta`` (δ) 1e-3, ``sync_every`` (T) 5, ``ptnu_upload`` False), plus
+``predictor_hidden`` (256), the predictor's hidden width. Metrics beyond the loss terms under
+PTNU/DP: ``predicted_distance`` (d_k of the DP rule) and ``target_uploaded`` (1 or 0).
 """
 
 from __future__ import annotations
@@ -238,8 +239,12 @@ class BYOLTrainer(ContrastivePretrainer):
         distance = predicted_distance(
             online, self.global_online, ema_factor(float(self.config["momentum"]), self.steps)
         )
-        upload = mode == "ptnu" or should_upload(
-            distance, float(self.config["delta"]), self.round_num, int(self.config["sync_every"])
+        upload = (
+            bool(self.config["ptnu_upload"])
+            if mode == "ptnu"
+            else should_upload(
+                distance, float(self.config["delta"]), self.round_num, int(self.config["sync_every"])
+            )
         )
         self.sync_metrics = {"predicted_distance": distance, "target_uploaded": float(upload)}
         stats = pack("stats", {STEPS_ENTRY: np.int64(self.steps)})

@@ -18,8 +18,13 @@ sites' targets in step (config key ``target_update``):
   steps. Every site evaluates the same expression (float64, cast back to the
   entry's dtype) on the same inputs, so all sites hold bit-identical targets; in
   round 0 the target is the received online network's encoder and head.
-  Sites still upload ``ξ_k`` every round; the server measures how far the
-  prediction lies from the average of the sites' real targets (``target_gap``).
+  The sites' training never uses an uploaded target under PTNU, so by default
+  (``ptnu_upload`` False) the target never leaves a site either. With ``ptnu_upload``
+  True every site uploads ``ξ_k`` every round, only so that the server can measure how
+  far the prediction lies from the average of the sites' real targets (``target_gap``,
+  a monitoring metric; NaN without uploads). The communication benchmark
+  (``benchmarks/results/communication.md``) shows both settings train bit-identical
+  encoders, the upload costing the size of the target every round.
 - ``"ptnu_dp"`` (PTNU with distance prediction): as PTNU, but site k uploads ``ξ_k``
   only when (``should_upload``)::
 
@@ -52,6 +57,7 @@ server predicts from the same round-tripped values, so its copy stays bit-identi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -81,6 +87,7 @@ SYNC_DEFAULTS: dict[str, Any] = {
     "target_update": "average",
     "delta": 1e-3,
     "sync_every": 5,
+    "ptnu_upload": False,
 }
 
 
@@ -214,7 +221,8 @@ class TargetSync(ServerStrategy):
     running target ξ_srv otherwise). Under PTNU/DP the server also tracks :attr:`site_target`
     (bit-identical to what every site holds) and logs one dict per round in :attr:`sync_log`:
     ``round``, ``ema_factor`` (μ), ``target_gap`` (‖ξ_srv - ξ_pred‖ / ‖ξ_srv‖; under ``"ptnu"``
-    ξ_srv is the exact average of the sites' real targets), ``uploads`` (sites that uploaded a
+    with ``ptnu_upload`` ξ_srv is the exact average of the sites' real targets, without it the
+    gap is NaN), ``uploads`` (sites that uploaded a
     target) and ``correction`` (whether the next round sends ``target/``).
 
     Args:
@@ -269,7 +277,8 @@ class TargetSync(ServerStrategy):
         received = round_trip(self.global_weights(), self.transfer)  # θ_global as the sites hold it
         theta = target_part(select(received, "weights"), self.site_target)
         predicted = predict_target(self.site_target, theta, self.factor)
-        gap = relative_distance(predicted, running)
+        # under PTNU without uploads the server knows nothing the prediction does not use
+        gap = relative_distance(predicted, running) if uploaded or self.mode == "ptnu_dp" else float("nan")
         self.correction = self.mode == "ptnu_dp" and needs_correction(gap, float(self.config["delta"]))
         if self.correction:
             self.site_target = select(round_trip(pack("target", running), self.transfer), "target")
@@ -291,9 +300,12 @@ class TargetSync(ServerStrategy):
         entry = next((e for e in reversed(self.sync_log) if e["round"] == round_num), None)
         if entry is None:
             return {}
-        return {
+        metrics = {
             "ema_factor": float(entry["ema_factor"]),
             "target_gap": float(entry["target_gap"]),
             "target_uploads": float(len(entry["uploads"])),
             "target_correction": float(entry["correction"]),
         }
+        if math.isnan(metrics["target_gap"]):  # not measured (PTNU without uploads)
+            del metrics["target_gap"]
+        return metrics
