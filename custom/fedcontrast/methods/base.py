@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcontrast.methods.device import resolve_device
+
 #: What a message entry carries. ``weights``: the online/main network being averaged;
 #: ``target``: a target (EMA) network; ``features``: 128-d projections and their tags;
 #: ``stats``: scalar bookkeeping (sample counts, distances, flags).
@@ -111,14 +113,14 @@ class SiteTrainer(ABC):
         datalist: this site's volumes as MONAI datalist entries
             (``{"image": path, ...}``; ``"label"`` where the method needs it).
         site: the site's name (tags its features).
-        device: torch device string.
+        device: torch device string (a CUDA device this machine lacks is an error naming the site).
     """
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         self.config = dict(config)
         self.datalist = datalist
         self.site = site
-        self.device = torch.device(device)
+        self.device = resolve_device(device, site)
 
     @classmethod
     @abstractmethod

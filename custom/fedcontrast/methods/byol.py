@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedcontrast.methods.base import Message, SiteUpdate, pack, select
+from fedcontrast.methods.device import float32_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pretrain import ContrastivePretrainer
@@ -79,6 +80,7 @@ def negative_cosine(predictions: torch.Tensor, targets: torch.Tensor) -> torch.T
     return 2.0 - 2.0 * cosine
 
 
+@float32_loss
 def byol_loss(
     predictions1: torch.Tensor, predictions2: torch.Tensor, targets1: torch.Tensor, targets2: torch.Tensor
 ) -> torch.Tensor:
@@ -96,6 +98,7 @@ def byol_loss(
     return (forward + backward) / 2
 
 
+@float32_loss
 def structural_matching_loss(
     predictions: torch.Tensor,
     partitions: torch.Tensor,

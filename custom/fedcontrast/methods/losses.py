@@ -6,17 +6,21 @@ which candidates they mark as positives and negatives of each query, which
 they express as boolean masks over shared candidate sets.
 
 Embeddings are expected L2-normalised (unit vectors), so ``q·k`` is a cosine
-similarity in [-1, 1] and ``temperature`` is dimensionless.
+similarity in [-1, 1] and ``temperature`` is dimensionless. Every loss runs in float32, also
+when the forward pass ran under autocast (:func:`~fedcontrast.methods.device.float32_loss`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from fedcontrast.methods.device import float32_loss
+
 #: The global contrastive strategies of Chaitanya et al. (SPEC §4).
 GLOBAL_STRATEGIES: tuple[str, ...] = ("G^R", "G^D-", "G^D")
 
 
+@float32_loss
 def info_nce(
     query: torch.Tensor,
     positives: torch.Tensor,
@@ -70,6 +74,7 @@ def info_nce(
     return per_query.mean()
 
 
+@float32_loss
 def fcl_loss(
     query: torch.Tensor,
     query_partitions: torch.Tensor,
@@ -108,6 +113,7 @@ def fcl_loss(
     return local_term, remote_term
 
 
+@float32_loss
 def global_contrastive_loss(
     embeddings: torch.Tensor,
     partitions: torch.Tensor,

@@ -15,7 +15,11 @@ dicts key by key):
 - ``bundle``: bundle config overrides, one dict for the network and the preprocessing
   (any id of the train config, e.g. ``{"init_filters": 8, "roi_size": [64, 64]}``);
 - ``seed``: seeds the head/network initialisation, the sampling and the augmentation;
-- ``device``: torch device; None uses the device the trainer was built with;
+- ``device``: torch device; None uses the device the trainer was built with (a CUDA device
+  this machine lacks is an error, :func:`~fedcontrast.methods.device.resolve_device`);
+- ``amp``: ``"bf16"`` (default), ``"fp16"`` or ``"off"``: the precision of the training step's
+  forward pass on a CUDA device (autocast; losses in float32; off on the CPU,
+  :mod:`fedcontrast.methods.device`);
 - ``local_epochs``: E, passes over the site's volumes per round (when ``local_steps`` is 0);
 - ``local_steps``: optimiser steps per round (0: ``local_epochs`` passes); the budget of a
   run is ``rounds * local_steps`` steps per site, whatever the number of volumes;
@@ -53,6 +57,7 @@ from torch import nn
 
 from fedcontrast.methods.augment import TwoViewAugment
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.device import amp_dtype, autocast, grad_scaler
 from fedcontrast.methods.diagnostics import alignment, partition_accuracy, uniformity
 from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler, site_tag
 from fedcontrast.methods.volumes import load_volumes
@@ -78,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "head_hidden": 256,
     "embedding_dim": 128,
     "augment": {},
+    "amp": "bf16",
 }
 
 
@@ -146,7 +152,9 @@ class ContrastivePretrainer(SiteTrainer):
         cfg = self.config
         self.tag = site_tag(site)
         self.rng = np.random.default_rng([int(cfg["seed"]), self.tag])
-        self.volumes = load_volumes(datalist, cfg["bundle_dir"], cfg["bundle"])
+        amp_dtype(self.device, cfg["amp"])  # checks the setting
+        # kept on the training device: batches are sliced there, never copied per step
+        self.volumes = [v.to(self.device) for v in load_volumes(datalist, cfg["bundle_dir"], cfg["bundle"])]
         short = [e["image"] for e, v in zip(datalist, self.volumes) if v.shape[-1] < int(cfg["partitions"])]
         if short:
             raise ValueError(f"{site}: fewer slices than partitions={cfg['partitions']} in {short}")
@@ -273,6 +281,8 @@ class ContrastivePretrainer(SiteTrainer):
             weight_decay=float(self.config["weight_decay"]),
         )
         self.model.train()
+        amp = str(self.config["amp"])
+        scaler = grad_scaler(self.device, amp)
         sums: dict[str, torch.Tensor] = defaultdict(float)
         total = int(self.config["rounds"]) * self.steps_per_round
         warmup = round(float(self.config["warmup_fraction"]) * total)
@@ -283,10 +293,12 @@ class ContrastivePretrainer(SiteTrainer):
             lr = float(self.config["lr"]) * lr_factor(round_num * self.steps_per_round + steps, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            terms = self.training_step(batch)
+            with autocast(self.device, amp):  # off on the CPU; the losses run in float32
+                terms = self.training_step(batch)
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             self.after_step()
             for name, value in terms.items():
                 sums[name] = sums[name] + value.detach()

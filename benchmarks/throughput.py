@@ -1,0 +1,141 @@
+"""Training throughput of one site: pre-training and fine-tuning samples per second, CPU or GPU.
+
+One site's trainers (``fedcontrast.methods``: the same classes the NVFlare executor drives) run
+on a phantom site, on the selected device: every pre-training method given (default FCL and
+FCLOpt+PTNU+DP) and ``supervised`` fine-tuning through the bundle. After one warm-up round
+(built caches, cuDNN autotuning), ``--rounds`` rounds are timed (on CUDA with a device
+synchronisation on both ends); samples/s = samples the trainer reports (slices/slabs for
+pre-training, volume patches for fine-tuning) / seconds. Pre-training uses ``amp`` as given
+(default bf16, which is off on the CPU); the bundle's fine-tuning uses AMP exactly on CUDA.
+
+    python benchmarks/throughput.py [--device cuda] [--tiny] [--out benchmarks/results/throughput.json]
+
+``--tiny`` shrinks network and data to what the test suite runs on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcontrast.bench.report import environment
+from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.data.phantom import LABELS, synthesize_dataset
+from fedcontrast.data.readers import read_acdc
+from fedcontrast.data.splits import write_site_splits
+from fedcontrast.methods.device import resolve_device
+from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.supervised import supervised_entries
+from fedcontrast.methods.volumes import pretraining_entries
+
+#: The bench's network (``fedcontrast.bench.protocol.BenchConfig``) and a tiny one for tests.
+BUNDLE = {
+    "init_filters": 8,
+    "blocks_down": [1, 2, 2],
+    "inplane_spacing": 3.0,
+    "roi_size": [48, 48],
+    "patch_size": [48, 48, 8],
+}
+TINY = {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32], "patch_size": [32, 32, 8]}
+TINY_PRETRAIN = {"head_hidden": 16, "predictor_hidden": 16, "embedding_dim": 16, "features_per_partition": 2}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(
+    method: str, config: dict[str, Any], entries: list[dict], device: torch.device, rounds: int
+) -> dict[str, Any]:
+    """Build ``method``'s trainer on ``entries``, run one warm-up round, time ``rounds`` more.
+
+    The site talks to the method's own server strategy (as alone in a federation), so every
+    round gets what the protocol sends; only ``local_round`` is timed.
+    """
+    spec = get_method(method)
+    strategy = spec.strategy(config, spec.trainer.initial_message(config))
+    trainer = spec.trainer(config, entries, "site-1", str(device))
+    samples, seconds = 0, 0.0
+    for round_num in range(rounds + 1):
+        incoming = strategy.message_for("site-1", round_num)
+        synchronize(device)
+        start = time.perf_counter()
+        update = trainer.local_round(incoming, round_num)
+        synchronize(device)
+        if round_num > 0:  # round 0 warms up
+            seconds += time.perf_counter() - start
+            samples += update.num_samples
+        strategy.aggregate({"site-1": update}, round_num)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "samples_per_s": samples / seconds,
+        "seconds_per_round": seconds / rounds,
+        "samples_per_round": samples / rounds,
+        "peak_gpu_mb": peak,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="bf16", help="pre-training autocast: bf16, fp16 or off")
+    parser.add_argument("--methods", nargs="+", default=["fcl", "fclopt_ptnu_dp"])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--patients", type=int, default=6, help="phantom patients of the site")
+    parser.add_argument("--batch-size", type=int, default=4, help="pre-training volumes per batch")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--tiny", action="store_true", help="tiny network and data (tests)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle = TINY if args.tiny else BUNDLE
+    patients = 2 if args.tiny else args.patients
+    pretrain = {
+        "bundle": bundle,
+        "batch_size": args.batch_size,
+        "amp": args.amp,
+        "seed": 0,
+        **(TINY_PRETRAIN if args.tiny else {}),
+    }
+    finetune = {"bundle": bundle, "local_epochs": 1, "seed": 0, "num_workers": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthesize_dataset(root / "data", sites=1, patients_per_site=patients, seed=0, size="small")
+        write_site_splits(read_acdc(root / "data"), LABELS, root / "splits", patients, 0, seed=0)
+        datalist = load_site_datalist(root / "splits" / "site-1.json")
+        results: dict[str, Any] = {"pretraining": {}, "finetuning": {}}
+        for method in args.methods:
+            entries = pretraining_entries(datalist)
+            results["pretraining"][method] = time_rounds(method, pretrain, entries, device, args.rounds)
+        labelled = supervised_entries(datalist)
+        finetune["workdir"] = str(root / "work")
+        timed = time_rounds("supervised", finetune, labelled, device, args.rounds)
+        results["finetuning"]["supervised"] = timed
+    result = {
+        "what": "samples per second of one site's trainers (one warm-up round, then timed rounds)",
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none: CPU run",
+        "amp": {"pretraining": args.amp if device.type == "cuda" else "off (CPU)", "finetuning": "bundle"},
+        "torch_threads": torch.get_num_threads(),
+        "config": {"bundle": bundle, "patients": patients, "rounds": args.rounds, "pretraining": pretrain},
+        "environment": environment(),
+        **results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=1))
