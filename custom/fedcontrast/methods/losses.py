@@ -165,6 +165,7 @@ def global_contrastive_loss(
 MI_FORMS: tuple[str, ...] = ("infonce", "symmetric_kl")
 
 
+@float32_loss
 def cross_encoder_info_nce(
     shared: torch.Tensor, private: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
@@ -193,6 +194,7 @@ def cross_encoder_info_nce(
     return 0.5 * (to_shared + to_private)
 
 
+@float32_loss
 def symmetric_kl(shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
     """Symmetric KL divergence between softmax-normalised features (the authors' code's "MI" term).
 
