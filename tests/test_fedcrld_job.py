@@ -85,6 +85,7 @@ def test_fedcrld_job_sends_only_the_shared_encoder(site_splits, tmp_path):
     for direction in ("down", "up"):
         assert ledger["totals"][direction]["weights"] == shared_bytes * len(SITES) * len(ROUNDS)
         assert ledger["totals"][direction]["total"] == ledger["totals"][direction]["weights"]
-    metrics = json.loads((output / "metrics.json").read_text())["records"]
+    records = json.loads((output / "metrics.json").read_text())["records"]
+    metrics = [m for m in records if m["site"] != "server"]  # the server's records hold its round timing
     assert all(m["metrics"]["loss_distill"] >= 0 for m in metrics if m["round"] == 1)
     assert not (output / "global_model.pt").exists()
