@@ -26,9 +26,7 @@ import logging
 import math
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -49,24 +47,26 @@ PRETRAIN: dict[str, Any] = {}
 
 #: (name, method, config overrides, seeds fine-tuned for Dice: 0 = bytes only)
 SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
+    # in order of priority: the report is rewritten after every setting, so a run stopped at its
+    # deadline still reports what it finished
     ("fcl", "fcl", {}, 0),
     ("fedbyol", "fedbyol", {}, 0),
     ("fclopt", "fclopt", {}, 0),
     ("fclopt_ptnu", "fclopt_ptnu", {}, 0),
-    ("fclopt_ptnu+upload", "fclopt_ptnu", {"ptnu_upload": True}, 0),
     ("fclopt_ptnu_dp", "fclopt_ptnu_dp", {}, 2),
+    ("fclopt_ptnu_dp fp16", "fclopt_ptnu_dp", {"transfer": "float16"}, 2),
+    ("fclopt_ptnu+upload", "fclopt_ptnu", {"ptnu_upload": True}, 0),
+    ("dp δ=0", "fclopt_ptnu_dp", {"delta": 0.0}, 1),
+    ("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, 1),
+    ("dp prototypes", "fclopt_ptnu_dp", {"exchange": "prototypes"}, 1),
+    ("fclopt_ptnu_dp 8bit", "fclopt_ptnu_dp", {"transfer": "blockwise8"}, 1),
     ("fcl fp16", "fcl", {"transfer": "float16"}, 0),
     ("fedbyol fp16", "fedbyol", {"transfer": "float16"}, 0),
     ("fclopt fp16", "fclopt", {"transfer": "float16"}, 0),
     ("fclopt_ptnu fp16", "fclopt_ptnu", {"transfer": "float16"}, 0),
-    ("fclopt_ptnu_dp fp16", "fclopt_ptnu_dp", {"transfer": "float16"}, 2),
-    ("fclopt_ptnu_dp 8bit", "fclopt_ptnu_dp", {"transfer": "blockwise8"}, 2),
-    ("dp prototypes", "fclopt_ptnu_dp", {"exchange": "prototypes"}, 2),
-    ("dp δ=0", "fclopt_ptnu_dp", {"delta": 0.0}, 1),
-    ("dp δ=3e-5", "fclopt_ptnu_dp", {"delta": 3e-5}, 1),
-    ("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, 1),
-    ("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, 1),
-    ("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"delta": 1e-3, "sync_every": 1000}, 1),
+    ("dp δ=3e-5", "fclopt_ptnu_dp", {"delta": 3e-5}, 0),
+    ("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, 0),
+    ("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"delta": 1e-3, "sync_every": 1000}, 0),
 ]
 
 
@@ -197,6 +197,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             + f" | {kb(b['total'])} | {row['fedbyol_ratio']:.2f} | {row['floor_ratio']:.2f} | {uploads} "
             f"| {corrections} | {gap} | {dice} |"
         )
+    if meta["not_finished"]:
+        lines += ["", f"Not run (the sweep was stopped at its deadline): {', '.join(meta['not_finished'])}."]
     lines += ["", "## Targets", ""] + meta["verdicts"]
     return "\n".join(lines) + "\n"
 
@@ -249,7 +251,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--patients-per-site", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="run only these settings (names as in SETTINGS)")
     parser.add_argument("--main-commit", default="unknown", help="commit of main whose bench pieces are used")
     args = parser.parse_args()
@@ -276,12 +277,17 @@ def main() -> None:
         setting_config = replace(config, pretrain_overrides={**PRETRAIN, **overrides})
         for i, seed in enumerate(args.seeds[: max(dice_seeds, 1)]):
             jobs.append((setting_config, name, method, seed, splits, args.out, i < dice_seeds))
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        futures = [pool.submit(run_setting, *job) for job in jobs]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            logging.info("done: %s seed %d", results[-1]["setting"], results[-1]["seed"])
+    results = []
+    for job in jobs:  # one after the other in this process (no start-up per unit)
+        results.append(run_setting(*job))
+        logging.info("done: %s seed %d", results[-1]["setting"], results[-1]["seed"])
+        write_report(results, config, args, start)
+
+
+def write_report(results: list[dict], config: BenchConfig, args: argparse.Namespace, start: float) -> None:
+    """Summarise the finished settings and (re)write the JSON and markdown reports."""
+    if not any(r["setting"] == "fedbyol" for r in results):
+        return  # the ratios need federated BYOL's row (the second setting)
     summary = summarise(results, config)
     meta = {
         "command": f"python benchmarks/communication_sweep.py --rounds {args.rounds} --sites {args.sites} "
@@ -296,13 +302,17 @@ def main() -> None:
         "finetune_rounds": config.finetune_rounds,
         "finetune_epochs": config.finetune_epochs,
         "main_commit": args.main_commit,
+        "not_finished": [
+            name
+            for name, *_ in SETTINGS
+            if name not in summary["settings"] and not (args.only and name not in args.only)
+        ],
     }
     meta["verdicts"] = verdicts(summary)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "bench_config": asdict(config), **summary, "runs": results}
     args.report.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     args.report.with_suffix(".md").write_text(render(summary, meta))
-    print(render(summary, meta))
 
 
 if __name__ == "__main__":
