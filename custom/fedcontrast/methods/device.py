@@ -66,15 +66,17 @@ def grad_scaler(device: torch.device, mode: str) -> torch.amp.GradScaler:
 
 
 def float32_loss(fn: F) -> F:
-    """Run a loss function in float32: floating tensor arguments are cast up, autocast is off inside."""
+    """Run a loss function in (at least) float32: half-precision tensor arguments are cast up to
+    float32, float32 and float64 ones are left as they are, and autocast is off inside."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         device_type = tensors[0].device.type if tensors else "cpu"
 
-        def up(value: Any) -> Any:
-            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        def up(value: Any) -> Any:  # half and bfloat16 up to float32; float32 and float64 stay
+            low = isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16)
+            return value.float() if low else value
 
         with torch.autocast(device_type=device_type, enabled=False):
             return fn(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
