@@ -91,3 +91,10 @@ def test_smallest_budget_units_come_first_and_probes_are_federated():
 def test_inconsistent_budgets_are_refused(bad):
     with pytest.raises(ValueError):
         BenchConfig(**bad)
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profiles_are_valid_and_resolve_a_device(profile):
+    config = BenchConfig(**PROFILES[profile])
+    assert config.torch_device in ("cpu", "cuda")
+    assert config.finetune_config(0, "")["local_steps"] * config.finetune_checkpoints == config.finetune_steps
