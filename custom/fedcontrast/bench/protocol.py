@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random_init"
 MODES = ("local", "federated")
+
+#: The methods of the published comparison (SPEC §7; issue 10's grid): scheduled before any
+#: other method, so a run cut short holds their complete smallest-budget cells first.
+CORE_METHODS = (RANDOM_INIT, "local_cl", "fedsimclr", "fedbyol", "fcl", "fclopt", "fclopt_ptnu_dp")
 READOUTS = ("finetune", "probe")
 
 #: The bench network: the bundle's SegResNetDS in 2D (slices, as the published FCL and local
@@ -436,9 +440,15 @@ def completed_units(rows_file: Path) -> set[str]:
     return {json.loads(line)["unit"] for line in rows_file.read_text().splitlines() if line.strip()}
 
 
+def method_tier(method: str) -> int:
+    """0 for the :data:`CORE_METHODS`, 1 for any other method."""
+    return int(method not in CORE_METHODS)
+
+
 def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
-    """Every fine-tuning unit, smallest budgets first (so partial runs hold complete low-N tables)."""
-    return [
+    """Every fine-tuning unit: smallest budgets first, then the core methods (every seed), then the
+    others, so a partial run holds complete low-N tables of the published comparison first."""
+    units = [
         FinetuneUnit(m, seed, mode, n, readout)
         for n in sorted(config.budgets)
         for seed in config.seeds
@@ -447,6 +457,7 @@ def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
         for mode in MODES
         if readout == "finetune" or (mode in config.probe_modes and n in config.probe_budgets)
     ]
+    return sorted(units, key=lambda u: (u.n_labeled, method_tier(u.method)))
 
 
 def check_resumable(config: BenchConfig, out: Path) -> None:
@@ -498,18 +509,24 @@ def run_benchmark(
         with open(out / "rows.jsonl", "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
-    pretraining = [
-        (m, s)
-        for s in config.seeds
-        for m in config.methods
-        if m != RANDOM_INIT and not (folder(m, s) / "record.json").exists()
-    ]
+    pretraining = sorted(
+        (
+            (m, s)
+            for s in config.seeds
+            for m in config.methods
+            if m != RANDOM_INIT and not (folder(m, s) / "record.json").exists()
+        ),
+        key=lambda unit: method_tier(unit[0]),
+    )
     smallest = min(config.budgets)
 
     def next_task() -> tuple[Any, tuple, str] | None:
-        """Smallest-budget fine-tuning first, then pre-training, then the other fine-tuning units."""
+        """Smallest-budget fine-tuning first, then pre-training, then the other fine-tuning units;
+        within each, the core methods first (:func:`method_tier`)."""
         ready_units = [u for u in waiting if ready(u)]
         first = [u for u in ready_units if u.n_labeled == smallest] or ([] if pretraining else ready_units)
+        if pretraining and first and method_tier(first[0].method) > method_tier(pretraining[0][0]):
+            first = []  # a core method's pre-training goes before another method's fine-tuning
         if first:
             unit = first[0]
             waiting.remove(unit)
