@@ -532,6 +532,14 @@ def pretrain_curves(records: dict[str, list[dict]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def missing_by_budget(missing: list[str]) -> dict[int, int]:
+    """How many of the ``method|seed|mode|N|readout`` unit keys ``missing`` fall on each N."""
+    counts: dict[int, int] = defaultdict(int)
+    for key in missing:
+        counts[int(key.split("|")[3])] += 1
+    return dict(counts)
+
+
 def missing_units(rows: list[Row], config: Any) -> list[str]:
     """Units of the configured grid without rows (an interrupted or partial run).
 
@@ -1064,9 +1072,10 @@ def write_report(
         f"{len(rows)} rows ({len(kept)} in `results.json`: the final checkpoint on test, every checkpoint "
         f"at N={n_curve} on test and random init's validation rows); "
         + (
-            f"**{len(missing)} units missing**"
-            + (f" (the first {SHOWN_MISSING}, all in `results.json`)" if len(missing) > SHOWN_MISSING else "")
-            + f": {', '.join(missing[:SHOWN_MISSING])}.\n"
+            f"**{len(missing)} units missing** (the run stopped before them; by N: "
+            + ", ".join(f"N={n}: {count}" for n, count in sorted(missing_by_budget(missing).items()))
+            + (f"; the first {SHOWN_MISSING}" if len(missing) > SHOWN_MISSING else "")
+            + f": {', '.join(missing[:SHOWN_MISSING])}; all in `results.json`).\n"
             if missing
             else "every unit of the grid completed.\n"
         ),
@@ -1173,11 +1182,17 @@ def write_report(
         ),
     ]
     parts += ["\n## Bytes, time and memory per site\n", bytes_table(full, methods)]
+    from fedcontrast.bench.protocol import SETTING_CHOICES
+
     parts += [
-        "\n## Settings of the run\n",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| `{k}` | `{json.dumps(v)}` |" for k, v in shown_settings.items()),
+        "\n## Settings of the run, and how each was chosen\n",
+        "No setting was chosen by looking at test scores (SPEC §7).\n",
+        "| setting | value | how it was chosen |",
+        "|---|---|---|",
+        *(
+            f"| `{k}` | `{json.dumps(v)}` | {SETTING_CHOICES.get(k, 'the profile default')} |"
+            for k, v in shown_settings.items()
+        ),
     ]
     parts += ["\n## Plots\n", *(f"![{title}]({file})\n" for title, file in plots)]
     report = out_dir / "report.md"
