@@ -116,8 +116,8 @@ SETTING_CHOICES: dict[str, str] = {
     "validation curve (this run) says whether it reached its plateau",
     "finetune_lr": "the bundle's default learning rate (AdamW 1e-3), not tuned",
     "finetune_batch_size": "8 slices a step: one slice batch of the 2D network",
-    "pretrain_steps": "set by the 2-core time budget, not tuned; the ablation of 4x the steps is in "
-    "pretraining_ablation.json where it ran",
+    "pretrain_steps": "set by the 2-core time budget, not tuned (benchmarks/pretraining_ablation.py "
+    "measures 4x the steps)",
     "pretrain_rounds": "4 rounds, so the schedule and feature exchange act; not tuned",
     "batch_size": "4 volumes x 4 partitions = 16 samples a step, the methods' default",
     "bundle": "2D SegResNetDS at 3 mm on a 48 x 48 crop: the published methods' 2D networks, at a "
