@@ -200,7 +200,7 @@ def fedavg_curve(
         One dict per round: ``steps`` (optimiser steps per site so far), ``dice_mean`` (mean over
         sites of each site's validation mean Dice), ``sites`` ({site: dice_mean}).
     """
-    from fedcontrast.methods.base import message_to_state_dict, weighted_average
+    from fedcontrast.methods.base import message_to_state_dict
     from fedcontrast.methods.runner import run_in_process
 
     per_epoch = math.ceil(n / batch_size)  # one patch per volume and epoch (3D)
@@ -220,11 +220,11 @@ def fedavg_curve(
     training = {site: s["training"] for site, s in splits.items()}
     curve: list[dict[str, Any]] = []
 
-    def on_round(round_num: int, updates: dict) -> None:
+    def on_round(round_num: int, updates: dict, global_message: dict) -> None:
         done = {u.metrics["steps"] for u in updates.values()}
         if done != {float(steps_per_round)}:
             raise RuntimeError(f"N={n}: sites ran {done} steps in a round, expected {steps_per_round}")
-        state = message_to_state_dict(weighted_average(updates, kind="weights"))
+        state = message_to_state_dict(global_message)
         sites = {site: scorer.score(state, site)["dice_mean"] for site in training}
         curve.append(
             {

@@ -171,7 +171,9 @@ def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_c
     ledger = json.loads((output / "bytes.json").read_text())
     assert ledger["totals"]["up"]["features"] == 0 and ledger["totals"]["up"]["stats"] > 0
     network = build_network(overrides=config["bundle"])
-    assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
+    assert load_pretrained_encoder(
+        network, output / "pretrained_encoder.pt", encoder_options(overrides=config["bundle"])
+    )
 
 
 def mean_test_dice(checkpoint: Path, splits: Path, out_dir: Path) -> float:
