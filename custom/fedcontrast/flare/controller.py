@@ -29,13 +29,22 @@ all updated after every round:
 - with ``record_messages``: every message as sent, ``messages/r<round>_<site>_<down|up>.npz``
   (an audit of what left each site; uploads are recorded after the sites' result filters).
 
-A site whose task fails stops the run: the server log names the site (NVFlare's
-"Result from <site> is bad"), and the site's log says why.
+Faults (docs/deployment.md, "Failures and recovery"). Every update is checked on arrival
+against the method's outbound schema (:mod:`fedcontrast.methods.outbound`: expected keys,
+shapes and dtypes, finite values). A site is *left out* of a round when its task failed, its
+update was refused, or it did not answer within ``task_timeout``; a site that did not answer
+at all is also left out of the later rounds. A round is aggregated over the sites that
+answered when at least ``min_responses`` did (``0``: every site), and the server log names
+the sites left out and why; otherwise the run stops at once, naming them. A refused update
+stops the run unless ``exclude_bad_updates``. ``run_status.json`` (the result folder) says
+``running``, ``finished`` or ``aborted`` with the reason, so whatever launched the run knows
+when it is over.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +53,12 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fedcontrast.data.io import write_json
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
+from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import MethodSpec, get_method
 from fedcontrast.nets.bundle import build_network, encoder_options, export_bundle, save_encoder
 
@@ -57,6 +68,7 @@ MODEL_BUNDLE_DIR = "model_bundle"
 ENCODER_FILE = "pretrained_encoder.pt"
 LOCAL_DIR = "local"
 MESSAGES_DIR = "messages"
+STATUS_FILE = "run_status.json"
 
 
 def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
@@ -103,6 +115,56 @@ def save_outputs(
     return written
 
 
+def sort_updates(
+    sites: Iterable[str],
+    received: Mapping[str, SiteUpdate],
+    failed: Mapping[str, str],
+    schema: OutboundSchema,
+    min_responses: int = 0,
+    exclude_bad_updates: bool = False,
+    silent_detail: str = "before the task ended",
+) -> tuple[dict[str, SiteUpdate], dict[str, str], str]:
+    """Which updates of a round are used, which sites are left out and why, and whether to stop.
+
+    Args:
+        sites: the sites the round was sent to.
+        received: the updates that arrived, by site.
+        failed: sites whose task failed, with NVFlare's return code.
+        schema: the method's outbound schema (every update is checked against it).
+        min_responses: fewest usable updates the round needs (0: every site).
+        exclude_bad_updates: leave a refused update out instead of stopping.
+        silent_detail: how long a silent site was waited for, for the message.
+
+    Returns:
+        ``(updates, left_out, reason)``: ``reason`` is "" to go on, else why the run must stop
+        (naming the sites).
+    """
+    sites = list(sites)
+    left_out: dict[str, str] = {}
+    for site in sites:
+        if site in failed:
+            left_out[site] = f"failed ({failed[site]}; its local log says why)"
+        elif site not in received:
+            left_out[site] = f"silent (no answer {silent_detail})"
+        else:
+            try:
+                schema.check(received[site].message)
+            except ValueError as exc:
+                if not exclude_bad_updates:
+                    return {}, {}, f"{site}: update refused: {exc}"
+                left_out[site] = f"update refused: {exc}"
+    updates = {s: received[s] for s in sites if s not in left_out}
+    needed = min_responses if min_responses > 0 else len(sites)
+    if len(updates) < needed:
+        named = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+        return (
+            {},
+            left_out,
+            f"{len(updates)} of {len(sites)} site(s) answered, {needed} needed; left out: {named}",
+        )
+    return updates, left_out, ""
+
+
 class MethodController(ModelController):
     """Server workflow of any registered method (see the module docstring).
 
@@ -115,6 +177,9 @@ class MethodController(ModelController):
         federated: False: no aggregation, each site gets back its own last upload.
         task_timeout: seconds a site may take for one round (0: no limit).
         record_messages: also save every message sent and received (an audit; costs disk).
+        min_responses: fewest sites whose updates a round needs (0: every site).
+        exclude_bad_updates: leave a site whose update is refused out of the round (when
+            ``min_responses`` still holds) instead of stopping the run.
     """
 
     def __init__(
@@ -127,9 +192,11 @@ class MethodController(ModelController):
         federated: bool = True,
         task_timeout: int = 0,
         record_messages: bool = False,
+        min_responses: int = 0,
+        exclude_bad_updates: bool = False,
     ):
-        # no persistor: the strategy holds the global state; one failed site stops the run
-        super().__init__(persistor_id="", ignore_result_error=False)
+        # no persistor: the strategy holds the global state; failed sites are handled in run_round
+        super().__init__(persistor_id="", ignore_result_error=True)
         self.method = method
         self.config = dict(config or {})
         self.num_rounds = num_rounds
@@ -138,30 +205,59 @@ class MethodController(ModelController):
         self.federated = federated
         self.task_timeout = task_timeout
         self.record_messages = record_messages
+        self.min_responses = min_responses
+        self.exclude_bad_updates = exclude_bad_updates
+        self._failed: dict[str, str] = {}
+        self.schema: OutboundSchema | None = None
 
     def result_dir(self) -> Path:
         """The server's result folder for this job."""
         return Path(self.engine.get_workspace().get_result_root(self.fl_ctx.get_job_id()))
+
+    def write_status(self, status: str, round_num: int, **details: Any) -> None:
+        """``run_status.json``: ``{"status", "round", ...}`` (running, finished or aborted)."""
+        write_json(self.result_dir() / STATUS_FILE, {"status": status, "round": round_num, **details})
+
+    def stop(self, round_num: int, reason: str) -> None:
+        """End the run now: status ``aborted`` with ``reason``, then NVFlare's panic (the log says why)."""
+        self.write_status("aborted", round_num, reason=reason)
+        self.panic(reason)
+
+    def _accept_train_result(
+        self, client_name: str, result: Any, fl_ctx: Any, is_unknown_task: bool = False
+    ) -> bool:
+        """NVFlare's check of a result's return code; a failed site is remembered for :meth:`run_round`."""
+        code = result.get_return_code()
+        if not is_unknown_task and code and code != "OK":
+            self._failed[client_name] = str(code)
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def run(self) -> None:
         """All rounds, then the final models."""
         spec = get_method(self.method)
         sites = sorted(self.sample_clients())
         if len(sites) < self.min_clients:
-            self.panic(f"{len(sites)} site(s) {sites} joined; the job needs at least {self.min_clients}")
+            self.stop(0, f"{len(sites)} site(s) {sites} joined; the job needs at least {self.min_clients}")
             return
         initial = spec.trainer.initial_message(self.config)
+        self.schema = spec.trainer.outbound_schema(self.config)
         strategy = spec.strategy(self.config, initial) if self.federated and spec.federated else None
         own: dict[str, Message] = {site: dict(initial) for site in sites}
         out_dir = self.result_dir()
         ledger = RunLedger(out_dir)
         self.info(f"{self.method}: {self.num_rounds} round(s) on {sites}, federated={strategy is not None}")
+        self.write_status("running", 0)
+        left_out: dict[str, dict[str, str]] = {}
         try:
             for round_num in range(self.num_rounds):
                 messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
-                updates = self.run_round(round_num, messages, ledger)
+                updates, missing = self.run_round(round_num, messages, ledger)
                 if updates is None:
                     return
+                if missing:
+                    left_out[str(round_num)] = missing
+                    # a site that did not answer at all is not waited for again
+                    sites = [s for s in sites if not missing.get(s, "").startswith("silent")]
                 if strategy:
                     strategy.aggregate(updates, round_num)
                     if server_metrics := strategy.round_metrics(round_num):
@@ -169,6 +265,7 @@ class MethodController(ModelController):
                 else:
                     own.update({s: u.message for s, u in updates.items()})
                 ledger.end_round(round_num)
+                self.write_status("running", round_num + 1, left_out=left_out)
         finally:
             ledger.close()
         if strategy:
@@ -176,19 +273,26 @@ class MethodController(ModelController):
         else:
             written = [
                 path
-                for site in sites
+                for site in own
                 for path in save_outputs(spec, own[site], out_dir / LOCAL_DIR / site, self.config, site)
             ]
+        self.write_status("finished", self.num_rounds, left_out=left_out, files=[p.name for p in written])
         self.info(f"{self.method}: done; wrote {[str(p) for p in written]} and the ledger in {out_dir}")
 
     def run_round(
         self, round_num: int, messages: dict[str, Message], ledger: RunLedger
-    ) -> dict[str, SiteUpdate] | None:
-        """Send each site its message as its own task, wait for all; None when the run was stopped."""
-        updates: dict[str, SiteUpdate] = {}
+    ) -> tuple[dict[str, SiteUpdate] | None, dict[str, str]]:
+        """Send each site its message as its own task and wait for them.
+
+        Returns:
+            ``(updates, left_out)``: the usable updates by site and why each other site was left
+            out; ``updates`` is None when the run was stopped.
+        """
+        received: dict[str, SiteUpdate] = {}
+        self._failed = {}
 
         def collect(result: FLModel) -> None:
-            updates[result.meta["client_name"]] = flmodel_to_update(result)
+            received[result.meta["client_name"]] = flmodel_to_update(result)
 
         for site, message in messages.items():
             ledger.record_message(round_num, site, "down", message)
@@ -201,16 +305,29 @@ class MethodController(ModelController):
             )
         while self.get_num_standing_tasks():
             if self.abort_signal.triggered:
-                return None
+                self.write_status("aborted", round_num, reason="aborted")
+                return None, {}
             time.sleep(self._task_check_period)
         if self.abort_signal.triggered:
-            return None
-        missing = [site for site in messages if site not in updates]
-        if missing:
-            self.panic(f"round {round_num}: no update from {missing}; their logs say why")
-            return None
-        for site in messages:
-            update = updates[site]
+            self.write_status("aborted", round_num, reason="aborted")
+            return None, {}
+        timeout = f"within {self.task_timeout} s" if self.task_timeout else "before the task ended"
+        updates, left_out, reason = sort_updates(
+            messages,
+            received,
+            self._failed,
+            self.schema,
+            self.min_responses,
+            self.exclude_bad_updates,
+            timeout,
+        )
+        if reason:
+            self.stop(round_num, f"round {round_num}: {reason}")
+            return None, {}
+        if left_out:
+            named = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+            self.warning(f"round {round_num}: aggregating {sorted(updates)}; left out: {named}")
+        for site, update in updates.items():
             ledger.record_message(round_num, site, "up", update.message)
             ledger.record_metrics(round_num, site, update.metrics, update.num_samples)
             self.info(f"round {round_num} {site}: {update.num_samples} samples, {update.metrics}")
@@ -219,4 +336,4 @@ class MethodController(ModelController):
                 folder.mkdir(exist_ok=True)
                 np.savez(folder / f"r{round_num}_{site}_down.npz", **messages[site])
                 np.savez(folder / f"r{round_num}_{site}_up.npz", **update.message)
-        return updates
+        return updates, left_out
