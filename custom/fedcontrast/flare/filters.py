@@ -6,15 +6,18 @@ round, naming the entry, and nothing is sent. It belongs in the site's own
 ``local/privacy.json`` (:func:`fedcontrast.flare.site_config.write_privacy_policy`), where
 the hospital, not the job's submitter, controls it.
 
-The feature privacy filter clips each feature vector and adds Gaussian noise.
+The feature privacy filter clips each feature vector and adds Gaussian noise whose scale is
+relative to the clip norm (the Gaussian mechanism's noise multiplier), so it means the same
+on FCL's unit-norm projections as on any other scale.
 
 Attached as a task-result filter on the sites, scoped to the pre-training task, so
 it acts on what leaves a site and on nothing else. Only the floating-point
 ``features/`` entries are touched (the 128-d projections; integer entries are tags);
-weights pass unchanged. Each row (the last axis is the feature) is scaled to norm
-at most ``clip_norm``, then ``N(0, noise_std^2)`` noise is added to every value: the
-Gaussian mechanism with L2 sensitivity ``clip_norm`` per feature. Both are off by
-default (0).
+weights pass unchanged. Each row (the last axis is the feature) is scaled to L2 norm at
+most ``C`` (``clip_norm``; 0: C = 1, no clipping, the norm of FCL's unit-norm projections),
+then ``N(0, (noise_std * C)^2)`` noise is added to every value: the Gaussian mechanism with
+noise multiplier ``noise_std`` for one row of L2 sensitivity ``C``. Both are off by default
+(0). What this does and does not guarantee: docs/deployment.md, "What leaves a hospital".
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def privatize_features(
 
     Args:
         message: any message; entries of other kinds, and integer entries, are returned as they are.
-        clip_norm: largest L2 norm of a feature vector (0: no clipping).
-        noise_std: standard deviation of the added Gaussian noise (0: none).
+        clip_norm: C, largest L2 norm of a feature vector (0: no clipping, C = 1 for the noise).
+        noise_std: noise multiplier: the added Gaussian noise has standard deviation ``noise_std * C``.
         rng: the noise source.
     """
     if clip_norm < 0 or noise_std < 0:
@@ -57,7 +60,7 @@ def privatize_features(
             norms = np.linalg.norm(rows, axis=-1, keepdims=True)
             rows = rows * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
         if noise_std > 0:
-            rows = rows + rng.normal(0.0, noise_std, size=rows.shape)
+            rows = rows + rng.normal(0.0, noise_std * (clip_norm or 1.0), size=rows.shape)
         out[key] = rows.astype(value.dtype)
     return out
 
@@ -66,8 +69,8 @@ class FeaturePrivacyFilter(DXOFilter):
     """Clip and noise the ``features/`` entries of a site's result (see the module docstring).
 
     Args:
-        clip_norm: largest L2 norm of a feature vector (0: no clipping).
-        noise_std: standard deviation of the Gaussian noise (0: none).
+        clip_norm: C, largest L2 norm of a feature vector (0: no clipping).
+        noise_std: noise multiplier, noise standard deviation ``noise_std * C`` (0: none).
         seed: seed of the noise (None: fresh entropy, what a real deployment wants).
     """
 

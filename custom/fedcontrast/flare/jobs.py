@@ -464,8 +464,20 @@ def datalist_template(datalist_dir: Path | None) -> str:
 
 def add_privacy_options(parser: argparse.ArgumentParser) -> None:
     """``--feature-clip`` and ``--feature-noise``: the feature privacy filter of pre-training jobs."""
-    parser.add_argument("--feature-clip", type=float, default=0.0, help="clip each feature to this norm")
-    parser.add_argument("--feature-noise", type=float, default=0.0, help="Gaussian noise std on features")
+    parser.add_argument(
+        "--feature-clip",
+        type=float,
+        default=0.0,
+        metavar="C",
+        help="clip each feature to L2 norm C (0: no clip)",
+    )
+    parser.add_argument(
+        "--feature-noise",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help="Gaussian noise of std Z*C on each feature value (C = 1 without a clip: FCL's are unit-norm)",
+    )
 
 
 def run_from_args(
