@@ -36,7 +36,7 @@ from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.outbound import OutboundPolicyError, OutboundSchema
 from fedcontrast.methods.volumes import load_volumes
 
-TINY = {"network": {"init_filters": 4, "blocks_down": [1, 1, 1]}, "head_hidden": 8, "embedding_dim": 16}
+TINY = {"bundle": {"init_filters": 4, "blocks_down": [1, 1, 1]}, "head_hidden": 8, "embedding_dim": 16}
 
 
 # ---- finite values in the trainers ----------------------------------------------------------

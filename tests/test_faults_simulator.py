@@ -45,7 +45,7 @@ def test_a_hostile_entry_and_a_dead_site_leave_the_run_going(
     assert status["left_out"]["0"]["site-1"].startswith("failed (TASK_RESULT_FILTER_ERROR")
     assert status["left_out"]["1"]["site-2"] == f"silent (no answer within {TASK_TIMEOUT} s)"
     # the model of the sites that answered is delivered
-    network = build_network(overrides=tiny_fcl_config["network"])
+    network = build_network(overrides=tiny_fcl_config["bundle"])
     assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
 
     # the extra entry was refused at site-1, named in its own log, and never left it
