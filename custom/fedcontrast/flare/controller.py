@@ -38,7 +38,8 @@ answered when at least ``min_responses`` did (``0``: every site), and the server
 the sites left out and why; otherwise the run stops at once, naming them. A refused update
 stops the run unless ``exclude_bad_updates``. ``run_status.json`` (the result folder) says
 ``running``, ``finished`` or ``aborted`` with the reason, so whatever launched the run knows
-when it is over.
+when it is over. ``server_state.pkl`` (:mod:`fedcontrast.methods.checkpoint`), written
+atomically after every round, lets ``resume_from`` continue a stopped run.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from fedcontrast.data.io import write_json
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
+from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, save_server_state
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import MethodSpec, get_method
@@ -180,6 +182,8 @@ class MethodController(ModelController):
         min_responses: fewest sites whose updates a round needs (0: every site).
         exclude_bad_updates: leave a site whose update is refused out of the round (when
             ``min_responses`` still holds) instead of stopping the run.
+        resume_from: a server state file (``server_state.pkl`` of a stopped run of this
+            method): continue after its last complete round ("": start at round 0).
     """
 
     def __init__(
@@ -194,6 +198,7 @@ class MethodController(ModelController):
         record_messages: bool = False,
         min_responses: int = 0,
         exclude_bad_updates: bool = False,
+        resume_from: str = "",
     ):
         # no persistor: the strategy holds the global state; failed sites are handled in run_round
         super().__init__(persistor_id="", ignore_result_error=True)
@@ -207,6 +212,7 @@ class MethodController(ModelController):
         self.record_messages = record_messages
         self.min_responses = min_responses
         self.exclude_bad_updates = exclude_bad_updates
+        self.resume_from = resume_from
         self._failed: dict[str, str] = {}
         self.schema: OutboundSchema | None = None
 
@@ -246,10 +252,26 @@ class MethodController(ModelController):
         out_dir = self.result_dir()
         ledger = RunLedger(out_dir)
         self.info(f"{self.method}: {self.num_rounds} round(s) on {sites}, federated={strategy is not None}")
-        self.write_status("running", 0)
         left_out: dict[str, dict[str, str]] = {}
+        first = 0
+        if self.resume_from:
+            try:
+                saved = load_server_state(self.resume_from, self.method)
+            except ValueError as exc:
+                self.stop(0, f"cannot resume: {exc}")
+                return
+            first, strategy, own, left_out = (
+                saved["next_round"],
+                saved["strategy"],
+                saved["own"],
+                saved["left_out"],
+            )
+            sites = [s for s in saved["sites"] if s in sites]
+            ledger.bytes, ledger.metrics = saved["ledger"]["bytes"], saved["ledger"]["metrics"]
+            self.info(f"{self.method}: resuming at round {first} from {self.resume_from} on {sites}")
+        self.write_status("running", first)
         try:
-            for round_num in range(self.num_rounds):
+            for round_num in range(first, self.num_rounds):
                 messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
                 updates, missing = self.run_round(round_num, messages, ledger)
                 if updates is None:
@@ -265,6 +287,19 @@ class MethodController(ModelController):
                 else:
                     own.update({s: u.message for s, u in updates.items()})
                 ledger.end_round(round_num)
+                try:
+                    save_server_state(
+                        out_dir / SERVER_STATE_FILE,
+                        self.method,
+                        round_num + 1,
+                        strategy=strategy,
+                        own=own,
+                        sites=sites,
+                        left_out=left_out,
+                        ledger={"bytes": ledger.bytes, "metrics": ledger.metrics},
+                    )
+                except Exception as exc:  # the run goes on; only a resume would need it
+                    self.warning(f"round {round_num}: cannot save the server state for a resume: {exc}")
                 self.write_status("running", round_num + 1, left_out=left_out)
         finally:
             ledger.close()

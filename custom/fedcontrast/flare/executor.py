@@ -31,6 +31,11 @@ libraries' error records from the streamed log).
 :data:`OUTBOUND_SCHEMA_PROP`, where the site's own
 :class:`~fedcontrast.flare.filters.OutboundPolicyFilter` reads it.
 
+**Resume.** After every round the site keeps its trainer's restorable state (banks, momentum
+and target networks, optimiser, random generators) in :meth:`MethodExecutor.state_folder`;
+a trainer built for a task of round r > 0 (a resumed run) takes back the state kept before
+round r.
+
 **Fault injection (tests).** The environment variable ``FEDCONTRAST_FAULT`` of a site's
 process, ``<site>:<round>:<fault>[,...]``, makes that site misbehave in that round: ``raise``
 (the round fails), ``nan`` (a NaN in the upload, after the trainer's own checks), ``extra``
@@ -65,6 +70,7 @@ from fedcontrast.flare.log_privacy import SAFE, redact_error_log
 from fedcontrast.flare.messages import as_message, update_to_flmodel
 from fedcontrast.flare.site_config import resolve_datalist
 from fedcontrast.methods.base import SiteTrainer, SiteUpdate
+from fedcontrast.methods.checkpoint import load_site_state, save_site_state
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.supervised import VALIDATION
@@ -108,6 +114,8 @@ def site_entries(
 
 #: Folder of the site's job run directory for the method's local outputs.
 LOCAL_OUTPUT_DIR = "fedcontrast"
+#: Environment variable naming the folder where sites keep their state for a resume.
+STATE_DIR_ENV = "FEDCONTRAST_STATE_DIR"
 #: Environment variable of the fault injection (see the module docstring).
 FAULT_ENV = "FEDCONTRAST_FAULT"
 FAULTS = ("raise", "nan", "extra", "hang", "die")
@@ -204,6 +212,14 @@ class MethodExecutor(Executor):
         summary = f"{site}: round {round_num}: {kind}{cause}; the details are in the site's local log"
         self.logger.error(generate_log_message(fl_ctx, summary), extra=SAFE)
 
+    def state_folder(self, fl_ctx: FLContext) -> Path:
+        """Where this site keeps its trainer's state between rounds (survives the job):
+        ``$FEDCONTRAST_STATE_DIR/<site>/<method>``, else ``<site workspace>/fedcontrast_state/<method>``."""
+        site = fl_ctx.get_identity_name()
+        if os.environ.get(STATE_DIR_ENV):
+            return Path(os.environ[STATE_DIR_ENV]) / site / self.method
+        return Path(fl_ctx.get_engine().get_workspace().get_root_dir()) / "fedcontrast_state" / self.method
+
     def build_trainer(self, fl_ctx: FLContext) -> SiteTrainer:
         """The method's trainer on this site's data (see the module docstring for the datalist)."""
         site = fl_ctx.get_identity_name()
@@ -246,6 +262,10 @@ class MethodExecutor(Executor):
         if self.trainer is None:
             try:
                 self.trainer = self.build_trainer(fl_ctx)
+                if round_num > 0:  # a resumed run: take back the state kept before this round
+                    restored = load_site_state(self.state_folder(fl_ctx), self.trainer, round_num)
+                    kept = "restored its state" if restored else "no state kept: a fresh trainer"
+                    self.log_info(fl_ctx, f"{site}: joining at round {round_num}: {kept}", fire_event=False)
             except Exception as exc:  # the message names the site and its datalist: local log only
                 self.fail(fl_ctx, round_num, "cannot set up the method on its data", exc, str(exc))
                 return failed
@@ -265,6 +285,10 @@ class MethodExecutor(Executor):
             return failed
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
+        try:
+            save_site_state(self.state_folder(fl_ctx), self.trainer, round_num + 1)
+        except Exception as exc:  # a resumed run would restart this site's state; not fatal
+            self.log_warning(fl_ctx, f"{site}: cannot keep its state for a resume: {exc}", fire_event=False)
         if fault in ("nan", "extra"):
             update = corrupt(update, fault)
         self.log_info(

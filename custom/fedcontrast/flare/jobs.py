@@ -50,10 +50,11 @@ from fedcontrast.flare.controller import (
     STATUS_FILE,
     MethodController,
 )
-from fedcontrast.flare.executor import MethodExecutor
+from fedcontrast.flare.executor import STATE_DIR_ENV, MethodExecutor
 from fedcontrast.flare.filters import FeaturePrivacyFilter, OutboundPolicyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, write_privacy_policy
+from fedcontrast.methods.checkpoint import SERVER_STATE_FILE
 from fedcontrast.methods.registry import get_method
 
 #: Task names: the feature privacy filter is bound to the pre-training task.
@@ -134,6 +135,7 @@ def build_job(
     min_responses: int = 0,
     exclude_bad_updates: bool = False,
     outbound_policy: bool = True,
+    resume_from: str = "",
 ) -> FedJob:
     """The NVFlare job of ``method``.
 
@@ -156,6 +158,7 @@ def build_job(
         record_messages: save every message on the server (audit, tests).
         min_responses: fewest sites a round needs (0: all; see the controller's dropout rules).
         exclude_bad_updates: leave a refused update out of its round instead of stopping the run.
+        resume_from: the server state file of a stopped run to continue ("": start afresh).
         outbound_policy: also attach the outbound policy filter to the job's results (a site's
             own ``local/privacy.json`` applies it whatever the job says).
 
@@ -191,6 +194,7 @@ def build_job(
         record_messages=record_messages,
         min_responses=min_responses,
         exclude_bad_updates=exclude_bad_updates,
+        resume_from=resume_from,
     )
     job.to_server(controller, id="controller")
     executor = MethodExecutor(
@@ -234,12 +238,14 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: f
     write_privacy_policy(workspace / "local")
     result_dir = workspace / SIMULATOR_RESULT_DIR
     previous = set_aside(result_dir)
+    # the sites' state for a resume, outside the workspace the simulator empties at start
+    env = {STATE_DIR_ENV: str(site_state_root(workspace)), **os.environ}
     with tempfile.TemporaryDirectory() as job_root:
         job_dir = export_job(job, job_root)
         command = [sys.executable, "-m", "fedcontrast.flare.simulator", str(job_dir), "-w", str(workspace)]
         command += ["-c", ",".join(site_names(num_sites)), "-t", str(num_sites)]
         try:
-            code, status = run_process_group(command, result_dir / STATUS_FILE, grace_s)
+            code, status = run_process_group(command, result_dir / STATUS_FILE, grace_s, env)
         except BaseException:
             restore(previous, result_dir)
             raise
@@ -255,12 +261,22 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: f
     raise RuntimeError(f"simulation failed (exit code {code}){kept}; {logs}")
 
 
+def site_state_root(workspace: Path) -> Path:
+    """Where the simulator's sites keep their state for a resume: ``<workspace>.sites``."""
+    return workspace.with_name(workspace.name + ".sites")
+
+
+def previous_results(result_dir: Path) -> Path:
+    """Where :func:`set_aside` keeps the previous run's results: ``<workspace>.previous``."""
+    return result_dir.parents[1].with_name(result_dir.parents[1].name + ".previous")
+
+
 def set_aside(result_dir: Path) -> Path | None:
     """Move a previous run's ``result_dir`` out of the simulator's workspace (which the simulator
     empties at start); returns where it went, or None when there was none."""
     if not result_dir.is_dir():
         return None
-    aside = result_dir.parents[1].with_name(result_dir.parents[1].name + ".previous")
+    aside = previous_results(result_dir)
     shutil.rmtree(aside, ignore_errors=True)
     shutil.move(str(result_dir), aside)
     return aside
@@ -281,7 +297,9 @@ def _parent_death_signal() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_process_group(command: list[str], status_file: Path, grace_s: float) -> tuple[int, dict[str, Any]]:
+def run_process_group(
+    command: list[str], status_file: Path, grace_s: float, env: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """Run ``command`` in a new process group until it exits or, ``grace_s`` seconds after
     ``status_file`` says the run is over, is ended; the group is always ended on the way out.
 
@@ -290,7 +308,7 @@ def run_process_group(command: list[str], status_file: Path, grace_s: float) -> 
     """
     linux = sys.platform.startswith("linux")
     process = subprocess.Popen(
-        command, start_new_session=True, preexec_fn=_parent_death_signal if linux else None
+        command, start_new_session=True, preexec_fn=_parent_death_signal if linux else None, env=env
     )
     previous = {}
 
@@ -436,6 +454,12 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
         "--export", type=Path, metavar="DIR", help="write the deployable job folder to DIR instead of running"
     )
     parser.add_argument("--record-messages", action="store_true", help="save every message (audit)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run last stopped in --workspace from its last complete round (the server "
+        "state and the sites' state are saved after every round)",
+    )
     return parser
 
 
@@ -508,9 +532,25 @@ def run_from_args(
         feature_clip=getattr(args, "feature_clip", 0.0),
         feature_noise=getattr(args, "feature_noise", 0.0),
         record_messages=args.record_messages,
+        resume_from=str(resume_state(args)) if getattr(args, "resume", False) else "",
         **options,
     )
     return run_or_export(job, args)
+
+
+def resume_state(args: argparse.Namespace) -> Path:
+    """``--resume``: the server state the stopped run in ``--workspace`` left (it is moved aside,
+    to :func:`previous_results`, before the simulator starts).
+
+    Raises:
+        SystemExit: there is nothing to resume.
+    """
+    result_dir = Path(args.workspace).resolve() / SIMULATOR_RESULT_DIR
+    if not (result_dir / SERVER_STATE_FILE).is_file():
+        raise SystemExit(
+            f"--resume: no {SERVER_STATE_FILE} in {result_dir}: no stopped run to continue there"
+        )
+    return previous_results(result_dir) / SERVER_STATE_FILE
 
 
 def run_or_export(job: FedJob, args: argparse.Namespace) -> int:

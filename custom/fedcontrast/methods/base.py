@@ -177,6 +177,19 @@ class SiteTrainer(ABC):
     def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
         """Load what the server sent, train ``config["local_epochs"]`` epochs, return the upload."""
 
+    #: Attributes :meth:`restorable_state` leaves out: what the trainer rebuilds from its data
+    #: and settings (a method adds its own large, rebuilt attributes).
+    TRANSIENT: tuple[str, ...] = ("config", "datalist", "site", "device", "volumes")
+
+    def restorable_state(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (banks, momentum/target networks, random
+        generators, ...): by default every attribute but :attr:`TRANSIENT` (it is pickled)."""
+        return {k: v for k, v in vars(self).items() if k not in self.TRANSIENT}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`restorable_state` (the trainer was built on the same data and settings)."""
+        self.__dict__.update(state)
+
     @abstractmethod
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict of the segmentation network's encoder (keys as in ``network.encoder``)."""

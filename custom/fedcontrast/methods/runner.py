@@ -13,14 +13,23 @@ controller drive are called here directly. Two uses:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedcontrast.methods.base import Message, SiteUpdate, count_bytes
+from fedcontrast.methods.checkpoint import (
+    SERVER_STATE_FILE,
+    load_server_state,
+    load_site_state,
+    save_server_state,
+    save_site_state,
+)
 from fedcontrast.methods.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ def run_in_process(
     federated: bool = True,
     device: str = "cpu",
     on_round: Callable[[int, dict[str, SiteUpdate], Message], None] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``method`` over ``datalists`` in this process.
 
@@ -67,6 +78,10 @@ def run_in_process(
         device: torch device for every site.
         on_round: called after every round with the round number, the sites' updates and the
             server's new global message (empty when not federated).
+        state_dir: keep the server's and every site's state there after each round
+            (:mod:`fedcontrast.methods.checkpoint`; sites in ``<state_dir>/<site>/``).
+        resume: continue from the state in ``state_dir`` (the rounds it completed are not run
+            again; ``history`` holds the new rounds only).
     """
     if not datalists:
         raise ValueError("no sites to train: the datalists mapping is empty")
@@ -78,12 +93,23 @@ def run_in_process(
     own: dict[str, Message] = {site: dict(initial) for site in trainers}
     history: list[dict[str, Any]] = []
     server_metrics: list[dict[str, float]] = []
-    for round_num in range(rounds):
+    first = 0
+    if resume:
+        if state_dir is None:
+            raise ValueError("resume needs the state_dir of the stopped run")
+        saved = load_server_state(Path(state_dir) / SERVER_STATE_FILE, method)
+        first, strategy, own = saved["next_round"], saved["strategy"], saved["own"]
+        for site, trainer in trainers.items():
+            if not load_site_state(Path(state_dir) / site, trainer, first):
+                raise ValueError(f"{site}: no state before round {first} in {Path(state_dir) / site}")
+    for round_num in range(first, rounds):
         updates: dict[str, SiteUpdate] = {}
         for site, trainer in trainers.items():
             incoming = strategy.message_for(site, round_num) if strategy else own[site]
             t0 = time.perf_counter()
             update = trainer.local_round(incoming, round_num)
+            if state_dir is not None:
+                save_site_state(Path(state_dir) / site, trainer, round_num + 1)
             updates[site] = update
             own[site] = update.message
             history.append(
@@ -100,6 +126,10 @@ def run_in_process(
         if strategy:
             strategy.aggregate(updates, round_num)
             server_metrics.append({"round": round_num, **strategy.round_metrics(round_num)})
+        if state_dir is not None:
+            save_server_state(
+                Path(state_dir) / SERVER_STATE_FILE, method, round_num + 1, strategy=strategy, own=own
+            )
         if on_round:
             on_round(round_num, updates, strategy.global_message if strategy else {})
     return RunResult(
