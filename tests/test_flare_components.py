@@ -149,7 +149,9 @@ def site_context(site: str, local_dir: Path) -> FLContext:
     """An FLContext as a site sees it: its name, job ``job-1`` and a workspace whose ``local/`` is
     ``local_dir`` (job run folders beside it)."""
     workspace = SimpleNamespace(
-        get_site_config_dir=lambda: str(local_dir), get_run_dir=lambda job_id: str(local_dir / job_id)
+        get_site_config_dir=lambda: str(local_dir),
+        get_run_dir=lambda job_id: str(local_dir / job_id),
+        get_root_dir=lambda: str(local_dir),
     )
     engine = SimpleNamespace(get_workspace=lambda: workspace, fire_event=lambda *a, **k: None)
     fl_ctx = FLContext()

@@ -262,13 +262,16 @@ class MethodExecutor(Executor):
         if self.trainer is None:
             try:
                 self.trainer = self.build_trainer(fl_ctx)
-                if round_num > 0:  # a resumed run: take back the state kept before this round
-                    restored = load_site_state(self.state_folder(fl_ctx), self.trainer, round_num)
-                    kept = "restored its state" if restored else "no state kept: a fresh trainer"
-                    self.log_info(fl_ctx, f"{site}: joining at round {round_num}: {kept}", fire_event=False)
             except Exception as exc:  # the message names the site and its datalist: local log only
                 self.fail(fl_ctx, round_num, "cannot set up the method on its data", exc, str(exc))
                 return failed
+            if round_num > 0:  # a resumed run: take back the state kept before this round
+                try:
+                    restored = load_site_state(self.state_folder(fl_ctx), self.trainer, round_num)
+                    kept = "restored its state" if restored else "no state kept: a fresh trainer"
+                except Exception as exc:  # not fatal: the site goes on with a fresh trainer
+                    kept = f"its kept state is unusable ({exc}): a fresh trainer"
+                self.log_info(fl_ctx, f"{site}: joining at round {round_num}: {kept}", fire_event=False)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         try:
