@@ -294,6 +294,7 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         record_messages=True,
         min_responses=1,
         exclude_bad_updates=True,
+        resume_from="/results/server_state.pkl",
     )
     folder = export_job(job, tmp_path)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
