@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedcontrast.flare.executor import FAULT_ENV
-from fedcontrast.nets.bundle import build_network, load_pretrained_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 
 pytestmark = pytest.mark.simulator
 
@@ -46,7 +46,9 @@ def test_a_hostile_entry_and_a_dead_site_leave_the_run_going(
     assert status["left_out"]["1"]["site-2"] == f"silent (no answer within {TASK_TIMEOUT} s)"
     # the model of the sites that answered is delivered
     network = build_network(overrides=tiny_fcl_config["bundle"])
-    assert load_pretrained_encoder(network, output / "pretrained_encoder.pt")
+    assert load_pretrained_encoder(
+        network, output / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
+    )
 
     # the extra entry was refused at site-1, named in its own log, and never left it
     assert "outbound policy: entry 'features/raw'" in (workspace / "site-1" / "log.txt").read_text()
