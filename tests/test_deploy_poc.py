@@ -124,18 +124,31 @@ def test_exported_fcl_job_runs_on_provisioned_sites(poc, tiny_fcl_config):
         )
 
 
-def test_a_site_without_its_data_is_named_in_its_log_and_in_the_report(poc, tmp_path):
-    missing = tmp_path / "not-mounted" / "site-2.json"
+def test_a_site_without_its_data_is_named_in_the_report_and_its_path_stays_at_the_site(poc, tmp_path):
+    # a path that holds a patient's name: it may be in the site's own log, nowhere on the server
+    name = "Jane_Doe_1970-01-01"
+    missing = tmp_path / name / "site-2.json"
     write_site_config(poc.deployment.kit("site-2"), missing)
     try:
         outcome = run(poc, "results-misconfigured")
     finally:
         write_site_config(poc.deployment.kit("site-2"), poc.splits / "site-2.json")
 
-    message = f"site-2: cannot use its datalist: {missing}: site datalist not found"
     assert not outcome.completed
     reports = {r.name: r for r in outcome.reports}
-    assert (reports["site-2"].status, reports["site-2"].detail) == ("failed", message)
+    summary = "site-2: round 0: cannot set up the method on its data (ValueError)"
+    assert reports["site-2"].status == "failed" and reports["site-2"].detail.startswith(summary)
     assert reports["site-1"].status != "failed" and reports["server"].status != "failed"
-    assert message in site_job_log(poc, "site-2", outcome.job_id)
-    assert message in (outcome.result_dir / COMPONENTS_DIR / "ERRORLOG_site-2").read_text()
+    assert f"site-2: cannot use its datalist: {missing}: site datalist not found" in site_job_log(
+        poc, "site-2", outcome.job_id
+    )
+    assert summary in (outcome.result_dir / COMPONENTS_DIR / "ERRORLOG_site-2").read_text()
+    # nothing the admin downloaded, nothing in the server's workspace or job store, holds the name
+    server = poc.deployment.kit(LOCALHOST)
+    server_files = [
+        *outcome.result_dir.rglob("*"),
+        *server.rglob("*"),
+        *(server.parent / "server-storage").rglob("*"),
+    ]
+    assert not [p for p in server_files if p.is_file() and name.encode() in p.read_bytes()]
+    assert name not in "\n".join(str(r) for r in outcome.reports)

@@ -149,7 +149,9 @@ def site_context(site: str, local_dir: Path) -> FLContext:
     """An FLContext as a site sees it: its name, job ``job-1`` and a workspace whose ``local/`` is
     ``local_dir`` (job run folders beside it)."""
     workspace = SimpleNamespace(
-        get_site_config_dir=lambda: str(local_dir), get_run_dir=lambda job_id: str(local_dir / job_id)
+        get_site_config_dir=lambda: str(local_dir),
+        get_run_dir=lambda job_id: str(local_dir / job_id),
+        get_root_dir=lambda: str(local_dir),
     )
     engine = SimpleNamespace(get_workspace=lambda: workspace, fire_event=lambda *a, **k: None)
     fl_ctx = FLContext()
@@ -184,11 +186,19 @@ def test_executor_failure_names_the_site_and_its_datalist(site_splits, tmp_path,
     site = json.loads((site_splits / "site-1.json").read_text())
     short.write_text(json.dumps({**site, "unlabeled": [], "test": []}))
     executor = MethodExecutor("toy", datalist=str(site_splits / "{site}.json"), min_volumes=3)
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         reply = executor.execute("train", task(0), site_context("site-1", tmp_path), Signal())
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert reply.get_header(AppConstants.CURRENT_ROUND) == 0
-    assert f"site-1: the job needs at least 3 volume(s) in ['training'] but {short} has 1" in caplog.text
+    # the details, path included, stay in the site's log (WARNING); the ERROR line, which a site
+    # streams to the server, names the site, the round and the kind of failure only
+    detail = f"site-1: the job needs at least 3 volume(s) in ['training'] but {short} has 1"
+    assert any(detail in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (
+        len(errors) == 1 and "site-1: round 0: cannot set up the method on its data (ValueError)" in errors[0]
+    )
+    assert str(tmp_path) not in errors[0]
     assert executor.trainer is None
 
 
@@ -284,6 +294,9 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         record_messages=True,
         task_request_interval=0.3,
         task_check_period=0.1,
+        min_responses=1,
+        exclude_bad_updates=True,
+        resume_from="/results/server_state.pkl",
     )
     folder = export_job(job, tmp_path)
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
@@ -298,6 +311,8 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
     assert executor["tasks"] == ["pretrain"]
     (filters,) = client["task_result_filters"]
     assert filters["tasks"] == ["pretrain"]
+    # the outbound policy is on by default and comes last: it checks what actually leaves
+    assert filters["filters"][1] == {"path": "fedcontrast.flare.filters.OutboundPolicyFilter", "args": {}}
     components = [
         (MethodController, server["workflows"][0]),
         (MethodExecutor, executor["executor"]),

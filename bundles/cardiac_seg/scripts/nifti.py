@@ -23,9 +23,12 @@ def _nifti_problem(path: Path) -> str | None:
             return f"not a NIfTI image ({type(img).__name__})"
         if len(img.shape) != 3:
             return f"not a 3D volume (shape {img.shape})"
-        np.asanyarray(img.dataobj)  # reads every voxel: catches truncated or corrupt files
+        data = np.asanyarray(img.dataobj)  # reads every voxel: catches truncated or corrupt files
     except Exception as err:  # any reader failure means "not readable", reported with its cause
         return f"not readable as NIfTI ({type(err).__name__}: {err})"
+    if np.issubdtype(data.dtype, np.floating) and not (finite := np.isfinite(data)).all():
+        # NaN voxels would silently give an all-background segmentation
+        return f"{data.size - int(finite.sum())} non-finite voxel(s) (NaN or Inf); fix or drop this scan"
     return None
 
 
@@ -38,8 +41,8 @@ def nifti_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
 
     Raises:
         FileNotFoundError: ``dataset_dir`` is not a folder.
-        ValueError: the folder holds no volume, or some files are not readable 3D NIfTI;
-            the message names every such file and why.
+        ValueError: the folder holds no volume, or some files are not readable 3D NIfTI or
+            hold non-finite (NaN, Inf) voxels; the message names every such file and why.
     """
     folder = Path(dataset_dir)
     if not folder.is_dir():
@@ -48,7 +51,7 @@ def nifti_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     bad = {p: why for p in files if (why := _nifti_problem(p)) is not None}
     if bad:
         details = "; ".join(f"{p}: {why}" for p, why in bad.items())
-        raise ValueError(f"{len(bad)} input file(s) in {folder} are not readable 3D NIfTI volumes: {details}")
+        raise ValueError(f"{len(bad)} input file(s) in {folder} are not usable 3D NIfTI volumes: {details}")
     if not files:
         raise ValueError(f"no NIfTI volume (.nii, .nii.gz) in {folder}")
     return [{"image": str(p.resolve())} for p in files]

@@ -92,13 +92,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument(
         "--no-value-check",
         action="store_true",
-        help="skip loading labels to check their values (headers only)",
+        help="skip reading voxels (label values, finite images): headers only",
     )
     split.set_defaults(func=run_split)
 
     check = commands.add_parser("check", help="validate site datalists and the files they reference")
     check.add_argument("datalists", type=Path, nargs="+", help="site datalist JSON files")
-    check.add_argument("--values", action="store_true", help="also load labels and check their values")
+    check.add_argument(
+        "--values",
+        action="store_true",
+        help="also read every voxel: label values, finite and complete images",
+    )
     check.set_defaults(func=run_check)
 
 

@@ -28,7 +28,7 @@ def load_site_datalist(
         path: the site datalist JSON.
         check_files: check every referenced file's header (exists, readable, 3D, label on the
             image's grid); cheap, no voxels are read.
-        check_values: also load the labels and check their values against ``labels``.
+        check_values: also read every voxel: label values against ``labels``, images finite.
 
     Returns:
         ``{"site", "labels", "training", "unlabeled", "test", ...}`` as in the file.
@@ -64,7 +64,7 @@ def load_site_datalist(
                     entry[key] = str((path.parent / entry[key]).resolve())
         if check_files:
             try:
-                validate_entries(datalist[part], labels, check_values=check_values and labelled)
+                validate_entries(datalist[part], labels, check_values=check_values)
             except DataValidationError as exc:
                 raise DataValidationError(f"{path} ({part}): {exc}") from exc
     if not datalist["training"] and not datalist["unlabeled"]:

@@ -146,7 +146,7 @@ def write_site_splits(
 
     with entries ``{"image", "label" (training/test only), "patient", "frame", "spacing"}``;
     see the module docstring for what N and T count. Everything is validated (pairs, and
-    label values when ``check_values``) before any file is written; each file is written
+    label values and finite images when ``check_values``) before any file is written; each file is written
     atomically, the index last; site files of an earlier split into ``out_dir`` that this
     split does not produce are removed.
 
@@ -158,7 +158,7 @@ def write_site_splits(
         test_per_site: T, test patients per site.
         seed: random seed.
         sites: deal the patients of a single-site dataset to this many sites first.
-        check_values: load every kept label volume and check its values against ``labels``.
+        check_values: read every kept volume: label values against ``labels``, images finite.
         provenance: extra fields for the index (e.g. dataset path and format).
 
     Returns:
@@ -177,7 +177,7 @@ def write_site_splits(
         site_entries = [e for e in entries if e["site"] == source]
         split = split_site(source, site_entries, labeled_per_site, test_per_site, seed)
         validate_entries(split["training"] + split["test"], labels, check_values=check_values)
-        validate_entries(split["unlabeled"], labels, check_values=False)
+        validate_entries(split["unlabeled"], labels, check_values=check_values)
         splits[f"site-{k}"] = (str(site_entries[0].get("source_site", source)), split)
 
     out_dir = Path(out_dir).resolve()

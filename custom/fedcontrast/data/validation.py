@@ -2,8 +2,10 @@
 
 Every failure raises :class:`DataValidationError` (a ``ValueError``, so the
 ``fedcontrast`` command prints it and exits with status 2) whose message names
-the offending file or site. Geometry is checked from NIfTI headers only; voxel
-data is read only to check label values.
+the offending file or site. Geometry is checked from NIfTI headers only; the value
+check (``check_values``) also reads every voxel: labels must hold declared values, images
+must be finite (one NaN or Inf voxel turns every site's loss, and then the federated
+model, into NaN) and complete (a truncated file with an intact header fails here).
 """
 
 from __future__ import annotations
@@ -108,6 +110,25 @@ def check_label_values(path: str | Path, allowed: Iterable[int]) -> None:
         raise DataValidationError(f"{path}: label values {bad} outside the declared set {allowed}")
 
 
+def check_finite_voxels(path: str | Path) -> None:
+    """Raise unless every voxel of the image file ``path`` is finite (no NaN, no +-Inf).
+
+    Raises:
+        DataValidationError: the file is unreadable or truncated, or holds non-finite voxels;
+            the message names the file and counts them.
+    """
+    data = load_voxels(path)
+    if not np.issubdtype(data.dtype, np.floating):
+        return  # integer voxels are always finite
+    finite = np.isfinite(data)
+    if not finite.all():
+        nan = int(np.isnan(data).sum())
+        raise DataValidationError(
+            f"{path}: {nan} NaN and {data.size - int(finite.sum()) - nan} Inf voxel(s) of {data.size}; "
+            "fix or drop this volume (a non-finite voxel makes the federated model NaN)"
+        )
+
+
 def validate_entries(
     entries: Sequence[Mapping], labels: Mapping[str, int], check_values: bool = True
 ) -> None:
@@ -116,7 +137,8 @@ def validate_entries(
     Args:
         entries: dicts with ``"image"`` and optionally ``"label"`` (paths).
         labels: the declared label set, ``{name: value}``.
-        check_values: also load each label volume and check its values against ``labels``.
+        check_values: also read every voxel: each label's values against ``labels``, each
+            image finite (:func:`check_finite_voxels`).
 
     Raises:
         DataValidationError: the first problem found, naming its file.
@@ -128,3 +150,5 @@ def validate_entries(
                 check_label_values(entry["label"], labels.values())
         else:
             check_3d(entry["image"], read_geometry(entry["image"]))
+        if check_values:
+            check_finite_voxels(entry["image"])

@@ -6,7 +6,8 @@ Listed in ``deploy/project.yml`` after NVFlare's ``StaticFileBuilder``, it adds
 default component policy. So a plain ``nvflare provision -p deploy/project.yml`` makes
 startup kits that accept the exported jobs (which name ``fedcontrast.*`` classes and
 carry no code) without the ``byoc`` right. NVFlare's own confidential-computing builder
-extends the allow list at the same place.
+extends the allow list at the same place. Every site's kit also gets ``local/privacy.json``,
+the site's outbound policy (:func:`~fedcontrast.flare.site_config.privacy_policy`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from nvflare.lighter.constants import ProvFileName
 from nvflare.lighter.spec import Builder, Project, ProvisionContext
 
-from fedcontrast.flare.site_config import allow_installed_package
+from fedcontrast.flare.site_config import allow_installed_package, write_privacy_policy
 
 
 class InstalledPackageBuilder(Builder):
@@ -33,3 +34,5 @@ class InstalledPackageBuilder(Builder):
             # allow_installed_package writes resources.json from the default; the kit ships the
             # result as its default, so a site's own resources.json still overrides it
             os.replace(allow_installed_package(local_dir), default)
+        for client in project.get_clients():  # the outbound policy, on by default, the site's to edit
+            write_privacy_policy(ctx.get_local_dir(client))

@@ -31,13 +31,23 @@ all updated after every round:
 - with ``record_messages``: every message as sent, ``messages/r<round>_<site>_<down|up>.npz``
   (an audit of what left each site; uploads are recorded after the sites' result filters).
 
-A site whose task fails stops the run: the server log names the site (NVFlare's
-"Result from <site> is bad"), and the site's log says why.
+Faults (docs/deployment.md, "Failures and recovery"). Every update is checked on arrival
+against the method's outbound schema (:mod:`fedcontrast.methods.outbound`: expected keys,
+shapes and dtypes, finite values). A site is *left out* of a round when its task failed, its
+update was refused, or it did not answer within ``task_timeout``; a site that did not answer
+at all is also left out of the later rounds. A round is aggregated over the sites that
+answered when at least ``min_responses`` did (``0``: every site), and the server log names
+the sites left out and why; otherwise the run stops at once, naming them. A refused update
+stops the run unless ``exclude_bad_updates``. ``run_status.json`` (the result folder) says
+``running``, ``finished`` or ``aborted`` with the reason, so whatever launched the run knows
+when it is over. ``server_state.pkl`` (:mod:`fedcontrast.methods.checkpoint`), written
+atomically after every round, lets ``resume_from`` continue a stopped run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +56,13 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fedcontrast.data.io import write_json
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import TRAIN_SECONDS, flmodel_to_update, message_to_flmodel
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
+from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, save_server_state
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
+from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import MethodSpec, get_method
 from fedcontrast.methods.transfer import transfer_precision
 from fedcontrast.nets.bundle import build_network, encoder_options, export_bundle, save_encoder
@@ -78,6 +91,9 @@ def round_timing(round_s: float, train_seconds: dict[str, float]) -> dict[str, f
     """
     slowest = max(train_seconds.values(), default=float("nan"))
     return {"round_s": round_s, "site_train_s": slowest, "overhead_s": round_s - slowest}
+
+
+STATUS_FILE = "run_status.json"
 
 
 def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
@@ -124,6 +140,56 @@ def save_outputs(
     return written
 
 
+def sort_updates(
+    sites: Iterable[str],
+    received: Mapping[str, SiteUpdate],
+    failed: Mapping[str, str],
+    schema: OutboundSchema,
+    min_responses: int = 0,
+    exclude_bad_updates: bool = False,
+    silent_detail: str = "before the task ended",
+) -> tuple[dict[str, SiteUpdate], dict[str, str], str]:
+    """Which updates of a round are used, which sites are left out and why, and whether to stop.
+
+    Args:
+        sites: the sites the round was sent to.
+        received: the updates that arrived, by site.
+        failed: sites whose task failed, with NVFlare's return code.
+        schema: the method's outbound schema (every update is checked against it).
+        min_responses: fewest usable updates the round needs (0: every site).
+        exclude_bad_updates: leave a refused update out instead of stopping.
+        silent_detail: how long a silent site was waited for, for the message.
+
+    Returns:
+        ``(updates, left_out, reason)``: ``reason`` is "" to go on, else why the run must stop
+        (naming the sites).
+    """
+    sites = list(sites)
+    left_out: dict[str, str] = {}
+    for site in sites:
+        if site in failed:
+            left_out[site] = f"failed ({failed[site]}; its local log says why)"
+        elif site not in received:
+            left_out[site] = f"silent (no answer {silent_detail})"
+        else:
+            try:
+                schema.check(received[site].message)
+            except ValueError as exc:
+                if not exclude_bad_updates:
+                    return {}, {}, f"{site}: update refused: {exc}"
+                left_out[site] = f"update refused: {exc}"
+    updates = {s: received[s] for s in sites if s not in left_out}
+    needed = min_responses if min_responses > 0 else len(sites)
+    if len(updates) < needed:
+        named = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+        return (
+            {},
+            left_out,
+            f"{len(updates)} of {len(sites)} site(s) answered, {needed} needed; left out: {named}",
+        )
+    return updates, left_out, ""
+
+
 class MethodController(ModelController):
     """Server workflow of any registered method (see the module docstring).
 
@@ -138,6 +204,11 @@ class MethodController(ModelController):
         record_messages: also save every message sent and received (an audit; costs disk).
         task_check_period: seconds between the server's checks for finished tasks (NVFlare's
             default is 0.5; every round waits up to two such periods, so it is kept short).
+        min_responses: fewest sites whose updates a round needs (0: every site).
+        exclude_bad_updates: leave a site whose update is refused out of the round (when
+            ``min_responses`` still holds) instead of stopping the run.
+        resume_from: a server state file (``server_state.pkl`` of a stopped run of this
+            method): continue after its last complete round ("": start at round 0).
     """
 
     def __init__(
@@ -151,9 +222,12 @@ class MethodController(ModelController):
         task_timeout: int = 0,
         record_messages: bool = False,
         task_check_period: float = TASK_CHECK_PERIOD,
+        min_responses: int = 0,
+        exclude_bad_updates: bool = False,
+        resume_from: str = "",
     ):
-        # no persistor: the strategy holds the global state; one failed site stops the run
-        super().__init__(persistor_id="", ignore_result_error=False, task_check_period=task_check_period)
+        # no persistor: the strategy holds the global state; failed sites are handled in run_round
+        super().__init__(persistor_id="", ignore_result_error=True, task_check_period=task_check_period)
         self.method = method
         self.config = dict(config or {})
         self.num_rounds = num_rounds
@@ -164,32 +238,78 @@ class MethodController(ModelController):
         self.record_messages = record_messages
         self.task_check_period = task_check_period
         self._train_seconds: dict[str, float] = {}
+        self.min_responses = min_responses
+        self.exclude_bad_updates = exclude_bad_updates
+        self.resume_from = resume_from
+        self._failed: dict[str, str] = {}
+        self.schema: OutboundSchema | None = None
 
     def result_dir(self) -> Path:
         """The server's result folder for this job."""
         return Path(self.engine.get_workspace().get_result_root(self.fl_ctx.get_job_id()))
+
+    def write_status(self, status: str, round_num: int, **details: Any) -> None:
+        """``run_status.json``: ``{"status", "round", ...}`` (running, finished or aborted)."""
+        write_json(self.result_dir() / STATUS_FILE, {"status": status, "round": round_num, **details})
+
+    def stop(self, round_num: int, reason: str) -> None:
+        """End the run now: status ``aborted`` with ``reason``, then NVFlare's panic (the log says why)."""
+        self.write_status("aborted", round_num, reason=reason)
+        self.panic(reason)
+
+    def _accept_train_result(
+        self, client_name: str, result: Any, fl_ctx: Any, is_unknown_task: bool = False
+    ) -> bool:
+        """NVFlare's check of a result's return code; a failed site is remembered for :meth:`run_round`."""
+        code = result.get_return_code()
+        if not is_unknown_task and code and code != "OK":
+            self._failed[client_name] = str(code)
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def run(self) -> None:
         """All rounds, then the final models."""
         spec = get_method(self.method)
         sites = sorted(self.sample_clients())
         if len(sites) < self.min_clients:
-            self.panic(f"{len(sites)} site(s) {sites} joined; the job needs at least {self.min_clients}")
+            self.stop(0, f"{len(sites)} site(s) {sites} joined; the job needs at least {self.min_clients}")
             return
         initial = spec.trainer.initial_message(self.config)
+        self.schema = spec.trainer.outbound_schema(self.config)
         strategy = spec.strategy(self.config, initial) if self.federated and spec.federated else None
         own: dict[str, Message] = {site: dict(initial) for site in sites}
         out_dir = self.result_dir()
         ledger = RunLedger(out_dir, transfer=transfer_precision(self.config))
         self.info(f"{self.method}: {self.num_rounds} round(s) on {sites}, federated={strategy is not None}")
+        left_out: dict[str, dict[str, str]] = {}
+        first = 0
+        if self.resume_from:
+            try:
+                saved = load_server_state(self.resume_from, self.method)
+            except ValueError as exc:
+                self.stop(0, f"cannot resume: {exc}")
+                return
+            first, strategy, own, left_out = (
+                saved["next_round"],
+                saved["strategy"],
+                saved["own"],
+                saved["left_out"],
+            )
+            sites = [s for s in saved["sites"] if s in sites]
+            ledger.bytes, ledger.metrics = saved["ledger"]["bytes"], saved["ledger"]["metrics"]
+            self.info(f"{self.method}: resuming at round {first} from {self.resume_from} on {sites}")
+        self.write_status("running", first)
         try:
-            for round_num in range(self.num_rounds):
+            for round_num in range(first, self.num_rounds):
                 messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
                 start = time.perf_counter()
-                updates = self.run_round(round_num, messages, ledger)
+                updates, missing = self.run_round(round_num, messages, ledger)
                 if updates is None:
                     return
                 timing = round_timing(time.perf_counter() - start, self._train_seconds)
+                if missing:
+                    left_out[str(round_num)] = missing
+                    # a site that did not answer at all is not waited for again
+                    sites = [s for s in sites if not missing.get(s, "").startswith("silent")]
                 if strategy:
                     strategy.aggregate(updates, round_num)
                     timing |= strategy.round_metrics(round_num)
@@ -197,6 +317,20 @@ class MethodController(ModelController):
                 if not strategy:
                     own.update({s: u.message for s, u in updates.items()})
                 ledger.end_round(round_num)
+                try:
+                    save_server_state(
+                        out_dir / SERVER_STATE_FILE,
+                        self.method,
+                        round_num + 1,
+                        strategy=strategy,
+                        own=own,
+                        sites=sites,
+                        left_out=left_out,
+                        ledger={"bytes": ledger.bytes, "metrics": ledger.metrics},
+                    )
+                except Exception as exc:  # the run goes on; only a resume would need it
+                    self.warning(f"round {round_num}: cannot save the server state for a resume: {exc}")
+                self.write_status("running", round_num + 1, left_out=left_out)
         finally:
             ledger.close()
         if strategy:
@@ -204,21 +338,28 @@ class MethodController(ModelController):
         else:
             written = [
                 path
-                for site in sites
+                for site in own
                 for path in save_outputs(spec, own[site], out_dir / LOCAL_DIR / site, self.config, site)
             ]
+        self.write_status("finished", self.num_rounds, left_out=left_out, files=[p.name for p in written])
         self.info(f"{self.method}: done; wrote {[str(p) for p in written]} and the ledger in {out_dir}")
 
     def run_round(
         self, round_num: int, messages: dict[str, Message], ledger: RunLedger
-    ) -> dict[str, SiteUpdate] | None:
-        """Send each site its message as its own task, wait for all; None when the run was stopped."""
-        updates: dict[str, SiteUpdate] = {}
+    ) -> tuple[dict[str, SiteUpdate] | None, dict[str, str]]:
+        """Send each site its message as its own task and wait for them.
+
+        Returns:
+            ``(updates, left_out)``: the usable updates by site and why each other site was left
+            out; ``updates`` is None when the run was stopped.
+        """
+        received: dict[str, SiteUpdate] = {}
+        self._failed = {}
         self._train_seconds = {}
 
         def collect(result: FLModel) -> None:
             site = result.meta["client_name"]
-            updates[site] = flmodel_to_update(result)
+            received[site] = flmodel_to_update(result)
             self._train_seconds[site] = float(result.meta.get(TRAIN_SECONDS, float("nan")))
 
         for site, message in messages.items():
@@ -232,16 +373,29 @@ class MethodController(ModelController):
             )
         while self.get_num_standing_tasks():
             if self.abort_signal.triggered:
-                return None
+                self.write_status("aborted", round_num, reason="aborted")
+                return None, {}
             time.sleep(self._task_check_period)
         if self.abort_signal.triggered:
-            return None
-        missing = [site for site in messages if site not in updates]
-        if missing:
-            self.panic(f"round {round_num}: no update from {missing}; their logs say why")
-            return None
-        for site in messages:
-            update = updates[site]
+            self.write_status("aborted", round_num, reason="aborted")
+            return None, {}
+        timeout = f"within {self.task_timeout} s" if self.task_timeout else "before the task ended"
+        updates, left_out, reason = sort_updates(
+            messages,
+            received,
+            self._failed,
+            self.schema,
+            self.min_responses,
+            self.exclude_bad_updates,
+            timeout,
+        )
+        if reason:
+            self.stop(round_num, f"round {round_num}: {reason}")
+            return None, {}
+        if left_out:
+            named = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+            self.warning(f"round {round_num}: aggregating {sorted(updates)}; left out: {named}")
+        for site, update in updates.items():
             ledger.record_message(round_num, site, "up", update.message)
             ledger.record_metrics(round_num, site, update.metrics, update.num_samples)
             self.info(f"round {round_num} {site}: {update.num_samples} samples, {update.metrics}")
@@ -250,4 +404,4 @@ class MethodController(ModelController):
                 folder.mkdir(exist_ok=True)
                 np.savez(folder / f"r{round_num}_{site}_down.npz", **messages[site])
                 np.savez(folder / f"r{round_num}_{site}_up.npz", **update.message)
-        return updates
+        return updates, left_out

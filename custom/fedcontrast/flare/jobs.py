@@ -23,16 +23,22 @@ workspace.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
@@ -43,14 +49,16 @@ from fedcontrast.flare.controller import (
     LOCAL_DIR,
     MODEL_BUNDLE_DIR,
     MODEL_FILE,
+    STATUS_FILE,
     TASK_CHECK_PERIOD,
     MethodController,
 )
-from fedcontrast.flare.executor import MethodExecutor
-from fedcontrast.flare.filters import FeaturePrivacyFilter
+from fedcontrast.flare.executor import STATE_DIR_ENV, MethodExecutor
+from fedcontrast.flare.filters import FeaturePrivacyFilter, OutboundPolicyFilter
 from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from fedcontrast.flare.quantize import NetworkDequantizer, NetworkQuantizer
-from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER
+from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, write_privacy_policy
+from fedcontrast.methods.checkpoint import SERVER_STATE_FILE
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.transfer import transfer_precision
 
@@ -135,6 +143,10 @@ def build_job(
     record_messages: bool = False,
     task_request_interval: float = TASK_REQUEST_INTERVAL,
     task_check_period: float = TASK_CHECK_PERIOD,
+    min_responses: int = 0,
+    exclude_bad_updates: bool = False,
+    outbound_policy: bool = True,
+    resume_from: str = "",
 ) -> FedJob:
     """The NVFlare job of ``method``.
 
@@ -160,6 +172,11 @@ def build_job(
             default is 2 s, which every round pays once; see :data:`TASK_REQUEST_INTERVAL`).
         task_check_period: seconds between the server's checks for finished tasks (see
             :class:`~fedcontrast.flare.controller.MethodController`).
+        min_responses: fewest sites a round needs (0: all; see the controller's dropout rules).
+        exclude_bad_updates: leave a refused update out of its round instead of stopping the run.
+        resume_from: the server state file of a stopped run to continue ("": start afresh).
+        outbound_policy: also attach the outbound policy filter to the job's results (a site's
+            own ``local/privacy.json`` applies it whatever the job says).
 
     A fine-tuning job given a ``datalist`` template takes its label set from the sites'
     datalists (:func:`with_label_set`); one exported without gets it from ``config``'s
@@ -171,6 +188,10 @@ def build_job(
         datalist_keys = ("training", "unlabeled") if spec.pretraining else ("training",)
     if validation_key is None:
         validation_key = "" if spec.pretraining else "test"
+    if min_responses < 0 or min_responses > num_sites:
+        raise ValueError(
+            f"min_responses must be between 0 (all) and the {num_sites} site(s), got {min_responses}"
+        )
     if (feature_clip or feature_noise) and not spec.pretraining:
         raise ValueError(f"the feature privacy filter applies to pre-training methods, not {method!r}")
     config = json.loads(json.dumps(dict(config)))  # a plain JSON copy: what the job config will hold
@@ -188,6 +209,9 @@ def build_job(
         task_timeout=task_timeout,
         record_messages=record_messages,
         task_check_period=task_check_period,
+        min_responses=min_responses,
+        exclude_bad_updates=exclude_bad_updates,
+        resume_from=resume_from,
     )
     job.to_server(controller, id="controller")
     if task_request_interval <= 0:
@@ -213,10 +237,12 @@ def build_job(
     if feature_clip or feature_noise:
         privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
         job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
+    if outbound_policy:  # last: it checks what actually leaves
+        job.to_clients(OutboundPolicyFilter(), filter_type=FilterType.TASK_RESULT, tasks=[task])
     return job
 
 
-def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
+def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: float = 20.0) -> Path:
     """Run ``job`` in the NVFlare simulator with ``site-1 … site-K``; returns the server's result folder.
 
     One client thread per site, so every site keeps its worker process, and its trainer's
@@ -224,25 +250,161 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int) -> Path:
     the threads from starting a site under another site's name. The sites share this machine's
     cores: unless ``OMP_NUM_THREADS`` is set, each site's PyTorch gets ``cores // sites`` threads
     (at least one), since K sites each starting one thread per core oversubscribe the CPU.
+    The workspace's ``local/`` gets the sites' outbound policy
+    (:func:`~fedcontrast.flare.site_config.write_privacy_policy`) unless it holds one already.
+
+    The simulator runs in a process group of its own, which this function always ends, with
+    every process it started (:func:`end_group`): when
+    the controller reports the run finished or aborted (``run_status.json``) and the simulator
+    has not exited ``grace_s`` seconds later (NVFlare's simulator can keep waiting for a dead
+    site), on SIGINT/SIGTERM, and on any other way out. The previous run's results are moved
+    aside first and put back when this run fails, so a failed re-run never deletes a model.
 
     Raises:
-        RuntimeError: the simulation failed; the message says where the logs are.
+        RuntimeError: the simulation failed or was aborted; the message says why and where the logs are.
     """
     workspace = Path(workspace).resolve()
+    write_privacy_policy(workspace / "local")
+    result_dir = workspace / SIMULATOR_RESULT_DIR
+    previous = set_aside(result_dir)
+    # the sites' state for a resume, outside the workspace the simulator empties at start
+    env = {STATE_DIR_ENV: str(site_state_root(workspace)), **os.environ}
     with tempfile.TemporaryDirectory() as job_root:
         job_dir = export_job(job, job_root)
         command = [sys.executable, "-m", "fedcontrast.flare.simulator", str(job_dir), "-w", str(workspace)]
         command += ["-c", ",".join(site_names(num_sites)), "-t", str(num_sites)]
-        env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads_per_site(num_sites)))
-        code = subprocess.run(command, check=False, env=env).returncode
-    result_dir = workspace / SIMULATOR_RESULT_DIR
-    if code != 0:
-        raise RuntimeError(
-            f"simulation failed (exit code {code}); logs: {result_dir / 'log.txt'} and "
-            f"{workspace}/<site>/simulate_job/log.txt"
-        )
-    return result_dir
+        try:
+            code, status = run_process_group(command, result_dir / STATUS_FILE, grace_s, env)
+        except BaseException:
+            restore(previous, result_dir)
+            raise
+    logs = f"logs: {result_dir / 'log.txt'} and {workspace}/<site>/simulate_job/log.txt"
+    if status.get("status") == "finished":
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        return result_dir
+    restore(previous, result_dir)
+    kept = f"; the previous run's results are back in {result_dir}" if previous is not None else ""
+    if status.get("status") == "aborted":
+        raise RuntimeError(f"the run stopped: {status.get('reason', 'aborted')}{kept}; {logs}")
+    raise RuntimeError(f"simulation failed (exit code {code}){kept}; {logs}")
+
+
+def site_state_root(workspace: Path) -> Path:
+    """Where the simulator's sites keep their state for a resume: ``<workspace>.sites``."""
+    return workspace.with_name(workspace.name + ".sites")
+
+
+def previous_results(result_dir: Path) -> Path:
+    """Where :func:`set_aside` keeps the previous run's results: ``<workspace>.previous``."""
+    return result_dir.parents[1].with_name(result_dir.parents[1].name + ".previous")
+
+
+def set_aside(result_dir: Path) -> Path | None:
+    """Move a previous run's ``result_dir`` out of the simulator's workspace (which the simulator
+    empties at start); returns where it went, or None when there was none."""
+    if not result_dir.is_dir():
+        return None
+    aside = previous_results(result_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.move(str(result_dir), aside)
+    return aside
+
+
+def restore(previous: Path | None, result_dir: Path) -> None:
+    """Put a set-aside result folder back in place of a failed run's."""
+    if previous is None or not previous.is_dir():
+        return
+    shutil.rmtree(result_dir, ignore_errors=True)
+    result_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(previous), result_dir)
+
+
+def _parent_death_signal() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_process_group(
+    command: list[str], status_file: Path, grace_s: float, env: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Run ``command`` in a new process group until it exits or, ``grace_s`` seconds after
+    ``status_file`` says the run is over, is ended; the group is always ended on the way out.
+
+    Returns:
+        ``(exit code, status)``: the status file's content ({} when it never appeared).
+    """
+    linux = sys.platform.startswith("linux")
+    process = subprocess.Popen(
+        command, start_new_session=True, preexec_fn=_parent_death_signal if linux else None, env=env
+    )
+    previous = {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status: dict[str, Any] = {}
+    over_since = None
+    tracked: dict[int, psutil.Process] = {}
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+            tracked.update(descendants(process.pid))
+            status = read_status(status_file)
+            if status.get("status") in ("finished", "aborted"):
+                over_since = over_since or time.monotonic()
+                if time.monotonic() - over_since > grace_s:
+                    print(
+                        f"the run is {status['status']}; ending the simulator, which did not exit",
+                        file=sys.stderr,
+                    )
+                    break
+        return process.poll() if process.poll() is not None else -signal.SIGKILL, read_status(status_file)
+    finally:
+        end_group(process, tracked)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """The controller's ``run_status.json`` ({} when absent or being replaced)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def descendants(pid: int) -> dict[int, psutil.Process]:
+    """The processes started by ``pid``, children of children included, by pid."""
+    try:
+        return {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return {}
+
+
+def end_group(process: subprocess.Popen, tracked: dict[int, psutil.Process], wait_s: float = 5.0) -> None:
+    """End ``process``, its process group and every descendant seen (``tracked``; NVFlare starts
+    its site workers in sessions of their own): SIGTERM, then SIGKILL to any left after ``wait_s``."""
+    members = {**tracked, **descendants(process.pid)}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        members[process.pid] = psutil.Process(process.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    for member in members.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()  # psutil checks it is still the same process
+    _, alive = psutil.wait_procs(list(members.values()), timeout=wait_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    psutil.wait_procs(alive, timeout=2.0)
 
 
 def threads_per_site(num_sites: int) -> int:
@@ -296,7 +458,22 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="S",
-        help="stop the run when a site has not answered a round after S seconds (default 0: wait)",
+        help="a site that has not answered a round after S seconds is left out (see --min-clients) "
+        "(default 0: wait)",
+    )
+    parser.add_argument(
+        "--min-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a round goes on with the sites that answered (within --task-timeout) when at least N did; "
+        "the others are named in the log (default 0: every site, else the run stops naming them)",
+    )
+    parser.add_argument(
+        "--exclude-bad-updates",
+        action="store_true",
+        help="leave a site whose update is refused (NaN/Inf, unexpected entries or shapes) out of the "
+        "round instead of stopping the run",
     )
     parser.add_argument(
         "--local", action="store_true", help="each site trains alone: no averaging, one model per site"
@@ -312,6 +489,12 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
         "--export", type=Path, metavar="DIR", help="write the deployable job folder to DIR instead of running"
     )
     parser.add_argument("--record-messages", action="store_true", help="save every message (audit)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run last stopped in --workspace from its last complete round (the server "
+        "state and the sites' state are saved after every round)",
+    )
     return parser
 
 
@@ -340,8 +523,20 @@ def datalist_template(datalist_dir: Path | None) -> str:
 
 def add_privacy_options(parser: argparse.ArgumentParser) -> None:
     """``--feature-clip`` and ``--feature-noise``: the feature privacy filter of pre-training jobs."""
-    parser.add_argument("--feature-clip", type=float, default=0.0, help="clip each feature to this norm")
-    parser.add_argument("--feature-noise", type=float, default=0.0, help="Gaussian noise std on features")
+    parser.add_argument(
+        "--feature-clip",
+        type=float,
+        default=0.0,
+        metavar="C",
+        help="clip each feature to L2 norm C (0: no clip)",
+    )
+    parser.add_argument(
+        "--feature-noise",
+        type=float,
+        default=0.0,
+        metavar="Z",
+        help="Gaussian noise of std Z*C on each feature value (C = 1 without a clip: FCL's are unit-norm)",
+    )
 
 
 def run_from_args(
@@ -366,13 +561,31 @@ def run_from_args(
         name=f"{name}_local" if args.local else name,
         min_volumes=args.min_volumes,
         task_timeout=args.task_timeout,
+        min_responses=args.min_clients,
+        exclude_bad_updates=args.exclude_bad_updates,
         federated=not args.local,
         feature_clip=getattr(args, "feature_clip", 0.0),
         feature_noise=getattr(args, "feature_noise", 0.0),
         record_messages=args.record_messages,
+        resume_from=str(resume_state(args)) if getattr(args, "resume", False) else "",
         **options,
     )
     return run_or_export(job, args)
+
+
+def resume_state(args: argparse.Namespace) -> Path:
+    """``--resume``: the server state the stopped run in ``--workspace`` left (it is moved aside,
+    to :func:`previous_results`, before the simulator starts).
+
+    Raises:
+        SystemExit: there is nothing to resume.
+    """
+    result_dir = Path(args.workspace).resolve() / SIMULATOR_RESULT_DIR
+    if not (result_dir / SERVER_STATE_FILE).is_file():
+        raise SystemExit(
+            f"--resume: no {SERVER_STATE_FILE} in {result_dir}: no stopped run to continue there"
+        )
+    return previous_results(result_dir) / SERVER_STATE_FILE
 
 
 def run_or_export(job: FedJob, args: argparse.Namespace) -> int:

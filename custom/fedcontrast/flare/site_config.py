@@ -1,5 +1,5 @@
-"""What a site configures locally: where its datalist is, and the component policy that lets
-jobs built from the installed ``fedcontrast`` package run.
+"""What a site configures locally: where its datalist is, the component policy that lets
+jobs built from the installed ``fedcontrast`` package run, and its outbound privacy policy.
 
 Kept free of torch and of the rest of the package, so that provisioning and site set-up
 (``fedcontrast deploy provision|site``) start in about a second.
@@ -82,4 +82,43 @@ def allow_installed_package(local_dir: str | Path) -> Path:
         allowed.append(ALLOW_LIST_PREFIX)
     resources[CLASS_ALLOW_LIST] = allowed
     target.write_text(json.dumps(resources, indent=4))
+    return target
+
+
+#: The site's privacy policy file in ``local/`` (NVFlare's), and the scope this package writes.
+PRIVACY_FILE = "privacy.json"
+PRIVACY_SCOPE = "fedcontrast"
+#: Class paths of the site-side result filters (named, not imported: this module stays light).
+OUTBOUND_POLICY_FILTER = "fedcontrast.flare.filters.OutboundPolicyFilter"
+FEATURE_PRIVACY_FILTER = "fedcontrast.flare.filters.FeaturePrivacyFilter"
+
+
+def privacy_policy(
+    allow_features: bool = True,
+    max_features_per_partition: int = 0,
+    feature_clip: float = 0.0,
+    feature_noise: float = 0.0,
+) -> dict:
+    """A site's ``local/privacy.json``: one default scope whose result filters are the
+    feature privacy filter (only when ``feature_clip`` or ``feature_noise`` is set) and then
+    the outbound policy (see :class:`fedcontrast.flare.filters.OutboundPolicyFilter`)."""
+    # "out": on a site's results as they leave (a server reading this file ignores them)
+    filters = []
+    if feature_clip or feature_noise:
+        args = {"clip_norm": feature_clip, "noise_std": feature_noise}
+        filters.append({"path": FEATURE_PRIVACY_FILTER, "args": args, "direction": "out"})
+    policy_args = {"allow_features": allow_features, "max_features_per_partition": max_features_per_partition}
+    filters.append({"path": OUTBOUND_POLICY_FILTER, "args": policy_args, "direction": "out"})
+    scope = {"name": PRIVACY_SCOPE, "properties": {}, "task_result_filters": filters}
+    return {"scopes": [scope], "default_scope": PRIVACY_SCOPE}
+
+
+def write_privacy_policy(local_dir: str | Path, overwrite: bool = False, **settings: object) -> Path | None:
+    """Write :func:`privacy_policy` to ``local_dir/privacy.json``; a site's existing policy is
+    kept unless ``overwrite``. Returns the path written, or None when it was kept."""
+    target = Path(local_dir) / PRIVACY_FILE
+    if target.exists() and not overwrite:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(privacy_policy(**settings), indent=4) + "\n")
     return target

@@ -12,19 +12,28 @@ A :data:`Message` is a flat ``{key: numpy array}`` dict whose keys are
 ``"<kind>/<name>"``; the kind (:data:`KINDS`) says what the bytes are, so one
 byte counter (:func:`count_bytes`) serves every method and every direction.
 ``fedcontrast.flare`` only moves messages between the two objects.
+
+Every trainer's ``local_round`` is guarded here, once for all methods
+(:meth:`SiteTrainer.__init_subclass__`): a received message, an upload or a metric (the
+loss) holding NaN or Inf raises :class:`NonFiniteError` naming the site, the round and the
+entry, so one bad volume or a diverged step never turns the federation into NaN.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedcontrast.methods.device import resolve_device
+
+if TYPE_CHECKING:
+    from fedcontrast.methods.outbound import OutboundSchema
 
 #: What a message entry carries. ``weights``: the online/main network being averaged;
 #: ``target``: a target (EMA) network; ``features``: 128-d projections and their tags;
@@ -87,6 +96,27 @@ def message_to_state_dict(
     return {k: torch.as_tensor(np.array(v)) for k, v in select(message, kind).items()}
 
 
+class NonFiniteError(ValueError):
+    """A message, an upload or a loss holds NaN or Inf; the message says where."""
+
+
+def non_finite_entries(message: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Entries of ``message`` holding NaN or Inf, with how many such values (integer entries are skipped)."""
+    bad = {}
+    for key, value in message.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.inexact) and not (finite := np.isfinite(value)).all():
+            bad[key] = int(value.size - finite.sum())
+    return bad
+
+
+def check_finite(message: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` and the entries when ``message`` holds NaN or Inf."""
+    if bad := non_finite_entries(message):
+        listed = ", ".join(f"{key!r} ({n} value(s))" for key, n in bad.items())
+        raise NonFiniteError(f"{what}: non-finite values (NaN/Inf) in {listed}")
+
+
 @dataclass
 class SiteUpdate:
     """What one site returns after a round.
@@ -122,18 +152,78 @@ class SiteTrainer(ABC):
         self.site = site
         self.device = resolve_device(device, site)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Guard every ``local_round`` a subclass defines with :func:`guarded_round`."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("local_round")
+        if own is not None and not getattr(own, "_finite_guard", False):
+            cls.local_round = guarded_round(own)
+
     @classmethod
     @abstractmethod
     def initial_message(cls, config: Mapping[str, Any]) -> Message:
         """The global state before round 0 (deterministic for ``config["seed"]``); built on the server."""
 
+    @classmethod
+    def outbound_schema(cls, config: Mapping[str, Any]) -> OutboundSchema:
+        """What this method's uploads may hold (:mod:`fedcontrast.methods.outbound`).
+
+        The default allows the round-0 message's entries (the network and heads, with their
+        shapes and dtypes) and scalar ``stats/``; a method that sends more overrides this.
+        """
+        from fedcontrast.methods.outbound import OutboundSchema
+
+        return OutboundSchema.from_message(cls.initial_message(config))
+
     @abstractmethod
     def local_round(self, incoming: Message, round_num: int) -> SiteUpdate:
         """Load what the server sent, train ``config["local_epochs"]`` epochs, return the upload."""
 
+    #: Attributes :meth:`restorable_state` leaves out: what the trainer rebuilds from its data
+    #: and settings (a method adds its own large, rebuilt attributes).
+    TRANSIENT: tuple[str, ...] = ("config", "datalist", "site", "device", "volumes")
+
+    def restorable_state(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (banks, momentum/target networks, random
+        generators, ...): by default every attribute but :attr:`TRANSIENT` (it is pickled)."""
+        return {k: v for k, v in vars(self).items() if k not in self.TRANSIENT}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back a :meth:`restorable_state` (the trainer was built on the same data and settings)."""
+        self.__dict__.update(state)
+
     @abstractmethod
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict of the segmentation network's encoder (keys as in ``network.encoder``)."""
+
+
+def guarded_round(
+    local_round: Callable[[SiteTrainer, Message, int], SiteUpdate],
+) -> Callable[[SiteTrainer, Message, int], SiteUpdate]:
+    """``local_round`` that refuses non-finite values in, out and in its loss metrics.
+
+    Raises:
+        NonFiniteError: the received message, the upload or a loss metric (name holding "loss") holds NaN
+            or Inf; the message names the site, the round and the entries.
+    """
+
+    @functools.wraps(local_round)
+    def guarded(self: SiteTrainer, incoming: Message, round_num: int) -> SiteUpdate:
+        where = f"{self.site}: round {round_num}"
+        check_finite(incoming, f"{where}: the message received from the server")
+        update = local_round(self, incoming, round_num)
+        # loss terms only: a validation Dice may be NaN for a class absent from the volumes
+        bad = sorted(k for k, v in update.metrics.items() if "loss" in k and not np.isfinite(v))
+        if bad:
+            raise NonFiniteError(
+                f"{where}: the loss diverged or the data holds NaN/Inf: non-finite {bad} "
+                f"(check the site's images with `fedcontrast data check --values`; lower the lr)"
+            )
+        check_finite(update.message, f"{where}: the upload")
+        return update
+
+    guarded._finite_guard = True  # type: ignore[attr-defined]
+    return guarded
 
 
 class ServerStrategy:

@@ -55,6 +55,7 @@ Registered: ``fedmoco`` (both modules), ``fedmoco_nometa`` (no metadata transfer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ from fedcontrast.methods.metadata import (
     stack_entries,
     stats_from_download,
 )
+from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.partitions import PartitionBatch, site_tag
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
@@ -234,6 +236,20 @@ class FedMoCoTrainer(ContrastivePretrainer):
         update.metrics.update(self.rsa_metrics)
         update.metrics["queue_len"] = float(len(self.queue))
         return update
+
+    @classmethod
+    def outbound_schema(cls, config: Mapping[str, Any]) -> OutboundSchema:
+        """The default (weights, scalar ``stats/``: mean, std, rho) plus, with ``metadata``,
+        ``stats/meta_range`` float64 ``(2,)`` and ``stats/meta_hist`` float32 ``(metadata_bins,)``."""
+        schema = super().outbound_schema(config)
+        cfg = merge_config(cls.DEFAULTS, config)
+        if not cfg["metadata"]:
+            return schema
+        declared = {
+            "stats/meta_range": ((2,), "float64"),
+            "stats/meta_hist": ((int(cfg["metadata_bins"]),), "float32"),
+        }
+        return dataclasses.replace(schema, entries={**schema.entries, **declared})
 
     def upload(self) -> Message:
         """Weights, plus the site's intensity statistics and its RSA rho where switched on."""

@@ -59,6 +59,7 @@ from fedcontrast.methods.augment import TwoViewAugment
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
 from fedcontrast.methods.device import amp_dtype, autocast, grad_scaler
 from fedcontrast.methods.diagnostics import alignment, partition_accuracy, uniformity
+from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler, site_tag
 from fedcontrast.methods.volumes import load_volumes
 from fedcontrast.nets.encoder import build_encoder_with_head
@@ -216,6 +217,19 @@ class ContrastivePretrainer(SiteTrainer):
             torch.manual_seed(int(cfg["seed"]))
             model = cls.build_model(cfg)
         return pack("weights", model.state_dict())
+
+    @classmethod
+    def outbound_schema(cls, config: Mapping[str, Any]) -> OutboundSchema:
+        """The weights (and heads) of :meth:`initial_message`, scalar ``stats/``, and for a method
+        with ``features_per_partition`` K > 0 its ``embedding_dim``-wide features, K per partition."""
+        cfg = merge_config(cls.DEFAULTS, config)
+        per_partition = int(cfg.get("features_per_partition") or 0)
+        return OutboundSchema.from_message(
+            cls.initial_message(config),
+            feature_width=int(cfg["embedding_dim"]) if per_partition else 0,
+            features_per_partition=per_partition,
+            partitions=int(cfg["partitions"]),
+        )
 
     def load_weights(self, incoming: Message) -> None:
         """Load the message's ``weights/`` entries into the model (every key must match)."""

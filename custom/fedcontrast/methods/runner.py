@@ -17,14 +17,23 @@ and decoded by its receiver, as the NVFlare quantisation filters do.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedcontrast.methods.base import Message, SiteUpdate, count_bytes
+from fedcontrast.methods.checkpoint import (
+    SERVER_STATE_FILE,
+    load_server_state,
+    load_site_state,
+    save_server_state,
+    save_site_state,
+)
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.transfer import decode, encode, transfer_precision
 
@@ -60,6 +69,8 @@ def run_in_process(
     federated: bool = True,
     device: str = "cpu",
     on_round: Callable[[int, dict[str, SiteUpdate], Message], None] | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``method`` over ``datalists`` in this process.
 
@@ -72,6 +83,10 @@ def run_in_process(
         device: torch device for every site.
         on_round: called after every round with the round number, the sites' updates and the
             server's new global message (empty when not federated).
+        state_dir: keep the server's and every site's state there after each round
+            (:mod:`fedcontrast.methods.checkpoint`; sites in ``<state_dir>/<site>/``).
+        resume: continue from the state in ``state_dir`` (the rounds it completed are not run
+            again; ``history`` holds the new rounds only).
     """
     if not datalists:
         raise ValueError("no sites to train: the datalists mapping is empty")
@@ -84,13 +99,24 @@ def run_in_process(
     own: dict[str, Message] = {site: dict(initial) for site in trainers}
     history: list[dict[str, Any]] = []
     server_metrics: list[dict[str, float]] = []
-    for round_num in range(rounds):
+    first = 0
+    if resume:
+        if state_dir is None:
+            raise ValueError("resume needs the state_dir of the stopped run")
+        saved = load_server_state(Path(state_dir) / SERVER_STATE_FILE, method)
+        first, strategy, own = saved["next_round"], saved["strategy"], saved["own"]
+        for site, trainer in trainers.items():
+            if not load_site_state(Path(state_dir) / site, trainer, first):
+                raise ValueError(f"{site}: no state before round {first} in {Path(state_dir) / site}")
+    for round_num in range(first, rounds):
         updates: dict[str, SiteUpdate] = {}
         for site, trainer in trainers.items():
             outgoing = strategy.message_for(site, round_num) if strategy else own[site]
             sent_down = encode(outgoing, precision) if strategy else outgoing
             t0 = time.perf_counter()
             update = trainer.local_round(decode(sent_down) if strategy else outgoing, round_num)
+            if state_dir is not None:
+                save_site_state(Path(state_dir) / site, trainer, round_num + 1)
             sent_up = encode(update.message, precision) if strategy else update.message
             if strategy:  # the server holds what arrives (networks decoded from the wire precision)
                 update = SiteUpdate(decode(sent_up), update.num_samples, update.metrics)
@@ -110,6 +136,10 @@ def run_in_process(
         if strategy:
             strategy.aggregate(updates, round_num)
             server_metrics.append({"round": round_num, **strategy.round_metrics(round_num)})
+        if state_dir is not None:
+            save_server_state(
+                Path(state_dir) / SERVER_STATE_FILE, method, round_num + 1, strategy=strategy, own=own
+            )
         if on_round:
             on_round(round_num, updates, strategy.global_message if strategy else {})
     return RunResult(

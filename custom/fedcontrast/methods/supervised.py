@@ -189,6 +189,22 @@ class SupervisedBundleTrainer(SiteTrainer):
             metrics=metrics,
         )
 
+    def restorable_state(self) -> dict[str, Any]:
+        """The bundle trainer's epoch and iteration counters and its optimiser (the network
+        comes from the server every round; the workflow is rebuilt from the bundle)."""
+        state = self.trainer.state
+        return {
+            "epoch": state.epoch,
+            "iteration": state.iteration,
+            "optimizer": self.trainer.optimizer.state_dict(),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back :meth:`restorable_state`."""
+        self.trainer.state.epoch = int(state["epoch"])
+        self.trainer.state.iteration = int(state["iteration"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The network encoder's state dict (keys without ``encoder.``), CPU copies."""
         return {k: v.detach().cpu().clone() for k, v in self.network.encoder.state_dict().items()}

@@ -41,7 +41,8 @@ def load_volumes(
         One float32 CPU tensor ``(C, H, W, D)`` per entry, in order; all share ``C, H, W``.
 
     Raises:
-        ValueError: no entries, or volumes whose channel or in-plane sizes differ.
+        ValueError: no entries, a volume with NaN or Inf voxels (named), or volumes whose
+            channel or in-plane sizes differ.
     """
     if not entries:
         raise ValueError("no volumes to pre-train on: the datalist has no training or unlabeled images")
@@ -49,7 +50,10 @@ def load_volumes(
     volumes = []
     for entry in entries:
         image = preprocessing({"image": entry["image"]})["image"]
-        volumes.append(convert_to_tensor(image, track_meta=False, dtype=torch.float32))
+        volume = convert_to_tensor(image, track_meta=False, dtype=torch.float32)
+        if not bool(torch.isfinite(volume).all()):
+            raise ValueError(f"{entry['image']}: NaN or Inf voxels (`fedcontrast data check --values`)")
+        volumes.append(volume)
     shapes = {tuple(v.shape[:3]) for v in volumes}
     if len(shapes) > 1 or volumes[0].ndim != 4:
         raise ValueError(
