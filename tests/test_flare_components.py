@@ -311,7 +311,7 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
     assert executor["tasks"] == ["pretrain"]
     (filters,) = client["task_result_filters"]
     assert filters["tasks"] == ["pretrain"]
-    # the outbound policy is on by default and comes last: it checks what actually leaves
+    # the outbound policy is on by default, after the feature noise (and before any quantiser)
     assert filters["filters"][1] == {"path": "fedcontrast.flare.filters.OutboundPolicyFilter", "args": {}}
     components = [
         (MethodController, server["workflows"][0]),

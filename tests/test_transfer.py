@@ -118,7 +118,8 @@ def test_a_float16_job_carries_the_filter_pair_on_both_sides(tmp_path):
 
     assert paths(server["task_data_filters"]) == ["NetworkQuantizer"]
     assert paths(client["task_data_filters"]) == ["NetworkDequantizer"]
-    assert paths(client["task_result_filters"]) == ["NetworkQuantizer"]
+    # the outbound policy checks the method's message first, then it is encoded for the wire
+    assert paths(client["task_result_filters"]) == ["OutboundPolicyFilter", "NetworkQuantizer"]
     assert paths(server["task_result_filters"]) == ["NetworkDequantizer"]
     assert server["task_data_filters"][0]["filters"][0]["args"]["precision"] == "float16"
 

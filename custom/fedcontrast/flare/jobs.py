@@ -227,6 +227,13 @@ def build_job(
         task_name=task,
     )
     job.to_clients(executor, tasks=[task])
+    if feature_clip or feature_noise:
+        privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
+        job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
+    if outbound_policy:
+        # after the feature noise, before the quantiser: it checks the message as the method
+        # declares it (NVFlare runs the site's own privacy scope, then these job filters)
+        job.to_clients(OutboundPolicyFilter(), filter_type=FilterType.TASK_RESULT, tasks=[task])
     precision = transfer_precision(config)
     if precision != "float32":
         # NVFlare's placement of a quantiser pair: server -> site task data, site -> server results
@@ -234,11 +241,6 @@ def build_job(
         job.to_clients(NetworkDequantizer(), filter_type=FilterType.TASK_DATA, tasks=[task])
         job.to_clients(NetworkQuantizer(precision), filter_type=FilterType.TASK_RESULT, tasks=[task])
         job.to_server(NetworkDequantizer(), filter_type=FilterType.TASK_RESULT, tasks=[task])
-    if feature_clip or feature_noise:
-        privacy = FeaturePrivacyFilter(clip_norm=feature_clip, noise_std=feature_noise)
-        job.to_clients(privacy, filter_type=FilterType.TASK_RESULT, tasks=[task])
-    if outbound_policy:  # last: it checks what actually leaves
-        job.to_clients(OutboundPolicyFilter(), filter_type=FilterType.TASK_RESULT, tasks=[task])
     return job
 
 
