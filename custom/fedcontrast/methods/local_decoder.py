@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict, pack
+from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict
 from fedcontrast.methods.losses import LOCAL_NEGATIVES, LOCAL_STRATEGIES, local_contrastive_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
@@ -152,13 +152,9 @@ class DecoderPretrainer(ContrastivePretrainer):
         )
 
     @classmethod
-    def initial_message(cls, config: Mapping[str, Any]) -> Message:
-        """Round-0 decoder blocks and g2, deterministic for ``config["seed"]`` (the encoder never travels)."""
-        cfg = merge_config(cls.DEFAULTS, config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg["seed"]))
-            model = cls.build_model(cfg)
-        return pack("weights", model.exchanged_state_dict())
+    def exchanged_state(cls, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Only the decoder blocks and g2 travel; the encoder never does."""
+        return model.exchanged_state_dict()
 
     def load_weights(self, incoming: Message) -> None:
         """Load the decoder blocks and g2; the keys must be exactly the exchanged ones."""
@@ -170,10 +166,6 @@ class DecoderPretrainer(ContrastivePretrainer):
                 f"unexpected {sorted(set(state) - expected)}"
             )
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
-
-    def weights_message(self) -> Message:
-        """The decoder blocks and g2 as ``weights/`` entries (network key names, ``local_head.*``)."""
-        return pack("weights", self.model.exchanged_state_dict())
 
     def decoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The decoder blocks' state (network keys ``up_layers.*``), CPU copies."""

@@ -216,7 +216,12 @@ class ContrastivePretrainer(SiteTrainer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
             model = cls.build_model(cfg)
-        return pack("weights", model.state_dict())
+        return pack("weights", cls.exchanged_state(model))
+
+    @classmethod
+    def exchanged_state(cls, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The part of ``model``'s state that travels as ``weights/`` (the default: all of it)."""
+        return model.state_dict()
 
     @classmethod
     def outbound_schema(cls, config: Mapping[str, Any]) -> OutboundSchema:
@@ -236,8 +241,8 @@ class ContrastivePretrainer(SiteTrainer):
         self.model.load_state_dict(message_to_state_dict(incoming, "weights"))
 
     def weights_message(self) -> Message:
-        """The model's state as ``weights/`` entries."""
-        return pack("weights", self.model.state_dict())
+        """The model's exchanged state (:meth:`exchanged_state`) as ``weights/`` entries."""
+        return pack("weights", self.exchanged_state(self.model))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's state dict (keys without ``encoder.``), CPU copies."""
