@@ -7,6 +7,7 @@ also reads its ``training``, ``unlabeled`` and ``test`` lists.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,22 @@ from fedcontrast.data.validation import DataValidationError, validate_entries
 
 #: The lists of a site datalist and whether their entries carry labels.
 PARTS: dict[str, bool] = {"training": True, "unlabeled": False, "test": True}
+
+#: Value of a training entry's ``"split"`` that holds it out for validation (measured after
+#: every round, never trained on).
+VALIDATION = "validation"
+
+
+def held_out(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``entries`` tagged ``"split": "validation"`` (:data:`VALIDATION`)."""
+    return [{**e, "split": VALIDATION} for e in entries]
+
+
+def split_validation(entries: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(train, validation)``: the entries without and with the :data:`VALIDATION` tag, in order."""
+    entries = list(entries)
+    validation = [e for e in entries if e.get("split") == VALIDATION]
+    return [e for e in entries if e.get("split") != VALIDATION], validation
 
 
 def load_site_datalist(

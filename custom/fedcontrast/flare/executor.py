@@ -63,7 +63,7 @@ from nvflare.apis.utils.fl_context_utils import generate_log_message
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.data.datalist import held_out, load_site_datalist
 from fedcontrast.data.labels import common_label_set
 from fedcontrast.flare.filters import OUTBOUND_SCHEMA_PROP
 from fedcontrast.flare.log_privacy import SAFE, redact_error_log
@@ -73,7 +73,6 @@ from fedcontrast.methods.base import SiteTrainer, SiteUpdate
 from fedcontrast.methods.checkpoint import load_site_state, save_site_state
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import get_method
-from fedcontrast.methods.supervised import VALIDATION
 from fedcontrast.nets.bundle import bundle_parser
 
 
@@ -108,8 +107,7 @@ def site_entries(
             f"{site}: the job needs at least {min_volumes} volume(s) in {list(keys)} "
             f"but {path} has {len(entries)}"
         )
-    held_out = datalist.get(validation_key, []) if validation_key else []
-    return entries + [{**e, "split": VALIDATION} for e in held_out]
+    return entries + held_out(datalist.get(validation_key, []) if validation_key else [])
 
 
 #: Folder of the site's job run directory for the method's local outputs.

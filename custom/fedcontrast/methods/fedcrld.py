@@ -74,7 +74,7 @@ from fedcontrast.methods.base import (
 from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetric_kl
 from fedcontrast.methods.pretrain import check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.methods.supervised import VALIDATION, image_label
+from fedcontrast.methods.supervised import train_and_validation
 from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.encoder import ema_update, momentum_copy
 
@@ -162,8 +162,7 @@ class FedCRLDTrainer(SiteTrainer):
         check_choice(cfg, "aggregation", AGGREGATIONS)
         if not 0.0 <= float(cfg["history_momentum"]) <= 1.0:
             raise ValueError(f"history_momentum must be in [0, 1], got {cfg['history_momentum']}")
-        train = image_label([e for e in datalist if e.get("split") != VALIDATION])
-        val = image_label([e for e in datalist if e.get("split") == VALIDATION])
+        train, val = train_and_validation(datalist)
         if not train:
             raise ValueError(f"site {site}: no labelled training volume to train on")
         self.num_train = len(train)

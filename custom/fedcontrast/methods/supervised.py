@@ -49,6 +49,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
+from fedcontrast.data.datalist import held_out, split_validation
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import MethodSpec, register
@@ -71,15 +72,10 @@ DEFAULTS: dict[str, Any] = {
     "workdir": None,
 }
 
-#: Value of an entry's ``"split"`` that holds it out for validation.
-VALIDATION = "validation"
-
 
 def supervised_entries(site_datalist: Mapping[str, Any], validation_key: str = "test") -> list[dict]:
     """A site datalist's ``training`` entries plus its ``validation_key`` entries tagged for validation."""
-    return [dict(e) for e in site_datalist["training"]] + [
-        {**e, "split": VALIDATION} for e in site_datalist.get(validation_key, [])
-    ]
+    return [dict(e) for e in site_datalist["training"]] + held_out(site_datalist.get(validation_key, []))
 
 
 def image_label(entries: list[dict]) -> list[dict[str, str]]:
@@ -88,6 +84,13 @@ def image_label(entries: list[dict]) -> list[dict[str, str]]:
     if unlabelled:
         raise ValueError(f"supervised training needs labelled volumes; no 'label' for {unlabelled}")
     return [{"image": str(e["image"]), "label": str(e["label"])} for e in entries]
+
+
+def train_and_validation(datalist: list[dict]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``(train, validation)`` :func:`image_label` lists of a trainer's labelled entries
+    (validation: those tagged :data:`~fedcontrast.data.datalist.VALIDATION`)."""
+    train, validation = split_validation(datalist)
+    return image_label(train), image_label(validation)
 
 
 class SupervisedBundleTrainer(SiteTrainer):
@@ -104,8 +107,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         merged = merge_config(DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
-        train = image_label([e for e in datalist if e.get("split") != VALIDATION])
-        val = image_label([e for e in datalist if e.get("split") == VALIDATION])
+        train, val = train_and_validation(datalist)
         if not train:
             raise ValueError(f"site {site}: no labelled training volume to fine-tune on")
         self.num_train = len(train)
