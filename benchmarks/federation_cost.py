@@ -48,7 +48,7 @@ from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc
-from fedcontrast.data.splits import write_site_splits
+from fedcontrast.data.splits import site_names, write_site_splits
 from fedcontrast.flare.controller import TASK_CHECK_PERIOD
 from fedcontrast.flare.jobs import (
     SIMULATOR_RESULT_DIR,
@@ -135,7 +135,7 @@ def measure(
     data = root / f"data{sites}"
     synthesize_dataset(data / "raw", sites=sites, patients_per_site=4, seed=0, size="small")
     write_site_splits(read_acdc(data / "raw"), LABELS, data / "splits", 1, 1, seed=0)
-    names = [f"site-{i}" for i in range(1, sites + 1)]
+    names = site_names(sites)
     entries = {s: pretraining_entries(load_site_datalist(data / "splits" / f"{s}.json")) for s in names}
     options = {}
     if settings:

@@ -43,7 +43,7 @@ from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc, read_dataset
-from fedcontrast.data.splits import write_site_splits
+from fedcontrast.data.splits import site_names, write_site_splits
 from fedcontrast.methods.base import KINDS, message_to_state_dict
 from fedcontrast.methods.fedcrld import SITE_MODEL_FILE, network_overrides
 from fedcontrast.methods.runner import run_in_process
@@ -141,7 +141,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[dict[str, dict[str, P
         folder = work / "splits" / f"n{budget}"
         if not (folder / "index.json").is_file():
             write_site_splits(entries, labels, folder, n, args.test_per_site, seed=args.data_seed)
-        sites = [f"site-{k}" for k in range(1, len(by_site) + 1)]
+        sites = site_names(len(by_site))
         splits[budget] = {site: folder / f"{site}.json" for site in sites}
         counts[budget] = n
     return splits, counts

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedcontrast.cli import main, parse_args
+from fedcontrast.data.splits import site_names
 from fedcontrast.demo import prepare_data
 from fedcontrast.deploy.admin import (
     COMPONENTS_DIR,
@@ -27,7 +28,6 @@ from fedcontrast.deploy.project import (
     load_project,
     names,
     server_name,
-    site_names,
     with_server,
     with_sites,
     write_project,

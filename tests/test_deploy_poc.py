@@ -15,9 +15,9 @@ import pytest
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
+from fedcontrast.data.splits import site_names
 from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, export_job, run_job
 from fedcontrast.deploy.poc import LOCALHOST, LocalDeployment, provision_local, site_datalists
-from fedcontrast.deploy.project import site_names
 from fedcontrast.deploy.site import write_site_config
 from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 

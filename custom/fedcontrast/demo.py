@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fedcontrast.data.labels import ACDC_LABELS, class_names
+from fedcontrast.data.splits import site_names
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="parsing config_file")
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    sites = [f"site-{i}" for i in range(1, args.sites + 1)]
+    sites = site_names(args.sites)
     total = time.perf_counter()
 
     t = _step(

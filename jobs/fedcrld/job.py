@@ -18,8 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedcontrast.data.splits import site_names
 from fedcontrast.flare.executor import LOCAL_OUTPUT_DIR
-from fedcontrast.flare.jobs import job_parser, run_from_args, site_names
+from fedcontrast.flare.jobs import job_parser, run_from_args
 from fedcontrast.methods.fedcrld import AGGREGATIONS, DEFAULTS, SITE_MODEL_FILE
 from fedcontrast.methods.losses import MI_FORMS
 

@@ -32,6 +32,23 @@ INDEX_FILE = "index.json"
 _SITE_FILE = re.compile(r"site-\d+\.json")
 
 
+def site_name(k: int) -> str:
+    """The ``k``-th site's name (1-based): ``site-k``, the name of its datalist and NVFlare client."""
+    return f"site-{k}"
+
+
+def site_names(count: int) -> list[str]:
+    """``site-1 … site-N``: the names ``fedcontrast data split`` gives the site datalists
+    (and NVFlare's simulator its clients).
+
+    Raises:
+        ValueError: ``count`` < 1.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one site, got {count}")
+    return [site_name(k) for k in range(1, count + 1)]
+
+
 def _natural_key(name: str) -> list[Any]:
     """Sort key that puts ``site-2`` before ``site-10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -68,9 +85,10 @@ def deal_to_sites(entries: Sequence[Mapping[str, Any]], n_sites: int, seed: int)
     patients = _shuffled(list(_by_patient(entries)), seed, "deal")
     if len(patients) < n_sites:
         raise DataValidationError(
-            f"site 'site-{len(patients) + 1}': no volumes ({len(patients)} patients dealt to {n_sites} sites)"
+            f"site {site_name(len(patients) + 1)!r}: no volumes "
+            f"({len(patients)} patients dealt to {n_sites} sites)"
         )
-    site_of = {patient: f"site-{i % n_sites + 1}" for i, patient in enumerate(patients)}
+    site_of = {patient: site_name(i % n_sites + 1) for i, patient in enumerate(patients)}
     return [{**e, "site": site_of[str(e["patient"])], "source_site": e["site"]} for e in entries]
 
 
@@ -178,7 +196,7 @@ def write_site_splits(
         split = split_site(source, site_entries, labeled_per_site, test_per_site, seed)
         validate_entries(split["training"] + split["test"], labels, check_values=check_values)
         validate_entries(split["unlabeled"], labels, check_values=check_values)
-        splits[f"site-{k}"] = (str(site_entries[0].get("source_site", source)), split)
+        splits[site_name(k)] = (str(site_entries[0].get("source_site", source)), split)
 
     out_dir = Path(out_dir).resolve()
     index: dict[str, Any] = {

@@ -13,12 +13,12 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from fedcontrast.cli import UserError
+from fedcontrast.data.splits import site_names
 from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, JobOutcome, job_folder, run_job
 from fedcontrast.deploy.project import (
     DEFAULT_PROJECT,
     load_project,
     provision,
-    site_names,
     with_sites,
     write_project,
 )

@@ -65,13 +65,6 @@ def admin_name(project: dict[str, Any]) -> str:
     return admins[0]
 
 
-def site_names(count: int) -> list[str]:
-    """``site-1 … site-N``: the names ``fedcontrast data split`` gives the site datalists."""
-    if count < 1:
-        raise ValueError(f"need at least one site, got {count}")
-    return [f"site-{k}" for k in range(1, count + 1)]
-
-
 def with_sites(project: dict[str, Any], sites: list[str]) -> dict[str, Any]:
     """A copy of ``project`` whose clients are ``sites``, each its own organisation (``site_1`` ...)."""
     project = copy.deepcopy(project)

@@ -43,6 +43,7 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
 from fedcontrast.data.labels import common_label_set
+from fedcontrast.data.splits import site_names
 from fedcontrast.flare.controller import (
     DECODER_FILE,
     ENCODER_FILE,
@@ -82,13 +83,6 @@ RESULT_FILES = (
     TENSORBOARD_DIR,
     LOCAL_DIR,
 )
-
-
-def site_names(num_sites: int) -> list[str]:
-    """``site-1 … site-K``, NVFlare's simulator names."""
-    if num_sites < 1:
-        raise ValueError(f"need at least one site, got {num_sites}")
-    return [f"site-{i}" for i in range(1, num_sites + 1)]
 
 
 def task_name(method: str) -> str:
