@@ -82,11 +82,25 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
             folder = done_pretraining / f"{m}_s{s}"
             folder.mkdir(parents=True)
             (folder / "record.json").write_text(json.dumps({"sites": {}, "wall_s": 0, "peak_rss_mb": 0}))
+    submitted = inline_pool(monkeypatch)
+    protocol.run_benchmark(config, tmp_path)
+    names = {name for name, _ in submitted}
+    assert names == {"finetune_unit"}, "completed pre-training units must not run again"
+    keys = [unit.key for _, unit in submitted]
+    assert rows[0]["unit"] not in keys and rows[2]["unit"] not in keys
+    assert len(keys) == len(finetune_units(config)) - 2
+    # a second call finds everything done and submits nothing
+    submitted.clear()
+    protocol.run_benchmark(config, tmp_path)
+    assert submitted == []
+
+
+def inline_pool(monkeypatch) -> list[tuple[str, FinetuneUnit]]:
+    """Make run_benchmark run its work inline, recording (function name, unit) instead of training;
+    returns the record."""
     submitted = []
 
     class InlinePool:
-        """Runs submitted work at once and records it, instead of training."""
-
         def __init__(self, *args, **kwargs):
             pass
 
@@ -108,16 +122,20 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
 
     monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
     monkeypatch.setattr(protocol, "prepare_splits", lambda config, out, *a: {n: {} for n in config.budgets})
-    protocol.run_benchmark(config, tmp_path)
-    names = {name for name, _ in submitted}
-    assert names == {"finetune_unit"}, "completed pre-training units must not run again"
-    keys = [unit.key for _, unit in submitted]
-    assert rows[0]["unit"] not in keys and rows[2]["unit"] not in keys
-    assert len(keys) == len(finetune_units(config)) - 2
-    # a second call finds everything done and submits nothing
+    return submitted
+
+
+def test_run_budgets_runs_only_those_units_and_a_later_call_runs_the_rest(tmp_path, config, monkeypatch):
+    config.methods = ["random_init"]
+    submitted = inline_pool(monkeypatch)
+    largest = max(config.budgets)
+    protocol.run_benchmark(config, tmp_path, run_budgets=[largest])
+    assert submitted and {unit.n_labeled for _, unit in submitted} == {largest}
     submitted.clear()
     protocol.run_benchmark(config, tmp_path)
-    assert submitted == []
+    assert {unit.n_labeled for _, unit in submitted} == set(config.budgets) - {largest}
+    with pytest.raises(ValueError, match="not among the configured"):
+        protocol.run_benchmark(config, tmp_path, run_budgets=[largest + 100])
 
 
 def test_results_file_has_every_results_format_key(tmp_path, config, rows):

@@ -56,6 +56,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
     parser.add_argument("--dataset", type=Path, help="a dataset folder instead of the phantom")
     parser.add_argument("--format", default="acdc", choices=["acdc", "mnms", "decathlon"])
+    parser.add_argument(
+        "--run-budgets",
+        nargs="+",
+        type=int,
+        help="run only these budgets' units now (not a setting: a later call runs the rest)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--out", type=Path, default=Path("workspace/bench"), help="run folder (resumable)")
     parser.add_argument(
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     for method in config.methods:
         if method != RANDOM_INIT:
             get_method(method)  # a clear error for an unknown name, before any work
-    rows = run_benchmark(config, args.out, args.workers, args.dataset, args.format)
+    rows = run_benchmark(config, args.out, args.workers, args.dataset, args.format, args.run_budgets)
     from fedcontrast.bench.report import write_report
 
     report = write_report(rows, config, args.out, args.report or args.out)

@@ -26,7 +26,9 @@ fine-tuning from their average. Each unit runs in a fresh worker process, so the
 resident memory it reports (sites run one after another) is its own. Every finished unit
 is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
 interrupted run continues where it stopped; a run folder refuses other settings, except
-more methods (a method added later runs as its own column with the same configuration).
+more methods (a method added later runs as its own column with the same configuration). A call
+may run only some budgets' units (``run_budgets``: e.g. the largest N before the middle ones
+when time is short); the others stay missing, and the report lists them, until a later call.
 The data split is fixed (its seed is ``data_seed``): per site ``test_per_site`` test and
 ``validation_per_site`` validation patients, never used for pre-training or fine-tuning;
 labelled sets nested across N. Run seeds change the training only.
@@ -502,13 +504,22 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
 
 
 def run_benchmark(
-    config: BenchConfig, out: Path, workers: int = 2, dataset: Path | None = None, fmt: str = "acdc"
+    config: BenchConfig,
+    out: Path,
+    workers: int = 2,
+    dataset: Path | None = None,
+    fmt: str = "acdc",
+    run_budgets: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every unit; returns all rows of the run folder. Progress goes to the log.
 
     Pre-training units and random init's fine-tuning start at once; a method's fine-tuning
-    units are queued as soon as its pre-training for that seed is saved.
+    units are queued as soon as its pre-training for that seed is saved. ``run_budgets``
+    (default: all of ``config.budgets``) restricts this call's fine-tuning units to those N;
+    it is not part of the configuration, so a later call runs the rest in the same folder.
     """
+    if run_budgets is not None and not set(run_budgets) <= set(config.budgets):
+        raise ValueError(f"run budgets {sorted(run_budgets)} are not among the configured {config.budgets}")
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(config, out)
     saved = out / "bench_config.json"
@@ -517,7 +528,8 @@ def run_benchmark(
     saved.write_text(json.dumps({**asdict(config), "methods": every_method}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
     done = completed_units(out / "rows.jsonl")
-    waiting = [u for u in finetune_units(config) if u.key not in done]
+    now = set(config.budgets if run_budgets is None else run_budgets)
+    waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
 
     def folder(method: str, seed: int) -> Path:
         return out / "pretrain" / f"{method}_s{seed}"
