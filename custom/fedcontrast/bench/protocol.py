@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedcontrast.methods.base import KINDS, Message, message_to_state_dict, select
+from fedcontrast.methods.base import KINDS, Message, message_to_state_dict
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
-from fedcontrast.nets.bundle import encoder_options, save_encoder
+from fedcontrast.nets.bundle import encoder_options, encoder_state, save_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -252,11 +252,7 @@ def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, 
     options = encoder_options(None, config.pretrain_config(seed)["bundle"])
     out.mkdir(parents=True, exist_ok=True)
     if get_method(method).federated:
-        weights = select(result.global_message, "weights")
-        encoder = {
-            k[len("encoder.") :]: torch.as_tensor(v) for k, v in weights.items() if k.startswith("encoder.")
-        }
-        save_encoder(encoder, out / "global.pt", options)
+        save_encoder(encoder_state(message_to_state_dict(result.global_message)), out / "global.pt", options)
     else:
         for site, state in result.encoders.items():
             save_encoder(state, out / f"{site}.pt", options)

@@ -65,7 +65,7 @@ from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-ex
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.registry import MethodSpec, get_method
 from fedcontrast.methods.transfer import transfer_precision
-from fedcontrast.nets.bundle import build_network, encoder_options, export_bundle, save_encoder
+from fedcontrast.nets.bundle import build_network, encoder_options, encoder_state, export_bundle, save_encoder
 
 MODEL_FILE = "global_model.pt"
 #: The bundle that runs ``MODEL_FILE`` by itself (:func:`~fedcontrast.nets.bundle.export_bundle`).
@@ -112,11 +112,8 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
         written.append(out_dir / MODEL_FILE)
         written.append(export_bundle(out_dir / MODEL_FILE, out_dir / MODEL_BUNDLE_DIR, overrides, bundle_dir))
     if pretraining:
-        prefix = "encoder."
-        encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not encoder:
-            raise ValueError("a pre-training method's weights hold no 'encoder.*' entry")
-        save_encoder(encoder, out_dir / ENCODER_FILE, encoder_options(bundle_dir, overrides), bundle_dir)
+        options = encoder_options(bundle_dir, overrides)
+        save_encoder(encoder_state(state), out_dir / ENCODER_FILE, options, bundle_dir)
         written.append(out_dir / ENCODER_FILE)
     return written
 

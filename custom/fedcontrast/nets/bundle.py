@@ -151,6 +151,23 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, tor
     return f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
 
 
+#: Prefix of the encoder's entries in a bundle network's state dict.
+ENCODER_PREFIX = "encoder."
+
+
+def encoder_state(network_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's part of a network state dict (what an encoder file holds): the
+    ``encoder.*`` entries with that prefix stripped, values unchanged.
+
+    Raises:
+        ValueError: ``network_state`` has no ``encoder.*`` entry.
+    """
+    encoder = {k[len(ENCODER_PREFIX) :]: v for k, v in network_state.items() if k.startswith(ENCODER_PREFIX)}
+    if not encoder:
+        raise ValueError(f"the weights hold no '{ENCODER_PREFIX}*' entry (not a bundle network's state?)")
+    return encoder
+
+
 def check_encoder_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise ``ValueError`` naming ``source`` and the keys unless ``state`` fits ``network.encoder``."""
     problem = state_mismatch(network.encoder.state_dict(), state)
