@@ -14,6 +14,7 @@ from fedcontrast.nets.bundle import (
     config_files,
     default_bundle_dir,
     encoder_options,
+    encoder_state,
     load_pretrained_encoder,
     save_encoder,
 )
@@ -66,6 +67,15 @@ def test_encoder_state_loads_into_another_network():
     donor, other = build_network(overrides=TINY), build_network(overrides=TINY)
     other.encoder.load_state_dict(donor.encoder.state_dict())
     assert all(k.startswith(("encoder.", "up_layers.")) for k in donor.state_dict())
+
+
+def test_encoder_state_is_the_encoder_part_of_a_network_state():
+    network = build_network(overrides=TINY)
+    encoder = encoder_state(network.state_dict())
+    expected = network.encoder.state_dict()
+    assert encoder.keys() == expected.keys() and all(torch.equal(encoder[k], expected[k]) for k in expected)
+    with pytest.raises(ValueError, match=r"no 'encoder\.\*' entry"):
+        encoder_state(network.encoder.state_dict())
 
 
 def test_preprocessing_resamples_in_plane_keeps_slices_and_crops(volume):
