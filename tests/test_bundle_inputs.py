@@ -74,6 +74,21 @@ def test_an_empty_or_missing_folder_is_refused(tmp_path, nifti_scripts):
         nifti_scripts.nifti_datalist(tmp_path)
 
 
+def test_a_single_slice_scan_gives_a_single_slice_segmentation(tmp_path, checkpoint):
+    """An (X, Y, 1) scan gives an (X, Y, 1) segmentation in its affine, not a 2-D image."""
+    affine = np.diag([1.4, 1.1, 8.0, 1.0])
+    affine[:3, 3] = [-20.0, 5.0, 33.0]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_scan(scans / "one.nii.gz", shape=(36, 30, 1), affine=affine)
+    (scans / "one_gt.nii.gz").unlink()
+    run_inference(scans, tmp_path / "out", checkpoint)
+    seg = nib.load(tmp_path / "out" / "one_seg.nii.gz")
+    assert seg.shape == (36, 30, 1) and seg.header["dim"][0] == 3
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+    assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2, 3}
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, nifti_scripts, monkeypatch):
     def writer():
         w = nifti_scripts.AtomicNibabelWriter()  # a NibabelWriter writes once

@@ -93,7 +93,8 @@ def test_evaluate_writes_per_volume_csv_and_summary(work):
 
 
 def test_inference_keeps_each_input_geometry(work):
-    """Outputs have their input's shape and affine, for a phantom scan and an oblique anisotropic one."""
+    """Outputs have their input's shape and affine, for a phantom scan, an oblique anisotropic one
+    and a single slice of it (an (X, Y, 1) scan gives an (X, Y, 1) segmentation, not a 2-D one)."""
     root, _ = work
     scans = root / "scans"
     scans.mkdir()
@@ -101,6 +102,7 @@ def test_inference_keeps_each_input_geometry(work):
     (scans / phantom.name).write_bytes(phantom.read_bytes())
     oblique = np.asanyarray(nib.load(phantom).dataobj)[3:48, 2:40, :7].astype(np.int16)
     nib.save(nib.Nifti1Image(oblique, oblique_affine()), scans / "oblique.nii.gz")
+    nib.save(nib.Nifti1Image(oblique[..., 3:4], oblique_affine()), scans / "single_slice.nii.gz")
     bundle_run(
         ["configs/train.json", "configs/inference.json"],
         "--dataset_dir", str(scans),
@@ -113,5 +115,9 @@ def test_inference_keeps_each_input_geometry(work):
         assert seg.shape == img.shape
         np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
         assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1, 2, 3}
-    expected = ["oblique_seg.nii.gz", phantom.name.replace(".nii.gz", "_seg.nii.gz")]
+    expected = [
+        "oblique_seg.nii.gz",
+        phantom.name.replace(".nii.gz", "_seg.nii.gz"),
+        "single_slice_seg.nii.gz",
+    ]
     assert sorted(p.name for p in (root / "pred").iterdir()) == expected

@@ -58,7 +58,21 @@ def nifti_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
 
 
 class AtomicNibabelWriter(NibabelWriter):
-    """``NibabelWriter`` whose files appear complete or not at all (temporary file, then rename)."""
+    """``NibabelWriter`` whose files appear complete or not at all (temporary file, then rename),
+    and whose output keeps every spatial dimension of its input."""
+
+    def set_data_array(
+        self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs
+    ) -> None:
+        """Channel-last array of ``data_array`` (``(C, X, Y, Z)`` with ``channel_dim=0``).
+
+        MONAI's ``squeeze_end_dims`` removes every trailing singleton dimension, so a single-slice
+        ``(1, X, Y, 1)`` segmentation would be saved 2-D ``(X, Y)``; here only a single channel
+        is removed, giving ``(X, Y, 1)`` as the input scan had.
+        """
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+        if squeeze_end_dims and self.data_obj.shape[-1] == 1:
+            self.data_obj = self.data_obj[..., 0]
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs) -> None:
         """Write to a hidden temporary file beside ``filename``, then rename it to ``filename``."""
