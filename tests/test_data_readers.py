@@ -219,6 +219,34 @@ def test_mnms_label_values_outside_set(mnms, tmp_path):
         read_mnms(mnms, tmp_path / "cache")
 
 
+def test_split_names_a_patient_id_found_twice_and_both_folders(tmp_path, capsys):
+    """An ACDC download whose training/ and testing/ both hold patient001: not merged into one patient."""
+    for part, pid in [("training", "patient001"), ("training", "patient002"), ("testing", "patient001")]:
+        write_acdc_patient(tmp_path / "acdc" / part / pid)
+    argv = [
+        "data",
+        "split",
+        "--dataset",
+        str(tmp_path / "acdc"),
+        "--format",
+        "acdc",
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert main([*argv, "--labeled-per-site", "1", "--test-per-site", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    first, second = (
+        tmp_path / "acdc" / part / "patient001" / "patient001_frame01.nii.gz"
+        for part in ("testing", "training")
+    )
+    assert err == (
+        f"fedcontrast data: error: site 'acdc': duplicate patient id 'patient001' (frame ED): {first} and "
+        f"{second}; patient ids must be unique within a site (rename one patient, or give the volumes "
+        "distinct frames)"
+    )
+    assert not (tmp_path / "s").exists()
+
+
 # Decathlon ---------------------------------------------------------------------------------------
 
 
@@ -279,3 +307,36 @@ def test_decathlon_single_site_named_after_folder(tmp_path):
     assert labels == {"background": 0, "LA": 1}
     assert {e["site"] for e in entries} == {"Task02_Heart"}
     assert "label" not in entries[-1] and "label" in entries[0]
+
+
+def test_decathlon_two_files_with_one_patient_id_are_refused_naming_both(tmp_path):
+    root = write_decathlon(tmp_path / "Task02_Heart", {"background": 0, "LA": 1})
+    data = json.loads((root / "dataset.json").read_text())
+    save(root / "imagesTs2" / "heart_100.nii.gz", np.zeros((6, 5, 4), np.float32))
+    data["test"].append("./imagesTs2/heart_100.nii.gz")  # the same stem: patient 'heart_100', frame 0
+    (root / "dataset.json").write_text(json.dumps(data))
+    with pytest.raises(DataValidationError) as err:
+        read_decathlon(root)
+    assert "site 'Task02_Heart': duplicate patient id 'heart_100' (frame 0): " in str(err.value)
+    assert f"{root / 'imagesTs' / 'heart_100.nii.gz'} and {root / 'imagesTs2' / 'heart_100.nii.gz'}" in str(
+        err.value
+    )
+    # distinct frames of one patient are one patient's volumes, as before
+    data["test"][-1] = {"image": "./imagesTs2/heart_100.nii.gz", "patient": "heart_100", "frame": 1}
+    (root / "dataset.json").write_text(json.dumps(data))
+    assert [e["frame"] for e in read_decathlon(root) if e["patient"] == "heart_100"] == [0, 1]
+
+
+def test_a_split_refuses_entries_with_one_patient_and_frame_twice(tmp_path):
+    """Entries built by hand (not by a reader) are checked where patients are grouped."""
+    from fedcontrast.data.splits import split_site
+
+    entries = [
+        {"image": str(tmp_path / name), "label": "x", "site": "s", "patient": "p1", "frame": "ED"}
+        for name in ("a.nii.gz", "b.nii.gz")
+    ]
+    with pytest.raises(
+        DataValidationError,
+        match=r"site 's': duplicate patient id 'p1' \(frame ED\): .*a\.nii\.gz and .*b\.nii\.gz",
+    ):
+        split_site("s", entries, labeled=1, test=0, seed=0)

@@ -27,7 +27,13 @@ import numpy as np
 
 from fedcontrast.data.io import save_nifti
 from fedcontrast.data.labels import ACDC_LABELS, check_label_set  # ACDC's: every cardiac reader's
-from fedcontrast.data.validation import DataValidationError, Geometry, check_3d, read_geometry
+from fedcontrast.data.validation import (
+    DataValidationError,
+    Geometry,
+    check_3d,
+    check_unique_volumes,
+    read_geometry,
+)
 
 #: M&Ms label value -> ACDC label value (M&Ms: 1 LV, 2 MYO, 3 RV; ACDC swaps 1 and 3).
 MNMS_TO_ACDC = np.array([0, 3, 2, 1], dtype=np.uint8)
@@ -126,7 +132,7 @@ def read_acdc(
 
     Raises:
         DataValidationError: missing folder or file, malformed ``Info.cfg``, a site without
-            patients, a corrupt header or a non-3D volume.
+            patients, a patient id found twice in a site, a corrupt header or a non-3D volume.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -148,6 +154,7 @@ def read_acdc(
             raise DataValidationError(f"site {name!r} ({folders[0]}): no volumes (no patientXXX folders)")
         for patient in patients:
             entries += _acdc_patient(patient, name, allow_unlabeled)
+    check_unique_volumes(entries)  # e.g. patient001 in both training/ and testing/
     return entries
 
 
@@ -361,8 +368,8 @@ def read_decathlon(
 
     Raises:
         DataValidationError: missing or malformed JSON, an item without image (or label), items
-            without the site key (counted per list) and no ``missing_site``, missing files,
-            corrupt headers, non-3D volumes.
+            without the site key (counted per list) and no ``missing_site``, two volumes of one
+            site with the same patient and frame, missing files, corrupt headers, non-3D volumes.
     """
     json_path, data = _decathlon_json(path)
     base = json_path.parent
@@ -407,6 +414,7 @@ def read_decathlon(
                 image, label, item_site, str(item.get("patient", _stem(item["image"]))), item.get("frame", 0)
             )
         )
+    check_unique_volumes(entries)  # e.g. two folders' case1.nii.gz, both patient 'case1'
     return entries
 
 

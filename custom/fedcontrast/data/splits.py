@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedcontrast.data.io import write_json
-from fedcontrast.data.validation import DataValidationError, validate_entries
+from fedcontrast.data.validation import DataValidationError, check_unique_volumes, validate_entries
 
 #: Name of the file listing all site datalists of one split.
 INDEX_FILE = "index.json"
@@ -55,7 +55,13 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _by_patient(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """Entries grouped by patient, patients in natural order, volumes in reader order."""
+    """Entries grouped by patient, patients in natural order, volumes in reader order.
+
+    Raises:
+        DataValidationError: two entries of one site with the same patient and frame (two
+            patients under one id would otherwise be merged).
+    """
+    check_unique_volumes(entries)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for entry in entries:
         groups.setdefault(str(entry["patient"]), []).append(entry)

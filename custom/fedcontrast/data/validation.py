@@ -152,3 +152,31 @@ def validate_entries(
             check_3d(entry["image"], read_geometry(entry["image"]))
         if check_values:
             check_finite_voxels(entry["image"])
+
+
+def check_unique_volumes(entries: Iterable[Mapping]) -> None:
+    """Refuse two volumes with the same site, patient id and frame (a duplicated patient id).
+
+    Patients are the unit of a split (all of a test patient's volumes are tested); two
+    different patients under one id would be merged into one silently, and the same file
+    listed twice would be counted twice.
+
+    Args:
+        entries: reader entries with ``"image"``, ``"patient"``, ``"frame"`` and ``"site"``
+            (entries without ``"site"`` count as one site).
+
+    Raises:
+        DataValidationError: one line naming the site, the duplicated id and frame, and both files.
+    """
+    seen: dict[tuple[str, str, str], str] = {}
+    for entry in entries:
+        site, patient, frame = str(entry.get("site", "")), str(entry["patient"]), str(entry.get("frame", ""))
+        if (site, patient, frame) in seen:
+            first, image = seen[(site, patient, frame)], entry["image"]
+            where = f"site {site!r}: " if site else ""
+            raise DataValidationError(
+                f"{where}duplicate patient id {patient!r} (frame {frame}): {first} and {image}; "
+                "patient ids must be unique within a site (rename one patient, or give the volumes "
+                "distinct frames)"
+            )
+        seen[(site, patient, frame)] = str(entry["image"])
