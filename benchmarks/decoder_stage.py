@@ -34,6 +34,7 @@ from fedcontrast.bench.protocol import (
     RANDOM_INIT,
     BenchConfig,
     FinetuneUnit,
+    completed_units,
     finetune_unit,
     load_rows,
     prepare_splits,
@@ -183,7 +184,7 @@ def run_units(base: BenchConfig, methods: list[str], out: Path) -> None:
             decoders.update(decoder_stage(base, method, seed, first, folder))
     config = DecoderBenchConfig(**{**base.__dict__, "decoders": decoders})
     rows_file = out / "rows.jsonl"
-    done = {r["unit"] for r in load_rows(rows_file)}
+    done = completed_units(rows_file)  # drops a torn last line before appending
     for n in sorted(config.budgets):
         for seed in config.seeds:
             for column in [RANDOM_INIT] + [c for m in methods for c in (m, m + SUFFIX)]:

@@ -138,6 +138,32 @@ def test_run_budgets_runs_only_those_units_and_a_later_call_runs_the_rest(tmp_pa
         protocol.run_benchmark(config, tmp_path, run_budgets=[largest + 100])
 
 
+def test_a_torn_last_row_is_dropped_on_resume_and_a_corrupt_row_is_named(tmp_path, rows, caplog):
+    """A run killed while appending leaves an incomplete last line: resuming drops it (with a
+    warning naming file and line) before appending; a bad line elsewhere is an error naming it."""
+    rows_file = tmp_path / "rows.jsonl"
+    whole = "".join(json.dumps(r) + "\n" for r in rows[:2])
+    rows_file.write_text(whole + json.dumps(rows[2])[:40])
+    assert [r["unit"] for r in protocol.load_rows(rows_file)] == [rows[0]["unit"], rows[1]["unit"]]
+    assert rows_file.read_text().endswith(json.dumps(rows[2])[:40]), "a plain read leaves the file alone"
+    with caplog.at_level("WARNING", logger=protocol.__name__):
+        assert completed_units(rows_file) == {rows[0]["unit"], rows[1]["unit"]}
+    assert f"{rows_file}:3: ignoring an incomplete last line" in caplog.text
+    assert rows_file.read_text() == whole
+    with open(rows_file, "a") as f:  # what the resumed run appends
+        f.write(json.dumps(rows[2]) + "\n")
+    assert protocol.load_rows(rows_file) == rows[:3]
+    # a complete last row without its newline gets one, so the next row starts its own line
+    rows_file.write_text(whole.rstrip("\n"))
+    assert completed_units(rows_file) == {rows[0]["unit"], rows[1]["unit"]}
+    assert rows_file.read_text() == whole
+    for text, line in [(whole + "{torn\n" + whole, 3), (whole + "{torn\n", 3), ("{torn" + "\n" + whole, 1)]:
+        rows_file.write_text(text)
+        with pytest.raises(ValueError, match=rf"^{rows_file}:{line} is not a JSON row \(.*\); fix or remove"):
+            completed_units(rows_file)
+        assert rows_file.read_text() == text
+
+
 def test_results_file_has_every_results_format_key(tmp_path, config, rows):
     write_report(rows, config, tmp_path, tmp_path / "report")
     document = json.loads((tmp_path / "report" / "results.json").read_text())

@@ -452,10 +452,13 @@ def prepare_splits(
 
 
 def completed_units(rows_file: Path) -> set[str]:
-    """Keys of the fine-tuning units already in ``rows_file``."""
-    if not rows_file.exists():
-        return set()
-    return {json.loads(line)["unit"] for line in rows_file.read_text().splitlines() if line.strip()}
+    """Keys of the fine-tuning units already in ``rows_file``, read before appending to it.
+
+    An incomplete last line (a run killed while writing it) is dropped from the file with a
+    warning (:func:`load_rows` with ``repair``), so the rows appended next start on a line of
+    their own; its unit is run again.
+    """
+    return {row["unit"] for row in load_rows(rows_file, repair=True)}
 
 
 def method_tier(method: str) -> int:
@@ -595,11 +598,42 @@ def _record(encoders: Path | None) -> dict[str, Any] | None:
     return json.loads((encoders / "record.json").read_text()) if encoders else None
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``rows.jsonl`` file."""
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+def load_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of a ``rows.jsonl`` file (one JSON object a line); ``[]`` when it does not exist.
+
+    A run killed while appending can leave the last line incomplete (no final newline, not
+    valid JSON): that line is ignored with a warning naming the file and line. With ``repair``
+    (the writer, before it appends; never while another process appends) the file is also
+    rewritten atomically without it, or given its missing final newline.
+
+    Raises:
+        ValueError: any other line is not valid JSON; the message names the file and line.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    rows, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines) or text.endswith("\n"):
+                raise ValueError(
+                    f"{path}:{number} is not a JSON row ({err}); fix or remove that line"
+                ) from err
+            torn = True
+            logger.warning(
+                "%s:%d: ignoring an incomplete last line (a run killed while writing it)%s",
+                path, number, "; the file is rewritten without it" if repair else "",
+            )  # fmt: skip
+    if repair and text and not text.endswith("\n"):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text[: text.rfind("\n") + 1] if torn else text + "\n")
+        tmp.replace(path)
+    return rows
 
 
 def pretrain_records(out: Path, methods: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
