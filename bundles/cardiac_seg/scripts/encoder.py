@@ -34,6 +34,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state``'s keys and shapes differ from ``expected``'s ("" when they match).
+
+    Lists the missing keys, the unexpected keys and the shape mismatches, each sorted: the one
+    strict-load check of encoder files and decoder checkpoints.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or wrong_shape):
+        return ""
+    return f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
+
+
+def check_encoder_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the keys unless ``state`` fits ``network.encoder``."""
+    expected = network.encoder.state_dict()
+    problem = state_mismatch(expected, state)
+    if problem:
+        hint = ""
+        if any(k.startswith("encoder.") for k in set(state) - set(expected)):
+            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
+        raise ValueError(f"{source} does not match the network's encoder{hint}: {problem}")
+
+
 def save_encoder(
     state: Mapping[str, torch.Tensor], path: str | os.PathLike, options: Mapping[str, Any]
 ) -> None:
@@ -100,22 +129,7 @@ def load_pretrained_encoder(
                 f"pretrained encoder {path} was pre-trained on another grid or network; "
                 f"differing options: {'; '.join(differing)}"
             )
-    expected = network.encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        hint = ""
-        if any(k.startswith("encoder.") for k in unexpected):
-            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
-        raise ValueError(
-            f"pretrained encoder {path} does not match the network's encoder{hint}: "
-            f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
-        )
+    check_encoder_state(network, state, f"pretrained encoder {path}")
     network.encoder.load_state_dict(state, strict=True)
     loaded = sorted(state)
     logger.info("loaded %d encoder tensors from %s: %s", len(loaded), path, loaded)

@@ -75,7 +75,13 @@ from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetr
 from fedcontrast.methods.pretrain import check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.supervised import train_and_validation
-from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
+from fedcontrast.nets.bundle import (
+    build_network,
+    bundle_workflow,
+    encoder_options,
+    load_pretrained_encoder,
+    state_mismatch,
+)
 from fedcontrast.nets.encoder import ema_update, momentum_copy
 
 #: Bundle config value of ``network_class`` that selects the FedCRLD network.
@@ -217,12 +223,9 @@ class FedCRLDTrainer(SiteTrainer):
     def load_shared(self, incoming: Message) -> None:
         """Put the received shared encoder into the site's network; anything else is refused."""
         state = message_to_state_dict(incoming, "weights")
-        expected = shared_state(self.network).keys()
-        if state.keys() != expected:
-            raise ValueError(
-                f"site {self.site}: expected the shared encoder's {len(expected)} entries, got missing "
-                f"{sorted(expected - state.keys())[:5]}, unexpected {sorted(state.keys() - expected)[:5]}"
-            )
+        problem = state_mismatch(shared_state(self.network), state)
+        if problem:
+            raise ValueError(f"site {self.site}: expected the shared encoder's entries: {problem}")
         prefix = len(SHARED_PREFIX)
         self.network.encoder.load_state_dict({k[prefix:]: v.to(self.device) for k, v in state.items()})
 

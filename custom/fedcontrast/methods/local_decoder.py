@@ -60,7 +60,13 @@ from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.runner import RunResult, run_in_process
-from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder, read_encoder
+from fedcontrast.nets.bundle import (
+    build_network,
+    encoder_options,
+    load_pretrained_encoder,
+    read_encoder,
+    state_mismatch,
+)
 from fedcontrast.nets.decoder import (
     DecoderWithLocalHead,
     build_checkpoint,
@@ -157,14 +163,11 @@ class DecoderPretrainer(ContrastivePretrainer):
         return model.exchanged_state_dict()
 
     def load_weights(self, incoming: Message) -> None:
-        """Load the decoder blocks and g2; the keys must be exactly the exchanged ones."""
+        """Load the decoder blocks and g2; the keys and shapes must be exactly the exchanged ones."""
         state = message_to_state_dict(incoming, "weights")
-        expected = set(self.model.exchanged_state_dict())
-        if set(state) != expected:
-            raise ValueError(
-                f"{self.site}: decoder weights do not match: missing {sorted(expected - set(state))}, "
-                f"unexpected {sorted(set(state) - expected)}"
-            )
+        problem = state_mismatch(self.model.exchanged_state_dict(), state)
+        if problem:
+            raise ValueError(f"{self.site}: decoder weights do not match: {problem}")
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=False)
 
     def decoder_state_dict(self) -> dict[str, torch.Tensor]:

@@ -134,21 +134,15 @@ def build_preprocessing(
     return bundle_parser(bundle_dir, "train", overrides).get_parsed_content("preprocessing")
 
 
-def state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
-    """A description of how ``state``'s keys and shapes differ from ``expected``'s ("" when they match).
-
-    Lists the missing keys, the unexpected keys and the shape mismatches, each sorted.
-    """
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if not (missing or unexpected or wrong_shape):
-        return ""
-    return f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {wrong_shape}"
+def state_mismatch(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    bundle_dir: str | os.PathLike | None = None,
+) -> str:
+    """How ``state``'s keys and shapes differ from ``expected``'s ("" when they match): the
+    missing keys, the unexpected keys and the shape mismatches, each sorted (the bundle's
+    ``scripts.encoder.state_mismatch``, the one strict-load check)."""
+    return _encoder_scripts(bundle_dir).state_mismatch(expected, state)
 
 
 #: Prefix of the encoder's entries in a bundle network's state dict.
@@ -168,14 +162,15 @@ def encoder_state(network_state: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return encoder
 
 
-def check_encoder_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise ``ValueError`` naming ``source`` and the keys unless ``state`` fits ``network.encoder``."""
-    problem = state_mismatch(network.encoder.state_dict(), state)
-    if problem:
-        hint = ""
-        if any(k.startswith("encoder.") for k in state):
-            hint = " (keys start with 'encoder.': a full network state dict? strip that prefix)"
-        raise ValueError(f"{source} does not match the network's encoder{hint}: {problem}")
+def check_encoder_state(
+    network: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    bundle_dir: str | os.PathLike | None = None,
+) -> None:
+    """Raise ``ValueError`` naming ``source`` and the keys unless ``state`` fits ``network.encoder``
+    (the bundle's ``scripts.encoder.check_encoder_state``, which its encoder loader uses)."""
+    _encoder_scripts(bundle_dir).check_encoder_state(network, state, source)
 
 
 def _is_checkpoint(obj: Any) -> bool:
