@@ -34,15 +34,10 @@ from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, finetune_unit,
 from fedcontrast.bench.report import environment
 from fedcontrast.methods.base import select
 from fedcontrast.methods.registry import get_method
+from fedcontrast.nets.presets import network_preset
 
 #: The bench's network (``BenchConfig``'s default), so the byte ratios are the bench's.
-NETWORK = {
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [48, 48, 8],
-}
+NETWORK = network_preset("small")
 PRETRAIN: dict[str, Any] = {}
 
 #: (name, method, config overrides, seeds fine-tuned for Dice: 0 = bytes only)

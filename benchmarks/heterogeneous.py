@@ -48,6 +48,7 @@ from fedcontrast.methods.base import KINDS, message_to_state_dict
 from fedcontrast.methods.fedcrld import SITE_MODEL_FILE, network_overrides
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_preprocessing
+from fedcontrast.nets.presets import network_preset
 
 #: Benchmark method -> (registered method, federated, its config over the common one).
 METHODS: dict[str, tuple[str, bool, dict[str, Any]]] = {
@@ -93,13 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bundle",
         type=json.loads,
-        default={
-            "init_filters": 8,
-            "blocks_down": [1, 1, 1],
-            "inplane_spacing": 3.0,
-            "roi_size": [48, 48],
-            "patch_size": [32, 32, 8],
-        },
+        default=network_preset("small", blocks_down=[1, 1, 1], patch_size=[32, 32, 8]),
         help="bundle overrides (JSON)",
     )
     return parser.parse_args(argv)

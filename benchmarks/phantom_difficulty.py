@@ -57,19 +57,14 @@ import torch
 
 from fedcontrast.data.io import write_json
 from fedcontrast.data.phantom import LABELS, Difficulty, get_difficulty, synthesize_dataset
+from fedcontrast.nets.presets import network_preset
 
 FOREGROUND = {name: value for name, value in LABELS.items() if value}
 BOX_MARGIN_MM = 20.0
 #: Published federated fine-tuning curve of random init (SPEC §7), mean Dice by N.
 PUBLISHED = {1: 0.445, 2: 0.572, 4: 0.764, 8: 0.834}
 #: The benchmark's network and geometry at size "small" (``BenchConfig.network``).
-NETWORK: dict[str, Any] = {
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [48, 48, 8],
-}
+NETWORK: dict[str, Any] = network_preset("small")
 RESULTS = Path(__file__).parent / "results" / "phantom_difficulty.json"
 
 

@@ -34,16 +34,11 @@ from fedcontrast.methods.device import resolve_device
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.supervised import supervised_entries
 from fedcontrast.methods.volumes import pretraining_entries
+from fedcontrast.nets.presets import network_preset
 
 #: The bench's network (``fedcontrast.bench.protocol.BenchConfig``) and a tiny one for tests.
-BUNDLE = {
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [48, 48, 8],
-}
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32], "patch_size": [32, 32, 8]}
+BUNDLE = network_preset("small")
+TINY = network_preset("tiny", roi_size=[32, 32], patch_size=[32, 32, 8])
 TINY_PRETRAIN = {"head_hidden": 16, "predictor_hidden": 16, "embedding_dim": 16, "features_per_partition": 2}
 
 

@@ -18,8 +18,9 @@ from fedcontrast.nets.bundle import (
     load_pretrained_encoder,
     save_encoder,
 )
+from fedcontrast.nets.presets import NETWORK_PRESETS, network_preset
 
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+TINY = network_preset("tiny")
 
 
 @pytest.fixture
@@ -67,6 +68,15 @@ def test_encoder_state_loads_into_another_network():
     donor, other = build_network(overrides=TINY), build_network(overrides=TINY)
     other.encoder.load_state_dict(donor.encoder.state_dict())
     assert all(k.startswith(("encoder.", "up_layers.")) for k in donor.state_dict())
+
+
+def test_network_presets_are_fresh_copies_with_changes_in_place():
+    small = network_preset("small", blocks_down=[1, 1, 1], spatial_dims=2)
+    assert list(small) == [*NETWORK_PRESETS["small"], "spatial_dims"] and small["blocks_down"] == [1, 1, 1]
+    network_preset("tiny")["blocks_down"].append(2)
+    assert network_preset("tiny") == {"init_filters": 4, "blocks_down": [1, 1, 1]}
+    with pytest.raises(ValueError, match=r"unknown network preset 'huge'; expected one of \['small'"):
+        network_preset("huge")
 
 
 def test_encoder_state_is_the_encoder_part_of_a_network_state():

@@ -24,18 +24,12 @@ from typing import Any
 import torch
 
 from fedcontrast.data.labels import ACDC_LABELS, class_names
-from fedcontrast.data.splits import site_names
+from fedcontrast.nets.presets import network_preset
 
 logger = logging.getLogger(__name__)
 
 #: Bundle overrides for the demo's small volumes (about 150 mm field of view, 9 slices).
-DEMO_BUNDLE: dict[str, Any] = {
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [48, 48, 8],
-}
+DEMO_BUNDLE: dict[str, Any] = network_preset("small")
 CLASS_NAMES = tuple(class_names(ACDC_LABELS))  # the phantom's
 
 
@@ -202,6 +196,8 @@ def infer_new_scan(model_path: Path, workdir: Path, seed: int) -> Path:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the five steps; prints progress and where everything was written."""
+    from fedcontrast.data.splits import site_names
+
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message="parsing config_file")

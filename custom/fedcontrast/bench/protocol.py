@@ -54,6 +54,7 @@ from fedcontrast.methods.base import KINDS, Message, message_to_state_dict
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import encoder_options, encoder_state, save_encoder
+from fedcontrast.nets.presets import network_preset
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +69,7 @@ READOUTS = ("finetune", "probe")
 #: The bench network: the bundle's SegResNetDS in 2D (slices, as the published FCL and local
 #: contrastive U-Nets) at 3 mm in-plane on a 48 x 48 crop; a fine-tuning batch holds 8 slices
 #: (8 drawn per volume, so a step holds 8 samples for every N).
-SMALL_BUNDLE: dict[str, Any] = {
-    "spatial_dims": 2,
-    "init_filters": 8,
-    "blocks_down": [1, 2, 2],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [48, 48, 8],
-    "samples_per_volume": 8,
-}
+SMALL_BUNDLE: dict[str, Any] = {"spatial_dims": 2, **network_preset("small"), "samples_per_volume": 8}
 
 #: Named settings of ``fedcontrast bench --profile``; options given on the command line win.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -93,7 +86,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "finetune_steps": 4,
         "finetune_checkpoints": 2,
         "difficulty": "standard",
-        "bundle": {**SMALL_BUNDLE, "init_filters": 4, "blocks_down": [1, 1, 1]},
+        "bundle": {**SMALL_BUNDLE, **network_preset("tiny")},
     },
     # the full grid on a 2-core CPU inside one working session (measured in the report)
     "cpu": {},
