@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedcontrast.bench.protocol import PROFILES, RANDOM_INIT, READOUTS, BenchConfig, run_benchmark
+from fedcontrast.bench.protocol import PROFILES, READOUTS, BenchConfig, check_method, run_benchmark
 
 #: Command-line options that override a profile's setting of the same name.
 OVERRIDES = (
@@ -40,7 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="same as --profile quick (minutes)")
     parser.add_argument(
-        "--methods", nargs="+", help="default: random_init and every registered pre-training method"
+        "--methods",
+        nargs="+",
+        help="default: random_init and every registered pre-training method; <method>+decoder adds "
+        "the local decoder stage on that method's encoders (e.g. fcl+decoder)",
     )
     parser.add_argument("--budgets", nargs="+", type=int, help="labelled volumes per site (default 1 2 4 8)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run seeds (default 0 1 2 3 4)")
@@ -79,12 +82,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run or resume the benchmark, then write its report."""
-    from fedcontrast.methods.registry import get_method
-
     config = config_from_args(args)
     for method in config.methods:
-        if method != RANDOM_INIT:
-            get_method(method)  # a clear error for an unknown name, before any work
+        check_method(method)  # a clear error for an unknown name, before any work
     rows = run_benchmark(config, args.out, args.workers, args.dataset, args.format, args.run_budgets)
     from fedcontrast.bench.report import write_report
 

@@ -20,6 +20,16 @@ Work is split into units:
   :class:`~fedcontrast.bench.evaluate.BundleScorer`, BatchNorm statistics re-estimated on the
   site's labelled training volumes first.
 
+A **decoder column** ``<base>+decoder`` (``base`` any registered pre-training method, e.g.
+``fcl+decoder``) is the three-stage pipeline global -> local -> fine-tune (SPEC §4): its
+pre-training unit is the decoder stage (:func:`decoder_unit`:
+:func:`~fedcontrast.methods.local_decoder.pretrain_decoder`, federated on the base's global
+encoder, and per site on each site's own encoder where the base is not federated), run on the
+base's saved encoders once the base's pre-training unit has finished (the base's pre-training
+runs in the same run when it is not saved yet, even when the base is not a column itself);
+its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
+``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
+
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
 fine-tuning from their average. Each unit runs in a fresh worker process, so the peak
@@ -59,6 +69,8 @@ from fedcontrast.nets.presets import network_preset
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random_init"
+#: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
+DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
 
 #: The methods of the published comparison (SPEC §7; issue 10's grid): scheduled before any
@@ -181,11 +193,16 @@ class BenchConfig:
             **self.pretrain_overrides,
         }
 
-    def finetune_config(self, seed: int, encoder: str, readout: str = "finetune") -> dict[str, Any]:
-        """The ``supervised`` configuration for ``seed``, starting from ``encoder`` ("" for none)."""
+    def finetune_config(
+        self, seed: int, encoder: str, readout: str = "finetune", decoder: str = ""
+    ) -> dict[str, Any]:
+        """The ``supervised`` configuration for ``seed``, starting from ``encoder`` ("" for none), or
+        from the decoder-stage checkpoint ``decoder`` (its encoder and decoder blocks)."""
+        start = {"pretrained_encoder": "", "pretrained_decoder": decoder} if decoder else {}
         return {
             "bundle": self.bundle,
             "pretrained_encoder": encoder,
+            **start,
             "local_steps": self.finetune_steps // self.finetune_checkpoints,
             "lr": self.finetune_lr,
             "batch_size": self.finetune_batch_size,
@@ -193,6 +210,33 @@ class BenchConfig:
             "seed": seed,
             "num_workers": 0,
         }
+
+
+def base_method(method: str) -> str:
+    """The pre-training method a column's encoders come from: ``fcl`` for ``fcl+decoder``."""
+    return method.removesuffix(DECODER_SUFFIX)
+
+
+def is_decoder_column(method: str) -> bool:
+    """True for a decoder column ``<base>+decoder``."""
+    return method.endswith(DECODER_SUFFIX)
+
+
+def check_method(method: str) -> None:
+    """Refuse a bench method name that is not ``random_init``, a registered method or ``<base>+decoder``.
+
+    Raises:
+        ValueError: an unknown name (from the registry), or a decoder column whose base is not a
+            pre-training method.
+    """
+    if method == RANDOM_INIT:
+        return
+    spec = get_method(base_method(method))
+    if is_decoder_column(method) and not spec.pretraining:
+        raise ValueError(
+            f"{method}: the decoder stage needs encoders from a pre-training method, and "
+            f"{spec.name} is not one (pre-training methods: {available_methods(pretraining=True)})"
+        )
 
 
 def peak_rss_mb() -> float:
@@ -270,6 +314,91 @@ def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, 
     return record
 
 
+def decoder_unit(
+    config: BenchConfig, method: str, seed: int, datalists: dict, base: Path, out: Path
+) -> dict[str, Any]:
+    """The pre-training unit of the decoder column ``method`` (``<base>+decoder``): the decoder stage.
+
+    Runs :func:`~fedcontrast.methods.local_decoder.pretrain_decoder` (the ``local_decoder``
+    defaults, ``pretrain_rounds`` rounds of the same steps as pre-training) on the encoders the
+    base's :func:`pretrain_unit` saved in ``base``: federated on ``global.pt``, writing
+    ``out/pretrained_decoder.pt``; and where the base saved per-site encoders (a method that is
+    not federated), per site on each ``<site>.pt``, writing ``out/<site>/pretrained_decoder.pt``.
+    The record has :func:`pretrain_unit`'s keys: ``sites`` (bytes per site: the base's plus the
+    federated decoder stage's), ``wall_s`` (the base's plus the stage's), ``per_round`` (the
+    base's rounds, then the stage's numbered after them), ``curve`` (the base's curve, then the
+    federated stage's, ``stage`` saying which), ``samples_per_s`` (the stage's) and
+    ``peak_rss_mb``; plus ``stage_wall_s``, ``stage_sites`` (the stage's own bytes) and the
+    per-site stages' ``local_curve``.
+    """
+    from fedcontrast.methods.local_decoder import DECODER_FILE, pretrain_decoder
+    from fedcontrast.methods.volumes import pretraining_entries
+
+    torch.set_num_threads(1)
+    base_record = json.loads((base / "record.json").read_text())
+    entries = {site: pretraining_entries(d) for site, d in datalists.items()}
+    cfg = {**config.pretrain_config(seed), "encoder_method": base_method(method)}
+    rounds, steps_per_round = config.pretrain_rounds, config.pretrain_steps // config.pretrain_rounds
+    start = time.perf_counter()
+    federated = pretrain_decoder(base / "global.pt", cfg, entries, rounds, True, out, config.torch_device)
+    history = federated.runs[0].history
+    local_curve = []
+    per_site = [site for site in entries if (base / f"{site}.pt").exists()]
+    if per_site:  # per-site encoders: a per-site decoder stage on each, for local fine-tuning
+        local = pretrain_decoder(
+            {site: base / f"{site}.pt" for site in per_site},
+            cfg,
+            {site: entries[site] for site in per_site},
+            rounds,
+            False,
+            out,
+            config.torch_device,
+        )
+        local_curve = [e for run in local.runs for e in pretraining_curve(run.history, steps_per_round)]
+    wall = time.perf_counter() - start
+    assert (out / DECODER_FILE).exists()
+    offset = 1 + max((r["round"] for r in base_record["per_round"]), default=-1)
+    stage_sites = {site: _site_bytes(history, site) for site in datalists}
+    sites = {}
+    for site, own in stage_sites.items():
+        before = base_record["sites"][site]
+        sites[site] = {
+            "pretrain_bytes_up": before["pretrain_bytes_up"] + own["pretrain_bytes_up"],
+            "pretrain_bytes_down": before["pretrain_bytes_down"] + own["pretrain_bytes_down"],
+            "bytes_by_kind": {k: before["bytes_by_kind"][k] + v for k, v in own["bytes_by_kind"].items()},
+        }
+    curve = [{**e, "stage": "encoder"} for e in base_record["curve"]] + [
+        {**e, "round": e["round"] + offset, "step": e["step"] + config.pretrain_steps, "stage": "decoder"}
+        for e in pretraining_curve(history, steps_per_round)
+    ]
+    record = {
+        "method": method,
+        "seed": seed,
+        "base": str(base),
+        "wall_s": base_record["wall_s"] + wall,
+        "stage_wall_s": wall,
+        "sites": sites,
+        "stage_sites": stage_sites,
+        "per_round": base_record["per_round"]
+        + [
+            {
+                "round": r["round"] + offset,
+                "site": r["site"],
+                "bytes_up": r["bytes_up"],
+                "bytes_down": r["bytes_down"],
+            }
+            for r in history
+        ],
+        "server_metrics": base_record["server_metrics"],
+        "curve": curve,
+        "local_curve": local_curve,
+        "samples_per_s": float(np.mean([r["metrics"].get("samples_per_s", np.nan) for r in history])),
+        "peak_rss_mb": max(peak_rss_mb(), base_record["peak_rss_mb"]),
+    }
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
 @dataclass(frozen=True)
 class FinetuneUnit:
     """One fine-tuning unit (see the module docstring)."""
@@ -333,8 +462,24 @@ def finetune_unit(
 
     start = time.perf_counter()
     device = config.torch_device
+    if is_decoder_column(unit.method):  # the decoder-stage checkpoints: encoder and decoder blocks
+        from fedcontrast.methods.local_decoder import DECODER_FILE
+
+        assert encoders is not None
+        shared = encoders / DECODER_FILE
+
+        def start_from(site: str | None) -> dict[str, Any]:
+            own = encoders / site / DECODER_FILE if site else shared
+            return config.finetune_config(unit.seed, "", unit.readout, str(own if own.exists() else shared))
+    else:
+
+        def start_from(site: str | None) -> dict[str, Any]:
+            own = encoders / f"{site}.pt" if encoders and site else None
+            encoder = str(own if own and own.exists() else encoders / "global.pt") if encoders else ""
+            return config.finetune_config(unit.seed, encoder, unit.readout)
+
     if unit.mode == "federated":
-        cfg = config.finetune_config(unit.seed, str(encoders / "global.pt") if encoders else "", unit.readout)
+        cfg = start_from(None)
 
         def on_round(round_num: int, _updates: dict, global_message: Message) -> None:
             score(round_num, dict.fromkeys(training, message_to_state_dict(global_message)))
@@ -344,9 +489,7 @@ def finetune_unit(
         )
     else:
         for site, entries in training.items():
-            own = encoders / f"{site}.pt" if encoders else None
-            encoder = str(own if own and own.exists() else encoders / "global.pt") if encoders else ""
-            cfg = config.finetune_config(unit.seed, encoder, unit.readout)
+            cfg = start_from(site)
 
             def on_round(round_num: int, updates: dict, _global: Message, site: str = site) -> None:
                 score(round_num, {site: message_to_state_dict(updates[site].message)})
@@ -506,7 +649,9 @@ def run_benchmark(
     """Run (or resume) every unit; returns all rows of the run folder. Progress goes to the log.
 
     Pre-training units and random init's fine-tuning start at once; a method's fine-tuning
-    units are queued as soon as its pre-training for that seed is saved. ``run_budgets``
+    units are queued as soon as its pre-training for that seed is saved, and a decoder column's
+    stage (:func:`decoder_unit`) as soon as its base's is (the base's pre-training is added
+    when the base is no column of this run). ``run_budgets``
     (default: all of ``config.budgets``) restricts this call's fine-tuning units to those N;
     it is not part of the configuration, so a later call runs the rest in the same folder.
     """
@@ -533,21 +678,27 @@ def run_benchmark(
         with open(out / "rows.jsonl", "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
-    pretraining = sorted(
+    bases = [base_method(m) for m in config.methods if is_decoder_column(m)]
+    pending = sorted(
         (
             (m, s)
             for s in config.seeds
-            for m in config.methods
+            for m in [*config.methods, *(b for b in dict.fromkeys(bases) if b not in config.methods)]
             if m != RANDOM_INIT and not (folder(m, s) / "record.json").exists()
         ),
         key=lambda unit: method_tier(unit[0]),
     )
     smallest = min(config.budgets)
 
+    def startable(m: str, s: int) -> bool:
+        """A decoder stage waits for its base's saved pre-training; any other pre-training can start."""
+        return not is_decoder_column(m) or (folder(base_method(m), s) / "record.json").exists()
+
     def next_task() -> tuple[Any, tuple, str] | None:
         """Smallest-budget fine-tuning first, then pre-training, then the other fine-tuning units;
         within each, the core methods first (:func:`method_tier`)."""
         ready_units = [u for u in waiting if ready(u)]
+        pretraining = [(m, s) for m, s in pending if startable(m, s)]
         first = [u for u in ready_units if u.n_labeled == smallest] or ([] if pretraining else ready_units)
         if pretraining and first and method_tier(first[0].method) > method_tier(pretraining[0][0]):
             first = []  # a core method's pre-training goes before another method's fine-tuning
@@ -558,11 +709,15 @@ def run_benchmark(
             args = (config, unit, splits[unit.n_labeled], encoders, _record(encoders), out / "examples")
             return finetune_unit, args, unit.key
         if pretraining:
-            m, s = pretraining.pop(0)
+            m, s = pretraining[0]
+            pending.remove((m, s))
+            if is_decoder_column(m):
+                args = (config, m, s, splits[smallest], folder(base_method(m), s), folder(m, s))
+                return decoder_unit, args, f"decoder stage {m} seed {s}"
             return pretrain_unit, (config, m, s, splits[smallest], folder(m, s)), f"pre-training {m} seed {s}"
         return None
 
-    total, finished, start = len(pretraining) + len(waiting), 0, time.perf_counter()
+    total, finished, start = len(pending) + len(waiting), 0, time.perf_counter()
     # one fresh process per unit: its peak RSS is that unit's alone; at most `workers` units are
     # queued, so the order above holds as units finish
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
@@ -581,8 +736,11 @@ def run_benchmark(
                 finished += 1
                 elapsed = time.perf_counter() - start
                 logger.info("%d/%d units done (%s) after %.0f s", finished, total, name, elapsed)
-    if waiting:
-        raise RuntimeError(f"{len(waiting)} fine-tuning units wait for pre-training that did not run")
+    if waiting or pending:
+        raise RuntimeError(
+            f"{len(waiting)} fine-tuning units and {len(pending)} decoder stages wait for pre-training "
+            "that did not run"
+        )
     return load_rows(out / "rows.jsonl")
 
 
