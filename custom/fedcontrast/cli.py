@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from importlib import import_module
+from pathlib import Path
 
 #: Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -23,6 +24,24 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 class UserError(Exception):
     """An error caused by the user's input or environment; printed without a traceback."""
+
+
+#: Options that name a folder a command (or a job script) writes, wherever they appear.
+OUTPUT_FOLDER_OPTIONS: tuple[str, ...] = ("out", "workspace", "workdir", "output", "export")
+
+
+def check_output_folders(args: argparse.Namespace) -> None:
+    """Refuse an output folder option (:data:`OUTPUT_FOLDER_OPTIONS`) that names an existing file.
+
+    Raises:
+        UserError: one line naming the option and the file.
+    """
+    for name in OUTPUT_FOLDER_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, Path) and value.exists() and not value.is_dir():
+            raise UserError(
+                f"--{name} {value}: an existing file, not a folder; name a new or existing folder"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        check_output_folders(args)
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, OSError, ValueError) as exc:  # OSError: e.g. a folder that cannot be made
         if args.verbose:
             raise
         print(f"fedcontrast {args.command}: error: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ import psutil
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 
+from fedcontrast.cli import UserError, check_output_folders
 from fedcontrast.data.labels import common_label_set
 from fedcontrast.data.splits import site_names
 from fedcontrast.flare.controller import (
@@ -585,7 +586,15 @@ def resume_state(args: argparse.Namespace) -> Path:
 
 
 def run_or_export(job: FedJob, args: argparse.Namespace) -> int:
-    """``--export DIR``: write the job folder; else run it in the simulator and report the results."""
+    """``--export DIR``: write the job folder; else run it in the simulator and report the results.
+
+    Raises:
+        SystemExit: ``--export``, ``--workspace`` or ``--output`` names an existing file.
+    """
+    try:
+        check_output_folders(args)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.export:
         print(f"job folder: {export_job(job, args.export)}")
         return 0
