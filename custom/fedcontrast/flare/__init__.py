@@ -6,4 +6,5 @@
 - :mod:`~fedcontrast.flare.filters`: ``FeaturePrivacyFilter`` (clip + Gaussian noise on features);
 - :mod:`~fedcontrast.flare.ledger`: ``RunLedger`` (bytes and metrics per round, JSON + TensorBoard);
 - :mod:`~fedcontrast.flare.jobs`: ``build_job`` / ``run_simulator`` / ``export_job`` for ``jobs/*/job.py``.
+- :mod:`~fedcontrast.flare.process_group`: the simulator's process group, always ended (no torch or NVFlare).
 """
