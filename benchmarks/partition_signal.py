@@ -1,0 +1,103 @@
+"""How much partition signal is there to learn? Partition accuracy of pixels, random and pre-trained encoders.
+
+FCL's and local CL's positives are slices of the same partition (SPEC §0) of other volumes. If
+the phantom's partitions are hard to tell apart, those positives carry little that a decoder
+cannot learn from one labelled volume. This measures the leave-one-volume-out nearest-mean
+partition accuracy (:func:`~fedcontrast.methods.diagnostics.partition_accuracy`, chance 1/S)
+on every pre-training volume of each site, one slice per partition and volume (the same
+sampler as pre-training, unaugmented), for:
+
+- ``pixels``: the slices themselves, each standardised and flattened;
+- ``random encoder``: the deepest feature map of the bundle network's encoder at its
+  initialisation for the run seed, average-pooled;
+- each pre-trained encoder file given (``NAME=PATH``), the same way.
+
+    python benchmarks/partition_signal.py --run workspace/le-cpu \
+        --encoders fcl=workspace/le-cpu/pretrain/fcl_s0/global.pt \
+        --out benchmarks/results/label_efficiency_ablations/partition_signal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedcontrast.bench.protocol import BenchConfig
+from fedcontrast.bench.report import environment
+from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.methods.diagnostics import partition_accuracy
+from fedcontrast.methods.partitions import PartitionSampler
+from fedcontrast.methods.volumes import load_volumes, pretraining_entries
+from fedcontrast.nets.bundle import build_network, read_encoder
+
+
+def pooled_features(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` slices -> ``(B, C')`` average-pooled deepest encoder features."""
+    encoder.eval()
+    with torch.no_grad():
+        deepest = encoder(images)[-1]
+    return deepest.flatten(2).mean(-1)
+
+
+def standardised_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` slices -> ``(B, C*H*W)``, each sample with zero mean and unit std."""
+    flat = images.flatten(1).float()
+    return (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a fedcontrast bench run folder")
+    parser.add_argument("--encoders", nargs="*", default=[], metavar="NAME=PATH")
+    parser.add_argument("--seed", type=int, default=0, help="the random encoder's initialisation seed")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    saved = json.loads((args.run / "bench_config.json").read_text())
+    config = BenchConfig(**{f.name: saved[f.name] for f in fields(BenchConfig) if f.name in saved})
+    torch.manual_seed(args.seed)
+    encoders = {"random encoder": build_network(None, config.bundle).encoder}
+    for spec in args.encoders:
+        name, path = spec.split("=", 1)
+        encoder = build_network(None, config.bundle).encoder
+        encoder.load_state_dict(read_encoder(path)[0])
+        encoders[name] = encoder
+    sampler = PartitionSampler(args.partitions, 2, 1)
+    results: dict[str, dict[str, float]] = {}
+    split_dir = args.run / "splits" / f"N{min(config.budgets)}"
+    for path in sorted(split_dir.glob("site-*.json")):
+        volumes = load_volumes(pretraining_entries(load_site_datalist(path)), None, config.bundle)
+        batch = sampler.sample(volumes, list(range(len(volumes))), 0, np.random.default_rng(args.seed))
+        features = {"pixels": standardised_pixels(batch.images)}
+        features.update({name: pooled_features(e, batch.images) for name, e in encoders.items()})
+        results[path.stem] = {
+            name: partition_accuracy(torch.nn.functional.normalize(z, dim=1), batch.partitions, batch.volumes)
+            for name, z in features.items()
+        }
+        results[path.stem]["volumes"] = len(volumes)
+        print(path.stem, results[path.stem], flush=True)
+    names = [n for n in next(iter(results.values())) if n != "volumes"]
+    document = {
+        "benchmark": "partition_signal",
+        "command": "python " + " ".join(sys.argv),
+        "chance": 1 / args.partitions,
+        "config": {"bundle": config.bundle, "difficulty": config.difficulty, "sites": config.sites},
+        "environment": environment(),
+        "sites": results,
+        "mean": {n: float(np.mean([r[n] for r in results.values()])) for n in names},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=1))
+    print(json.dumps(document["mean"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
