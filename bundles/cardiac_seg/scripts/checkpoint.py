@@ -20,18 +20,13 @@ import torch
 from monai.handlers import CheckpointLoader
 
 from .encoder import FORMAT as ENCODER_FORMAT
+from .encoder import state_mismatch
 
 #: What ``ckpt_path`` must name, said in every refusal.
 EXPECTED = (
     "expected the whole segmentation network's state dict (the bundle's models/model.pt, a "
     "training run's model.pt or a federated run's global_model.pt)"
 )
-
-
-def _listed(keys: list[str], most: int = 5) -> str:
-    """``keys`` for a message: the first ``most`` and how many more."""
-    more = f" and {len(keys) - most} more" if len(keys) > most else ""
-    return f"{keys[:most]}{more}"
 
 
 def read_network_state(path: str | os.PathLike, network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,21 +71,14 @@ def read_network_state(path: str | os.PathLike, network: torch.nn.Module) -> dic
             f"ckpt_path {path}: holds {type(data).__name__}, not a state dict of tensors; {EXPECTED}"
         )
     expected = network.state_dict()
-    missing = sorted(set(expected) - set(data))
-    unexpected = sorted(set(data) - set(expected))
-    shapes = sorted(
-        f"{k}: {tuple(data[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(data) & set(expected)
-        if data[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
+    problem = state_mismatch(expected, data)
+    if problem:
         hint = ""
         if not set(data) & set(expected) and all(f"encoder.{k}" in expected for k in data):
             hint = " (the encoder's keys alone: an encoder-only state dict)"
         raise ValueError(
-            f"ckpt_path {path}: does not fit this network{hint}: missing keys {_listed(missing)}, "
-            f"unexpected keys {_listed(unexpected)}, shape mismatches {_listed(shapes)} (were the "
-            f"network options, e.g. init_filters or the label set, the ones it was trained with?); {EXPECTED}"
+            f"ckpt_path {path}: does not fit this network{hint}: {problem} (were the network options, "
+            f"e.g. init_filters or the label set, the ones it was trained with?); {EXPECTED}"
         )
     return dict(data)
 
