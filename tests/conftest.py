@@ -60,8 +60,10 @@ def site_splits(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_fcl_config() -> dict:
     """FCL shrunk for the tiny phantom: what the simulator and POC jobs run."""
+    from fedcontrast.nets.presets import network_preset
+
     return {
-        "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+        "bundle": network_preset("tiny", roi_size=[32, 32]),
         "batch_size": 2,
         "head_hidden": 32,
         "features_per_partition": 3,

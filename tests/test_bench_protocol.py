@@ -7,6 +7,7 @@ from fedcontrast.bench import evaluate
 from fedcontrast.bench.evaluate import BundleScorer, reestimate_batchnorm
 from fedcontrast.bench.protocol import PROFILES, BenchConfig, finetune_units, hold_out_validation
 from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.presets import network_preset
 
 
 def test_validation_patients_come_out_of_the_held_out_set():
@@ -34,7 +35,7 @@ def test_scoring_reestimates_batchnorm_on_training_volumes_only(site_splits, mon
     from fedcontrast.data.datalist import load_site_datalist
 
     datalist = load_site_datalist(site_splits / "site-1.json")
-    bundle = {"spatial_dims": 2, "init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]}
+    bundle = {"spatial_dims": 2, **network_preset("tiny", roi_size=[32, 32])}
     scorer = BundleScorer(
         {"site-1": datalist["test"][1:]},
         bundle,

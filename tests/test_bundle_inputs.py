@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fedcontrast.nets.bundle import build_network, bundle_workflow, default_bundle_dir
+from fedcontrast.nets.presets import network_preset
 
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32], "patch_size": [16, 16, 4]}
+TINY = network_preset("tiny", roi_size=[32, 32], patch_size=[16, 16, 4])
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ from fedcontrast.methods.device import amp_dtype, autocast, float32_loss, grad_s
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.losses import info_nce
 from fedcontrast.methods.registry import get_method
+from fedcontrast.nets.presets import network_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+    "bundle": network_preset("tiny", roi_size=[32, 32]),
     "batch_size": 2,
     "head_hidden": 16,
     "embedding_dim": 16,

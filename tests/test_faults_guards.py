@@ -35,8 +35,9 @@ from fedcontrast.methods.base import NonFiniteError, SiteTrainer, SiteUpdate
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.outbound import OutboundPolicyError, OutboundSchema
 from fedcontrast.methods.volumes import load_volumes
+from fedcontrast.nets.presets import network_preset
 
-TINY = {"bundle": {"init_filters": 4, "blocks_down": [1, 1, 1]}, "head_hidden": 8, "embedding_dim": 16}
+TINY = {"bundle": network_preset("tiny"), "head_hidden": 8, "embedding_dim": 16}
 
 
 # ---- finite values in the trainers ----------------------------------------------------------

@@ -6,9 +6,10 @@ import pytest
 
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, site_state_path
 from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.presets import network_preset
 
 TINY = {
-    "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+    "bundle": network_preset("tiny", roi_size=[32, 32]),
     "batch_size": 2,
     "head_hidden": 16,
     "features_per_partition": 2,

@@ -18,11 +18,12 @@ from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.target_sync import TargetSync
 from fedcontrast.nets.heads import PredictionHead
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
 S, DIM = 4, 16
 CONFIG = {
-    "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+    "bundle": network_preset("tiny", roi_size=[32, 32]),
     "batch_size": 2,
     "head_hidden": 16,
     "predictor_hidden": 16,

@@ -12,20 +12,14 @@ import torch
 
 from fedcontrast.methods.fedcrld import SITE_MODEL_FILE, network_overrides
 from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.presets import network_preset
 
 pytestmark = pytest.mark.simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2")
 ROUNDS = (0, 1)
-TINY = {
-    "init_filters": 4,
-    "blocks_down": [1, 1, 1],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [32, 32, 4],
-    "samples_per_volume": 2,
-}
+TINY = network_preset("tiny_phantom", samples_per_volume=2)
 
 
 def job_main():

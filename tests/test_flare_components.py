@@ -43,8 +43,9 @@ from fedcontrast.flare.site_config import (
 from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, pack
 from fedcontrast.methods.registry import MethodSpec
 from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
+from fedcontrast.nets.presets import network_preset
 
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+TINY = network_preset("tiny")
 
 
 def features_message(rows: int = 5, width: int = 128) -> Message:

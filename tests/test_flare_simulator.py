@@ -25,19 +25,14 @@ from fedcontrast.methods.partitions import site_tag
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
 from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
+from fedcontrast.nets.presets import network_preset
 
 pytestmark = pytest.mark.simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2")
 #: The bundle network shrunk for the small phantom (about 3.3 mm pixels, 7-9 slices).
-TINY_BUNDLE = {
-    "init_filters": 4,
-    "blocks_down": [1, 1, 1],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [32, 32, 4],
-}
+TINY_BUNDLE = network_preset("tiny_phantom")
 
 
 def job_main(name: str) -> Callable[[list[str]], int]:

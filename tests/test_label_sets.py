@@ -24,6 +24,7 @@ from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.supervised import supervised_entries
 from fedcontrast.methods.volumes import pretraining_entries
 from fedcontrast.nets.bundle import bundle_workflow
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
 #: Two foreground classes, named unlike the cardiac ones (values as in the Decathlon file).
@@ -31,7 +32,7 @@ DECLARED = {"0": "background", "1": "blood_pool", "2": "heart_wall"}
 NAMES = ["blood_pool", "heart_wall"]
 CARDIAC = {"RV", "MYO", "LV"}
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1], "inplane_spacing": 3.0, "roi_size": [48, 48]}
+TINY = network_preset("tiny", inplane_spacing=3.0, roi_size=[48, 48])
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,10 @@ from fedcontrast.nets.decoder import (
     save_decoder_checkpoint,
 )
 from fedcontrast.nets.heads import extract_regions, region_grid
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
-TINY_NETWORK = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+TINY_NETWORK = network_preset("tiny")
 CONFIG = {
     "bundle": {**TINY_NETWORK, "roi_size": [32, 32]},
     "batch_size": 2,

@@ -5,8 +5,9 @@ import torch
 from fedcontrast.nets.bundle import build_network
 from fedcontrast.nets.encoder import build_encoder_with_head, deepest_channels, ema_update, momentum_copy
 from fedcontrast.nets.heads import ProjectionHead
+from fedcontrast.nets.presets import network_preset
 
-TINY = {"init_filters": 4, "blocks_down": [1, 1, 1]}
+TINY = network_preset("tiny")
 
 
 def test_projection_head_gives_unit_embeddings():

@@ -13,9 +13,10 @@ from fedcontrast.methods.pretrain import lr_factor
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
-TINY_BUNDLE = {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]}
+TINY_BUNDLE = network_preset("tiny", roi_size=[32, 32])
 CONFIG = {
     "bundle": TINY_BUNDLE,
     "batch_size": 2,

@@ -20,10 +20,11 @@ from fedcontrast.methods.target_sync import (
     relative_distance,
     should_upload,
 )
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
 CONFIG = {
-    "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+    "bundle": network_preset("tiny", roi_size=[32, 32]),
     "batch_size": 2,
     "head_hidden": 16,
     "predictor_hidden": 16,

@@ -12,16 +12,11 @@ from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.supervised import SupervisedBundleTrainer, supervised_entries
 from fedcontrast.nets.bundle import build_network, encoder_options, save_encoder
+from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
 #: A tiny network on the small phantom (about 3.3 mm pixels, 7-9 slices).
-TINY = {
-    "init_filters": 4,
-    "blocks_down": [1, 1, 1],
-    "inplane_spacing": 3.0,
-    "roi_size": [48, 48],
-    "patch_size": [32, 32, 4],
-}
+TINY = network_preset("tiny_phantom")
 CONFIG = {"bundle": TINY, "local_epochs": 1, "batch_size": 2, "lr": 3e-3, "seed": 1}
 
 

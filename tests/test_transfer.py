@@ -15,6 +15,7 @@ from fedcontrast.methods.base import count_bytes, select
 from fedcontrast.methods.fclopt import FCLOptPTNUDPStrategy, FCLOptTrainer
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.transfer import BLOCK, decode, encode, round_trip, transfer_precision
+from fedcontrast.nets.presets import network_preset
 
 
 def network_message(seed: int = 0) -> dict[str, np.ndarray]:
@@ -128,7 +129,7 @@ def test_ptnu_dp_with_float16_counts_half_the_network_bytes_and_tracks_the_sites
     phantom_images, monkeypatch
 ):
     config = {
-        "bundle": {"init_filters": 4, "blocks_down": [1, 1, 1], "roi_size": [32, 32]},
+        "bundle": network_preset("tiny", roi_size=[32, 32]),
         "batch_size": 2,
         "head_hidden": 16,
         "predictor_hidden": 16,
