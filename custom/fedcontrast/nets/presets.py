@@ -25,13 +25,11 @@ NETWORK_PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": [48, 48, 8],
     },
     "tiny": {"init_filters": 4, "blocks_down": [1, 1, 1]},
-    "tiny_phantom": {
-        "init_filters": 4,
-        "blocks_down": [1, 1, 1],
-        "inplane_spacing": 3.0,
-        "roi_size": [48, 48],
-        "patch_size": [32, 32, 4],
-    },
+}
+NETWORK_PRESETS["tiny_phantom"] = {
+    **NETWORK_PRESETS["small"],
+    **NETWORK_PRESETS["tiny"],
+    "patch_size": [32, 32, 4],
 }
 
 
