@@ -61,8 +61,8 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
     loads = []
     original = supervised.load_pretrained_decoder
 
-    def spy(network, path, load_encoder=True):
-        keys = original(network, path, load_encoder)
+    def spy(network, path, load_encoder=True, bundle_dir=None):
+        keys = original(network, path, load_encoder, bundle_dir)
         loads.append((str(path), load_encoder, keys))
         return keys
 

@@ -41,16 +41,10 @@ def strings(value) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-#: Known exception, off by default (``_disabled_`` unless ``--pretrained_decoder`` is given): the
-#: decoder-stage checkpoint loader still lives in fedcontrast; it should move to ``scripts/`` as
-#: the encoder loader did.
-OPTIONAL_FEDCONTRAST = {"fedcontrast.nets.decoder.load_pretrained_decoder"}
-
-
 def test_no_config_or_script_of_the_bundle_uses_fedcontrast():
     for name in ("train.json", "inference.json", "evaluate.json"):
         found = {s for s in strings(read_config(name)) if "fedcontrast" in s}
-        assert found <= OPTIONAL_FEDCONTRAST, name
+        assert not found, name
     for script in (BUNDLE / "scripts").glob("*.py"):
         code = script.read_text()
         assert "import fedcontrast" not in code and "from fedcontrast" not in code, script

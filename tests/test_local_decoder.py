@@ -229,6 +229,26 @@ def test_finetuning_loads_encoder_and_decoder_blocks(tmp_path):
     assert all(torch.equal(weights[k], random[k]) for k in rest)
 
 
+def test_the_bundle_train_config_loads_the_checkpoint_with_its_own_scripts(tmp_path):
+    from fedcontrast.nets.bundle import bundle_parser
+
+    path, _ = _checkpoint(tmp_path)
+    parser = bundle_parser(None, "train", {**TINY_NETWORK, "pretrained_decoder": str(path), "device": "cpu"})
+    step = next(
+        s for s in parser["initialize"] if isinstance(s, dict) and s.get("path") == "@pretrained_decoder"
+    )
+    assert step["_target_"] == "scripts.decoder.load_pretrained_decoder"  # the bundle alone, no fedcontrast
+    index = parser["initialize"].index(step)
+    loaded = parser.get_parsed_content(f"initialize#{index}")
+    network = parser.get_parsed_content("network")
+    checkpoint = torch.load(path, weights_only=True)
+    assert sorted(loaded) == sorted(
+        [*checkpoint["decoder"], *(f"encoder.{k}" for k in checkpoint["encoder"])]
+    )
+    state = network.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in checkpoint["decoder"].items())
+
+
 def test_finetuning_refuses_a_mismatching_decoder_and_lists_the_keys(tmp_path):
     network = build_network(overrides=TINY_NETWORK)
     path, _ = _checkpoint(tmp_path)

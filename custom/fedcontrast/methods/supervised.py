@@ -164,7 +164,7 @@ class SupervisedBundleTrainer(SiteTrainer):
             load_pretrained_encoder(network, cfg["pretrained_encoder"], options, cfg["bundle_dir"])
         if cfg["pretrained_decoder"]:
             load_pretrained_decoder(
-                network, cfg["pretrained_decoder"], load_encoder=not cfg["pretrained_encoder"]
+                network, cfg["pretrained_decoder"], not cfg["pretrained_encoder"], cfg["bundle_dir"]
             )
         return pack("weights", network.state_dict())
 

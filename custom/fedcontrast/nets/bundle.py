@@ -190,10 +190,15 @@ def encoder_options(
     return dict(bundle_parser(bundle_dir, "train", overrides).get_parsed_content("encoder_options"))
 
 
-def _encoder_scripts(bundle_dir: str | os.PathLike | None) -> ModuleType:
-    """The bundle's ``scripts.encoder`` (the module its configs use), imported from the bundle root."""
+def bundle_scripts(name: str, bundle_dir: str | os.PathLike | None = None) -> ModuleType:
+    """The bundle's ``scripts.<name>`` (the module its configs use), imported from the bundle root."""
     _bundle_root(bundle_dir)
-    return importlib.import_module("scripts.encoder")
+    return importlib.import_module(f"scripts.{name}")
+
+
+def _encoder_scripts(bundle_dir: str | os.PathLike | None) -> ModuleType:
+    """The bundle's ``scripts.encoder``."""
+    return bundle_scripts("encoder", bundle_dir)
 
 
 def save_encoder(

@@ -13,7 +13,9 @@ fine-tuning starts them random, as in the authors' code.
 network built by :func:`fedcontrast.nets.bundle.build_network`, so its state-dict keys are
 the network's own (``encoder.*``, ``up_layers.*``); no second network is defined here.
 
-**Checkpoint** (:func:`save_decoder_checkpoint`, :func:`load_pretrained_decoder`): a
+**Checkpoint** (written by :func:`save_decoder_checkpoint`; read and loaded by the bundle's
+``scripts/decoder.py``, which the bundle's train config calls for ``pretrained_decoder`` and
+:func:`load_pretrained_decoder` wraps, so that the bundle needs no fedcontrast): a
 ``torch.save``-d dict that says what it holds::
 
     {"format": "fedcontrast.pretrained_network", "version": 1,
@@ -35,18 +37,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcontrast.nets.bundle import check_encoder_state, state_mismatch
+from fedcontrast.nets.bundle import bundle_scripts
 
 logger = logging.getLogger(__name__)
 
-#: ``format`` value of a decoder-stage checkpoint.
-CHECKPOINT_FORMAT = "fedcontrast.pretrained_network"
-CHECKPOINT_VERSION = 1
-
-
-def num_levels(network: nn.Module) -> int:
-    """Up-sampling levels of a bundle network (``len(network.up_layers)``)."""
-    return len(network.up_layers)
+#: The bundle's ``scripts/decoder.py``: the checkpoint's format, its decoder keys and its loader
+#: (one implementation, shared with the bundle's train config).
+_scripts = bundle_scripts("decoder")
+CHECKPOINT_FORMAT: str = _scripts.CHECKPOINT_FORMAT
+CHECKPOINT_VERSION: int = _scripts.CHECKPOINT_VERSION
+num_levels = _scripts.num_levels
+decoder_block_keys = _scripts.decoder_block_keys
+read_decoder_checkpoint = _scripts.read_decoder_checkpoint
 
 
 def resolve_levels(network: nn.Module, levels: int | None) -> int:
@@ -61,15 +63,6 @@ def resolve_levels(network: nn.Module, levels: int | None) -> int:
     if not 1 <= int(levels) <= total:
         raise ValueError(f"decoder_levels must be in [1, {total}] for this network, got {levels}")
     return int(levels)
-
-
-def decoder_block_keys(network: nn.Module, levels: int) -> list[str]:
-    """Network state-dict keys of the decoder blocks of the first ``levels`` levels, sorted.
-
-    ``up_layers.<i>.upsample.*`` and ``up_layers.<i>.blocks.*`` for ``i < levels`` (never ``head``).
-    """
-    prefixes = tuple(f"up_layers.{i}.{part}." for i in range(levels) for part in ("upsample", "blocks"))
-    return sorted(k for k in network.state_dict() if k.startswith(prefixes))
 
 
 def level_channels(network: nn.Module, levels: int) -> int:
@@ -168,30 +161,14 @@ def save_decoder_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLi
     torch.save(dict(checkpoint), path)
 
 
-def read_decoder_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a decoder-stage checkpoint.
-
-    Raises:
-        ValueError: the file is not such a checkpoint (e.g. a plain encoder state dict), or
-            is of another version; the message names the file.
-    """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
-        hint = ""
-        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            hint = " (a plain state dict: an encoder file goes to pretrained_encoder)"
-        raise ValueError(f"pretrained decoder {path}: not a {CHECKPOINT_FORMAT} checkpoint{hint}")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"pretrained decoder {path}: version {obj.get('version')}, expected {CHECKPOINT_VERSION}"
-        )
-    return dict(obj)
-
-
 def load_pretrained_decoder(
-    network: nn.Module, path: str | os.PathLike, load_encoder: bool = True
+    network: nn.Module,
+    path: str | os.PathLike,
+    load_encoder: bool = True,
+    bundle_dir: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Load a decoder-stage checkpoint's decoder blocks (and encoder) into ``network``, strictly.
+    """Load a decoder-stage checkpoint's decoder blocks (and encoder) into ``network``, strictly,
+    through the bundle's ``scripts.decoder.load_pretrained_decoder`` (what its train config calls).
 
     The decoder entries must be exactly :func:`decoder_block_keys` of the checkpoint's
     ``decoder_levels`` with the network's shapes; anything else is refused with a message
@@ -205,56 +182,12 @@ def load_pretrained_decoder(
             False: the network's encoder was loaded otherwise (``pretrained_encoder``), and when
             the checkpoint holds an encoder it must equal that one (decoder blocks trained
             against another encoder are refused, the differing keys listed).
+        bundle_dir: the bundle whose scripts load the file (None: the repository's bundle).
 
     Returns:
         The loaded network keys (``encoder.*`` and ``up_layers.*``), sorted.
     """
-    checkpoint = read_decoder_checkpoint(path)
-    levels = int(checkpoint["decoder_levels"])
-    if not 1 <= levels <= num_levels(network):
-        raise ValueError(
-            f"pretrained decoder {path}: {levels} decoder level(s), but the network has {num_levels(network)}"
-        )
-    decoder = checkpoint["decoder"]
-    full = network.state_dict()
-    expected = {k: full[k] for k in decoder_block_keys(network, levels)}
-    problem = state_mismatch(expected, decoder)
-    if problem:
-        raise ValueError(
-            f"pretrained decoder {path} does not match the network's first {levels} decoder level(s): "
-            f"{problem}"
-        )
-    encoder = checkpoint.get("encoder")
-    loaded = []
-    if load_encoder:
-        if encoder is None:
-            raise ValueError(
-                f"pretrained decoder {path} holds no encoder (contains {checkpoint['contains']}); "
-                "give the encoder it was trained against as pretrained_encoder"
-            )
-        check_encoder_state(network, encoder, f"pretrained decoder {path}: its encoder")
-        network.encoder.load_state_dict(encoder, strict=True)
-        loaded += [f"encoder.{k}" for k in encoder]
-    elif encoder is not None:
-        current = network.encoder.state_dict()
-        check_encoder_state(network, encoder, f"pretrained decoder {path}: its encoder")
-        differ = sorted(k for k in encoder if not torch.equal(encoder[k], current[k].cpu()))
-        if differ:
-            raise ValueError(
-                f"pretrained decoder {path} was trained against another encoder than the one loaded "
-                f"(pretrained_encoder); differing keys {differ}"
-            )
-    incompatible = network.load_state_dict(decoder, strict=False)
-    assert not incompatible.unexpected_keys, incompatible.unexpected_keys  # checked above
-    loaded += list(decoder)
-    logger.info(
-        "loaded %d decoder tensors (%d level(s)) from %s%s",
-        len(decoder),
-        levels,
-        path,
-        " with its encoder" if load_encoder else "",
-    )
-    return sorted(loaded)
+    return bundle_scripts("decoder", bundle_dir).load_pretrained_decoder(network, path, load_encoder)
 
 
 class DecoderWithLocalHead(DecoderTrunk):
