@@ -74,10 +74,9 @@ from fedcontrast.methods.base import (
 from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetric_kl
 from fedcontrast.methods.pretrain import check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.methods.supervised import train_and_validation
+from fedcontrast.methods.supervised import labelled_workflow
 from fedcontrast.nets.bundle import (
     build_network,
-    bundle_workflow,
     encoder_options,
     load_pretrained_encoder,
     state_mismatch,
@@ -168,31 +167,13 @@ class FedCRLDTrainer(SiteTrainer):
         check_choice(cfg, "aggregation", AGGREGATIONS)
         if not 0.0 <= float(cfg["history_momentum"]) <= 1.0:
             raise ValueError(f"history_momentum must be in [0, 1], got {cfg['history_momentum']}")
-        train, val = train_and_validation(datalist)
-        if not train:
-            raise ValueError(f"site {site}: no labelled training volume to train on")
-        self.num_train = len(train)
         self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
         self.site_dir = Path(cfg["workdir"] or self._tmp.name) / site
         self.site_dir.mkdir(parents=True, exist_ok=True)
-        local_epochs = int(cfg["local_epochs"])
-        overrides = {
-            **network_overrides(cfg),
-            "train_datalist": train,
-            "val_datalist": val,
-            "pretrained_encoder": "",  # the round-0 shared encoder already carries it
-            "device": self.device,
-            "epochs": local_epochs,
-            "val_interval": local_epochs,
-            "learning_rate": float(cfg["lr"]),
-            "batch_size": int(cfg["batch_size"]),
-            "seed": int(cfg["seed"]),
-            "num_workers": int(cfg["num_workers"]),
-            "ckpt_dir": str(self.site_dir / "models"),
-            "log_dir": str(self.site_dir / "logs"),
-        }
-        self.workflow = bundle_workflow(cfg["bundle_dir"], "train", overrides)
-        self.workflow.initialize()
+        self.workflow, train, val = labelled_workflow(
+            cfg, datalist, site, self.device, self.site_dir, network_overrides(cfg), int(cfg["local_epochs"])
+        )
+        self.num_train = len(train)
         parser = self.workflow.parser
         self.network: nn.Module = parser.get_parsed_content("network")
         if not hasattr(self.network, "forward_features"):

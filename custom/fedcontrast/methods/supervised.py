@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.bundle import ConfigWorkflow
 from monai.handlers import from_engine
 
 from fedcontrast.data.datalist import held_out, split_validation
@@ -86,11 +87,62 @@ def image_label(entries: list[dict]) -> list[dict[str, str]]:
     return [{"image": str(e["image"]), "label": str(e["label"])} for e in entries]
 
 
-def train_and_validation(datalist: list[dict]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """``(train, validation)`` :func:`image_label` lists of a trainer's labelled entries
-    (validation: those tagged :data:`~fedcontrast.data.datalist.VALIDATION`)."""
+def labelled_workflow(
+    cfg: Mapping[str, Any],
+    datalist: list[dict],
+    site: str,
+    device: str,
+    workdir: Path,
+    bundle: Mapping[str, Any],
+    local_epochs: int,
+    **overrides: Any,
+) -> tuple[ConfigWorkflow, list[dict[str, str]], list[dict[str, str]]]:
+    """The bundle's train workflow, initialised, on a site's labelled entries.
+
+    Args:
+        cfg: the trainer's merged config (``bundle_dir``, ``lr``, ``batch_size``, ``seed``,
+            ``num_workers``).
+        datalist: labelled entries; those tagged :data:`~fedcontrast.data.datalist.VALIDATION`
+            are validation only.
+        site: the site's name (in the error).
+        device: the torch device.
+        workdir: the site's folder for the bundle's checkpoints (``models``) and logs (``logs``).
+        bundle: bundle config overrides of the network and grid.
+        local_epochs: epochs per round (validation after the last).
+        overrides: further bundle config overrides.
+
+    Returns:
+        ``(workflow, train, validation)``: the workflow and its :func:`image_label` lists.
+
+    Raises:
+        ValueError: no labelled training entry (the site is named).
+    """
     train, validation = split_validation(datalist)
-    return image_label(train), image_label(validation)
+    train, validation = image_label(train), image_label(validation)
+    if not train:
+        raise ValueError(f"site {site}: no labelled training volume to train on")
+    workflow = bundle_workflow(
+        cfg["bundle_dir"],
+        "train",
+        {
+            **bundle,
+            "train_datalist": train,
+            "val_datalist": validation,
+            "pretrained_encoder": "",  # the round-0 global weights already carry it
+            "device": device,
+            "epochs": local_epochs,
+            "val_interval": local_epochs,
+            "learning_rate": float(cfg["lr"]),
+            "batch_size": int(cfg["batch_size"]),
+            "seed": int(cfg["seed"]),
+            "num_workers": int(cfg["num_workers"]),
+            "ckpt_dir": str(workdir / "models"),
+            "log_dir": str(workdir / "logs"),
+            **overrides,
+        },
+    )
+    workflow.initialize()
+    return workflow, train, validation
 
 
 class SupervisedBundleTrainer(SiteTrainer):
@@ -107,35 +159,24 @@ class SupervisedBundleTrainer(SiteTrainer):
         merged = merge_config(DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
-        train, val = train_and_validation(datalist)
-        if not train:
-            raise ValueError(f"site {site}: no labelled training volume to fine-tune on")
-        self.num_train = len(train)
-        self.has_validation = bool(val)
         self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
         workdir = Path(cfg["workdir"] or self._tmp.name) / site
         local_steps = int(cfg["local_steps"])
         local_epochs = 1 if local_steps else int(cfg["local_epochs"])
         self.epochs_per_round = local_epochs
-        overrides = {
-            **cfg["bundle"],
-            "train_datalist": train,
-            "val_datalist": val,
-            "pretrained_encoder": "",  # the round-0 global weights already carry it
-            "pretrained_decoder": "",  # likewise
-            "device": self.device,
-            "epochs": local_epochs,
-            "epoch_length": local_steps or None,
-            "val_interval": local_epochs,
-            "learning_rate": float(cfg["lr"]),
-            "batch_size": int(cfg["batch_size"]),
-            "seed": int(cfg["seed"]),
-            "num_workers": int(cfg["num_workers"]),
-            "ckpt_dir": str(workdir / "models"),
-            "log_dir": str(workdir / "logs"),
-        }
-        self.workflow = bundle_workflow(cfg["bundle_dir"], "train", overrides)
-        self.workflow.initialize()
+        self.workflow, train, val = labelled_workflow(
+            cfg,
+            datalist,
+            site,
+            self.device,
+            workdir,
+            cfg["bundle"],
+            local_epochs,
+            pretrained_decoder="",  # the round-0 global weights already carry it
+            epoch_length=local_steps or None,
+        )
+        self.num_train = len(train)
+        self.has_validation = bool(val)
         self.network: torch.nn.Module = self.workflow.parser.get_parsed_content("network")
         if cfg["freeze_encoder"]:
             self.network.encoder.requires_grad_(False)
