@@ -164,6 +164,26 @@ def test_a_torn_last_row_is_dropped_on_resume_and_a_corrupt_row_is_named(tmp_pat
         assert rows_file.read_text() == text
 
 
+def test_method_against_method_pairs_the_two_columns(tmp_path, config):
+    from fedcontrast.bench.report import comparison_cells, normalise_rows
+
+    # fcl+decoder is fcl + 0.1 on seed 0 and fcl + 0.3 on seed 1, at every site
+    rows = [
+        fake_row(m, "local", 1, seed, site, base + (bonus if m == "fcl+decoder" else 0.0))
+        for seed, bonus in ((0, 0.1), (1, 0.3))
+        for site, base in zip(SITES, (0.2, 0.4))
+        for m in ("random_init", "fcl", "fcl+decoder")
+    ]
+    cells = comparison_cells(normalise_rows(rows), ["random_init", "fcl", "fcl+decoder"], n_boot=200)
+    assert set(cells) == {("fcl+decoder", "fcl", "local", "finetune", 1)}
+    cell = cells["fcl+decoder", "fcl", "local", "finetune", 1]
+    assert cell["mean"] == pytest.approx(0.2) and cell["n_pairs"] == 4 and cell["n_seeds"] == 2
+    assert 0.1 - 1e-9 <= cell["ci_low"] <= cell["ci_high"] <= 0.3 + 1e-9
+    config.methods = ["random_init", "fcl", "fcl+decoder"]
+    report = write_report(rows, config, tmp_path, tmp_path / "report").read_text()
+    assert "### fcl+decoder minus fcl: does decoder pre-training help FCL" in report
+
+
 def test_results_file_has_every_results_format_key(tmp_path, config, rows):
     write_report(rows, config, tmp_path, tmp_path / "report")
     document = json.loads((tmp_path / "report" / "results.json").read_text())

@@ -53,6 +53,16 @@ PLATEAU_TOLERANCE = 0.01
 #: Missing units listed in the report's text (``results.json`` holds all).
 SHOWN_MISSING = 20
 PRETRAIN_METRICS = ("loss", "alignment", "uniformity", "partition_accuracy")
+#: Method-against-method questions the report answers where both columns ran:
+#: (method, baseline, the question a positive difference answers yes to).
+COMPARISONS = (
+    ("fcl+decoder", "fcl", "decoder pre-training help FCL (SPEC §4)"),
+    ("local_cl+decoder", "local_cl", "decoder pre-training help local CL (SPEC §4)"),
+    ("fedmoco", "fcl", "FedMoCo beat FCL"),
+    ("fedmoco", "fedsimclr", "FedMoCo beat FedSimCLR"),
+    ("fedmoco", "fedmoco_nometa", "FedMoCo's metadata transfer help"),
+    ("fedmoco", "fedmoco_norsa", "FedMoCo's RSA aggregation help"),
+)
 
 #: SPEC §1, ACDC, Dice averaged over sites (fine-tuning, method) -> {N: Dice}.
 PUBLISHED = {
@@ -386,6 +396,62 @@ def difference_cells(
             grouped[pair["finetune"], pair["readout"], method, pair["n_labeled"]].append(pair)
         out.update({key: summarise(pairs, n_boot=n_boot) for key, pairs in grouped.items()})
     return out
+
+
+def comparison_cells(
+    rows: list[Row], methods: Sequence[str], n_boot: int = 10_000
+) -> dict[tuple[str, str, str, str, int], dict[str, Any]]:
+    """(method, baseline, mode, readout, N) -> :func:`~fedcontrast.bench.stats.summarise` of the
+    paired differences method minus baseline, for the :data:`COMPARISONS` whose two columns ran."""
+    grouped: dict[tuple[str, str, str, str, int], list[dict]] = defaultdict(list)
+    for method, baseline, _ in COMPARISONS:
+        if method in methods and baseline in methods:
+            for pair in paired_differences(rows, method, baseline):
+                grouped[method, baseline, pair["finetune"], pair["readout"], pair["n_labeled"]].append(pair)
+    return {key: summarise(pairs, n_boot=n_boot) for key, pairs in grouped.items()}
+
+
+def _seed_count(seeds: int) -> str:
+    return f" ({seeds} seed{'s' if seeds != 1 else ''})"
+
+
+def comparison_section(
+    comparisons: dict[tuple[str, str, str, str, int], dict[str, Any]], budgets: Sequence[int]
+) -> list[str]:
+    """Markdown lines: one table per comparison that ran, rows (mode, readout), columns N."""
+    lines = []
+    for method, baseline, question in COMPARISONS:
+        keys = sorted(
+            {k[2:4] for k in comparisons if k[:2] == (method, baseline)}, key=lambda k: (k[1], k[0])
+        )
+        if not keys:
+            continue
+        lines += [
+            f"\n### {method} minus {baseline}: does {question}?\n",
+            "| fine-tuning | " + " | ".join(f"N={n}" for n in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+            *(
+                f"| {mode}, {READOUT_TITLES.get(readout, readout)} | "
+                + " | ".join(
+                    format_difference(comparisons.get((method, baseline, mode, readout, n)))
+                    + (
+                        _seed_count(comparisons[method, baseline, mode, readout, n]["n_seeds"])
+                        if (method, baseline, mode, readout, n) in comparisons
+                        else ""
+                    )
+                    for n in budgets
+                )
+                + " |"
+                for mode, readout in keys
+            ),
+        ]
+    if lines:
+        lines.insert(
+            0,
+            "Paired as the headline (same seed, site, split, decoder initialisation), 95% bootstrap "
+            "interval over the (seed, site) pairs; a cell whose interval lies above 0 answers yes.\n",
+        )
+    return lines
 
 
 def value_cells(
@@ -1009,6 +1075,7 @@ def write_report(
     final = headline_rows(rows)
     steps = final_steps(rows)
     differences = difference_cells(final, methods, n_boot)
+    comparisons = comparison_cells(final, methods, n_boot)
     values = value_cells(final, n_boot=n_boot)
     verdict = target_verdict(differences)
     plateau = plateau_rows(rows)
@@ -1031,6 +1098,10 @@ def write_report(
             "dice": [
                 {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
                 for k, v in sorted(values.items(), key=repr)
+            ],
+            "comparisons": [
+                {"method": k[0], "baseline": k[1], "finetune": k[2], "readout": k[3], "n_labeled": k[4], **v}
+                for k, v in sorted(comparisons.items(), key=repr)
             ],
             "target": verdict,
             "random_init_plateau": plateau,
@@ -1119,6 +1190,8 @@ def write_report(
                     lambda s: "—" if not s or not _finite(s["std_seeds"]) else f"{s['std_seeds']:.3f}",
                 ),
             ]
+    if comparisons:
+        parts += ["\n## Method against method\n", *comparison_section(comparisons, budgets)]
     parts += ["\n## Fine-tuning budget and random init's plateau\n", *plateau_section(plateau, steps)]
     parts.append("\n## Mean Dice, mean ± std across seeds of the per-seed site mean\n")
     for readout in readouts:
