@@ -421,30 +421,26 @@ def comparison_section(
     """Markdown lines: one table per comparison that ran, rows (mode, readout), columns N."""
     lines = []
     for method, baseline, question in COMPARISONS:
-        keys = sorted(
-            {k[2:4] for k in comparisons if k[:2] == (method, baseline)}, key=lambda k: (k[1], k[0])
-        )
-        if not keys:
-            continue
-        lines += [
-            f"\n### {method} minus {baseline}: does {question}?\n",
-            "| fine-tuning | " + " | ".join(f"N={n}" for n in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
-            *(
-                f"| {mode}, {READOUT_TITLES.get(readout, readout)} | "
-                + " | ".join(
-                    format_difference(comparisons.get((method, baseline, mode, readout, n)))
-                    + (
-                        _seed_count(comparisons[method, baseline, mode, readout, n]["n_seeds"])
-                        if (method, baseline, mode, readout, n) in comparisons
-                        else ""
-                    )
-                    for n in budgets
-                )
-                + " |"
-                for mode, readout in keys
-            ),
-        ]
+        labelled = {
+            (method, baseline, f"{mode}, {READOUT_TITLES.get(readout, readout)}", n): summary
+            for (m, b, mode, readout, n), summary in sorted(
+                comparisons.items(), key=lambda kv: (kv[0][3], MODES.index(kv[0][2]), kv[0][4])
+            )
+            if (m, b) == (method, baseline)
+        }
+        if labelled:
+            rows = list(dict.fromkeys(key[2] for key in labelled))
+            lines += [
+                f"\n### {method} minus {baseline}: does {question}?\n",
+                grid_table(
+                    labelled,
+                    (method, baseline),
+                    rows,
+                    budgets,
+                    lambda s: format_difference(s) + _seed_count(s["n_seeds"]) if s else "—",
+                    row_title="fine-tuning",
+                ),
+            ]
     if lines:
         lines.insert(
             0,
@@ -657,9 +653,13 @@ def grid_table(
     methods: Sequence[str],
     budgets: Sequence[int],
     formatter: Callable[[dict[str, Any] | None], str],
+    row_title: str = "method",
 ) -> str:
     """Markdown: ``methods`` as rows, N as columns, ``formatter(summaries[(*prefix, method, N)])``."""
-    lines = ["| method | " + " | ".join(f"N={n}" for n in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines = [
+        f"| {row_title} | " + " | ".join(f"N={n}" for n in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
     for method in methods:
         row = [formatter(summaries.get((*prefix, method, n))) for n in budgets]
         if any(c != "—" for c in row):

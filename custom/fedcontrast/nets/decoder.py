@@ -16,15 +16,8 @@ the network's own (``encoder.*``, ``up_layers.*``); no second network is defined
 **Checkpoint** (written by :func:`save_decoder_checkpoint`; read and loaded by the bundle's
 ``scripts/decoder.py``, which the bundle's train config calls for ``pretrained_decoder`` and
 :func:`load_pretrained_decoder` wraps, so that the bundle needs no fedcontrast): a
-``torch.save``-d dict that says what it holds::
-
-    {"format": "fedcontrast.pretrained_network", "version": 1,
-     "contains": ["encoder", "decoder_blocks"],    # "encoder" only when it was available
-     "decoder_levels": k,                          # up-sampling levels pre-trained
-     "encoder": {key: tensor},                     # keys as in network.encoder.state_dict()
-     "decoder": {key: tensor},                     # network keys up_layers.<i>.{upsample,blocks}.*
-     "stages": [{"stage": "encoder", ...}, {"stage": "decoder", ...}],  # provenance
-     "bundle": {...}}                              # the bundle overrides it was built with
+``torch.save``-d dict that says what it holds; its keys are described once, in that script's
+docstring.
 """
 
 from __future__ import annotations
@@ -167,26 +160,9 @@ def load_pretrained_decoder(
     load_encoder: bool = True,
     bundle_dir: str | os.PathLike | None = None,
 ) -> list[str]:
-    """Load a decoder-stage checkpoint's decoder blocks (and encoder) into ``network``, strictly,
-    through the bundle's ``scripts.decoder.load_pretrained_decoder`` (what its train config calls).
-
-    The decoder entries must be exactly :func:`decoder_block_keys` of the checkpoint's
-    ``decoder_levels`` with the network's shapes; anything else is refused with a message
-    that lists the missing, unexpected and mis-shaped keys. The rest of the decoder and
-    the output head keep their (random) initialisation.
-
-    Args:
-        network: a bundle network.
-        path: a checkpoint written by :func:`save_decoder_checkpoint`.
-        load_encoder: True: load the checkpoint's encoder too (it must hold one);
-            False: the network's encoder was loaded otherwise (``pretrained_encoder``), and when
-            the checkpoint holds an encoder it must equal that one (decoder blocks trained
-            against another encoder are refused, the differing keys listed).
-        bundle_dir: the bundle whose scripts load the file (None: the repository's bundle).
-
-    Returns:
-        The loaded network keys (``encoder.*`` and ``up_layers.*``), sorted.
-    """
+    """The bundle's ``scripts.decoder.load_pretrained_decoder`` (what its train config calls; its
+    docstring gives the strict key check and the arguments) for the bundle at ``bundle_dir``
+    (None: the repository's bundle); returns the loaded network keys, sorted."""
     return bundle_scripts("decoder", bundle_dir).load_pretrained_decoder(network, path, load_encoder)
 
 
