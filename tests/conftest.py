@@ -6,6 +6,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,3 +120,36 @@ def run_checked(cmd: list, cwd: Path, env: dict[str, str] | None = None, timeout
 def run_ok() -> Callable[..., str]:
     """:func:`run_checked`, for tests that run commands in another environment."""
     return run_checked
+
+
+def inline_pool(monkeypatch, result: Callable | None = None) -> list[tuple[str, Any]]:
+    """Make ``fedcontrast.bench.protocol`` run its units in this process instead of spawning workers.
+
+    Each submission is recorded as ``(function name, its unit)`` (the unit is the second argument:
+    a fine-tuning unit, or a pre-training unit's method name) in the returned list. The future's
+    value is ``result(fn, args)``, by default ``fn(*args)`` (real work, in this process).
+    """
+    from concurrent.futures import Future
+
+    from fedcontrast.bench import protocol
+
+    submitted: list[tuple[str, Any]] = []
+
+    class InlinePool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            submitted.append((fn.__name__, args[1]))
+            future = Future()
+            future.set_result(result(fn, args) if result else fn(*args))
+            return future
+
+    monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
+    return submitted

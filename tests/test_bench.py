@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import inline_pool
 
 from fedcontrast.bench import protocol
 from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, completed_units, finetune_units
@@ -82,7 +83,7 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
             folder = done_pretraining / f"{m}_s{s}"
             folder.mkdir(parents=True)
             (folder / "record.json").write_text(json.dumps({"sites": {}, "wall_s": 0, "peak_rss_mb": 0}))
-    submitted = inline_pool(monkeypatch)
+    submitted = fake_pool(monkeypatch)
     protocol.run_benchmark(config, tmp_path)
     names = {name for name, _ in submitted}
     assert names == {"finetune_unit"}, "completed pre-training units must not run again"
@@ -95,39 +96,22 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
     assert submitted == []
 
 
-def inline_pool(monkeypatch) -> list[tuple[str, FinetuneUnit]]:
-    """Make run_benchmark run its work inline, recording (function name, unit) instead of training;
-    returns the record."""
-    submitted = []
+def fake_pool(monkeypatch) -> list[tuple[str, FinetuneUnit]]:
+    """Units recorded and answered with a fake row instead of training (see conftest.inline_pool)."""
 
-    class InlinePool:
-        def __init__(self, *args, **kwargs):
-            pass
+    def fake(fn, args):
+        unit = args[1]
+        row = fake_row(unit.method, unit.mode, unit.n_labeled, unit.seed, "site-1", 0.5)
+        return [{**row, "unit": unit.key}]
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def submit(self, fn, *args):
-            from concurrent.futures import Future
-
-            submitted.append((fn.__name__, args[1]))
-            future = Future()
-            unit = args[1]
-            row = fake_row(unit.method, unit.mode, unit.n_labeled, unit.seed, "site-1", 0.5)
-            future.set_result([{**row, "unit": unit.key}])
-            return future
-
-    monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
+    submitted = inline_pool(monkeypatch, fake)
     monkeypatch.setattr(protocol, "prepare_splits", lambda config, out, *a: {n: {} for n in config.budgets})
     return submitted
 
 
 def test_run_budgets_runs_only_those_units_and_a_later_call_runs_the_rest(tmp_path, config, monkeypatch):
     config.methods = ["random_init"]
-    submitted = inline_pool(monkeypatch)
+    submitted = fake_pool(monkeypatch)
     largest = max(config.budgets)
     protocol.run_benchmark(config, tmp_path, run_budgets=[largest])
     assert submitted and {unit.n_labeled for _, unit in submitted} == {largest}

@@ -3,35 +3,13 @@ fine-tuning from its checkpoint, and the base's rows untouched. Units run in thi
 
 import json
 import shutil
-from concurrent.futures import Future
 
 import pytest
 import torch
+from conftest import inline_pool
 
-from fedcontrast.bench import protocol
 from fedcontrast.bench.protocol import PROFILES, BenchConfig, check_method, run_benchmark
 from fedcontrast.bench.report import write_report
-
-
-class InlinePool:
-    """Runs every submitted unit at once in this process (no spawn: seconds, not minutes)."""
-
-    submitted: list[str] = []
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def submit(self, fn, *args):
-        InlinePool.submitted.append(f"{fn.__name__} {getattr(args[1], 'key', args[1])}")
-        future = Future()
-        future.set_result(fn(*args))
-        return future
 
 
 def final_rows(rows: list[dict], method: str) -> dict[tuple, float]:
@@ -57,7 +35,7 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
     from fedcontrast.nets.bundle import read_encoder
     from fedcontrast.nets.decoder import read_decoder_checkpoint
 
-    monkeypatch.setattr(protocol, "ProcessPoolExecutor", InlinePool)
+    submitted = inline_pool(monkeypatch)
     loads = []
     original = supervised.load_pretrained_decoder
 
@@ -75,9 +53,9 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
 
     both = tmp_path / "both"
     shutil.copytree(alone / "data", both / "data")  # the same phantom files, not generated again
-    InlinePool.submitted.clear()
+    submitted.clear()
     rows = run_benchmark(BenchConfig(**quick, methods=["fcl", "fcl+decoder"]), both, workers=1)
-    order = InlinePool.submitted
+    order = [f"{name} {getattr(unit, 'key', unit)}" for name, unit in submitted]
     stage = order.index("decoder_unit fcl+decoder")
     assert order.index("pretrain_unit fcl") < stage
     after = [i > stage for i, name in enumerate(order) if name.startswith("finetune_unit fcl+decoder|")]
