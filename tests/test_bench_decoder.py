@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import inline_pool
 
-from fedcontrast.bench.protocol import PROFILES, BenchConfig, check_method, run_benchmark
+from fedcontrast.bench.protocol import PROFILES, BenchConfig, FinetuneUnit, check_method, run_benchmark
 from fedcontrast.bench.report import write_report
 
 
@@ -82,7 +82,7 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
     )
     config = BenchConfig(**quick, methods=["fcl+decoder"])
     start = SupervisedBundleTrainer.initial_message(
-        config.finetune_config(0, "", "finetune", str(checkpoint_file))
+        config.finetune_config(FinetuneUnit("fcl+decoder", 0, "federated", 1), "", str(checkpoint_file))
     )
     assert checkpoint["decoder"] and all(
         torch.equal(torch.as_tensor(start[f"weights/{k}"]), v) for k, v in checkpoint["decoder"].items()

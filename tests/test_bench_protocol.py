@@ -5,7 +5,14 @@ import torch
 
 from fedcontrast.bench import evaluate
 from fedcontrast.bench.evaluate import BundleScorer, reestimate_batchnorm
-from fedcontrast.bench.protocol import PROFILES, BenchConfig, finetune_units, hold_out_validation
+from fedcontrast.bench.protocol import (
+    PROFILES,
+    RANDOM_INIT,
+    BenchConfig,
+    FinetuneUnit,
+    finetune_units,
+    hold_out_validation,
+)
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.presets import network_preset
 
@@ -57,11 +64,13 @@ def test_every_budget_gets_the_same_steps_and_the_probe_freezes_the_encoder(site
     from fedcontrast.data.datalist import load_site_datalist
 
     config = BenchConfig(**PROFILES["quick"])
+    unit = FinetuneUnit(RANDOM_INIT, 0, "federated", 1)
     assert (
-        config.finetune_config(0, "")["local_steps"] == config.finetune_steps // config.finetune_checkpoints
+        config.finetune_config(unit, "")["local_steps"]
+        == config.finetune_steps // config.finetune_checkpoints
     )
-    probe = config.finetune_config(0, "", readout="probe")
-    assert probe["freeze_encoder"] and not config.finetune_config(0, "")["freeze_encoder"]
+    probe = config.finetune_config(FinetuneUnit(RANDOM_INIT, 0, "federated", 1, "probe"), "")
+    assert probe["freeze_encoder"] and not config.finetune_config(unit, "")["freeze_encoder"]
     training = {"site-1": load_site_datalist(site_splits / "site-1.json")["training"][:1]}
     result = run_in_process("supervised", {**probe, "local_steps": 3}, training, rounds=1)
     assert result.history[0]["metrics"]["steps"] == 3.0  # 3 steps from one volume
@@ -81,6 +90,14 @@ def test_every_budget_gets_the_same_steps_and_the_probe_freezes_the_encoder(site
     assert any(not torch.equal(torch.as_tensor(initial[k]), torch.as_tensor(after[k])) for k in decoder)
 
 
+@pytest.mark.parametrize(
+    ("n_labeled", "volumes", "per_volume"), [(1, 1, 8), (2, 2, 4), (4, 4, 2), (8, 8, 1), (20, 8, 1)]
+)
+def test_a_step_holds_the_same_number_of_slices_for_every_budget(n_labeled, volumes, per_volume):
+    cfg = BenchConfig().finetune_config(FinetuneUnit(RANDOM_INIT, 0, "local", n_labeled), "")
+    assert (cfg["batch_size"], cfg["bundle"]["samples_per_volume"]) == (volumes, per_volume)
+
+
 def test_smallest_budget_units_come_first_and_probes_are_federated():
     config = BenchConfig(methods=["random_init", "fcl"], budgets=[2, 1], seeds=[0], sites=2)
     units = finetune_units(config)
@@ -98,4 +115,7 @@ def test_inconsistent_budgets_are_refused(bad):
 def test_profiles_are_valid_and_resolve_a_device(profile):
     config = BenchConfig(**PROFILES[profile])
     assert config.torch_device in ("cpu", "cuda")
-    assert config.finetune_config(0, "")["local_steps"] * config.finetune_checkpoints == config.finetune_steps
+    unit = FinetuneUnit(RANDOM_INIT, 0, "federated", 1)
+    assert (
+        config.finetune_config(unit, "")["local_steps"] * config.finetune_checkpoints == config.finetune_steps
+    )

@@ -79,9 +79,8 @@ CORE_METHODS = (RANDOM_INIT, "local_cl", "fedsimclr", "fedbyol", "fcl", "fclopt"
 READOUTS = ("finetune", "probe")
 
 #: The bench network: the bundle's SegResNetDS in 2D (slices, as the published FCL and local
-#: contrastive U-Nets) at 3 mm in-plane on a 48 x 48 crop; a fine-tuning batch holds 8 slices
-#: (8 drawn per volume, so a step holds 8 samples for every N).
-SMALL_BUNDLE: dict[str, Any] = {"spatial_dims": 2, **network_preset("small"), "samples_per_volume": 8}
+#: contrastive U-Nets) at 3 mm in-plane on a 48 x 48 crop.
+SMALL_BUNDLE: dict[str, Any] = {"spatial_dims": 2, **network_preset("small")}
 
 #: Named settings of ``fedcontrast bench --profile``; options given on the command line win.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -110,7 +109,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "finetune_steps": 400,
         "finetune_checkpoints": 8,
-        "bundle": {"spatial_dims": 2, "init_filters": 16, "samples_per_volume": 8},
+        "bundle": {"spatial_dims": 2, "init_filters": 16},
         "device": "auto",
     },
 }
@@ -122,7 +121,8 @@ SETTING_CHOICES: dict[str, str] = {
     "finetune_steps": "the largest budget whose full N=1 grid fits one 2-core session; random init's "
     "validation curve (this run) says whether it reached its plateau",
     "finetune_lr": "the bundle's default learning rate (AdamW 1e-3), not tuned",
-    "finetune_batch_size": "8 slices a step: one slice batch of the 2D network",
+    "finetune_batch_samples": "8 slices a step for every N (from min(N, 8) volumes), so every budget "
+    "gets the same optimiser steps on batches of the same size; not tuned",
     "pretrain_steps": "set by the 2-core time budget, not tuned (benchmarks/pretraining_ablation.py "
     "measures 4x the steps)",
     "pretrain_rounds": "4 rounds, so the schedule and feature exchange act; not tuned",
@@ -156,7 +156,7 @@ class BenchConfig:
     finetune_steps: int = 96
     finetune_checkpoints: int = 4
     finetune_lr: float = 1e-3
-    finetune_batch_size: int = 8
+    finetune_batch_samples: int = 8
     readouts: list[str] = field(default_factory=lambda: list(READOUTS))
     probe_modes: list[str] = field(default_factory=lambda: ["federated"])
     probe_budgets: list[int] = field(default_factory=lambda: [1, 2])
@@ -193,21 +193,24 @@ class BenchConfig:
             **self.pretrain_overrides,
         }
 
-    def finetune_config(
-        self, seed: int, encoder: str, readout: str = "finetune", decoder: str = ""
-    ) -> dict[str, Any]:
-        """The ``supervised`` configuration for ``seed``, starting from ``encoder`` ("" for none), or
-        from the decoder-stage checkpoint ``decoder`` (its encoder and decoder blocks)."""
+    def finetune_config(self, unit: FinetuneUnit, encoder: str, decoder: str = "") -> dict[str, Any]:
+        """The ``supervised`` configuration of ``unit``, starting from ``encoder`` ("" for none), or
+        from the decoder-stage checkpoint ``decoder`` (its encoder and decoder blocks).
+
+        A step's batch holds ``finetune_batch_samples`` samples whatever N: ``min(N, samples)``
+        volumes, ``samples // volumes`` samples (slices in 2D, patches in 3D) drawn from each.
+        """
         start = {"pretrained_encoder": "", "pretrained_decoder": decoder} if decoder else {}
+        volumes = min(unit.n_labeled, self.finetune_batch_samples)
         return {
-            "bundle": self.bundle,
+            "bundle": {**self.bundle, "samples_per_volume": self.finetune_batch_samples // volumes},
             "pretrained_encoder": encoder,
             **start,
             "local_steps": self.finetune_steps // self.finetune_checkpoints,
             "lr": self.finetune_lr,
-            "batch_size": self.finetune_batch_size,
-            "freeze_encoder": readout == "probe",
-            "seed": seed,
+            "batch_size": volumes,
+            "freeze_encoder": unit.readout == "probe",
+            "seed": unit.seed,
             "num_workers": 0,
         }
 
@@ -470,13 +473,13 @@ def finetune_unit(
 
         def start_from(site: str | None) -> dict[str, Any]:
             own = encoders / site / DECODER_FILE if site else shared
-            return config.finetune_config(unit.seed, "", unit.readout, str(own if own.exists() else shared))
+            return config.finetune_config(unit, "", str(own if own.exists() else shared))
     else:
 
         def start_from(site: str | None) -> dict[str, Any]:
             own = encoders / f"{site}.pt" if encoders and site else None
             encoder = str(own if own and own.exists() else encoders / "global.pt") if encoders else ""
-            return config.finetune_config(unit.seed, encoder, unit.readout)
+            return config.finetune_config(unit, encoder)
 
     if unit.mode == "federated":
         cfg = start_from(None)

@@ -41,13 +41,15 @@ network state dict that the bundle's evaluation and inference load.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
+from monai.data import get_track_meta, set_track_meta
 from monai.handlers import from_engine
 
 from fedcontrast.data.datalist import held_out, split_validation
@@ -145,6 +147,21 @@ def labelled_workflow(
     return workflow, train, validation
 
 
+@contextmanager
+def untracked_meta() -> Iterator[None]:
+    """Run the block with MONAI's metadata tracking off (restored after).
+
+    The bundle's random augmentations then work on plain tensors: the same values, without
+    the per-operation cost of carrying MetaTensor metadata, which training never reads.
+    """
+    previous = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
 class SupervisedBundleTrainer(SiteTrainer):
     """Site trainer that runs the bundle's train workflow on the site's labelled volumes.
 
@@ -219,7 +236,8 @@ class SupervisedBundleTrainer(SiteTrainer):
         self.network.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self._losses.clear()
         self.trainer.state.max_epochs = self.trainer.state.epoch + self.epochs_per_round
-        self.trainer.run()
+        with untracked_meta():
+            self.trainer.run()
         metrics = {
             "train_loss": sum(self._losses) / max(len(self._losses), 1),
             "steps": float(len(self._losses)),
