@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedcontrast.bench.report import (
+    curves_table,
     difference_cells,
     format_difference,
     headline_rows,
@@ -206,6 +207,13 @@ def test_pretrain_curves_average_sites_and_seeds():
     curves = pretrain_curves(records)
     assert set(curves) == {"m"}
     assert curves["m"]["loss"] == [pytest.approx(2.0)] and curves["m"]["samples_per_s"] == 4.0
+
+
+def test_curves_table_marks_rounds_that_did_not_measure_a_metric():
+    # a decoder column: the base's rounds carry every metric, its decoder stage only the loss
+    curve = [{"round": 0, "site": "a", "loss": 4.0, "alignment": 0.1}, {"round": 1, "site": "a", "loss": 0.5}]
+    row = curves_table(pretrain_curves({"fcl+decoder": [{"curve": curve}]})).splitlines()[-1]
+    assert "4.000 -> 0.500" in row and "0.100 -> —" in row and "nan" not in row
 
 
 def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):

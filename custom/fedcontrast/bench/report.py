@@ -784,7 +784,9 @@ def curves_table(curves: dict[str, dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
     for method, c in curves.items():
         metrics = [
-            f"{c[m][0]:.3f} -> {c[m][-1]:.3f}" if _finite(c[m][0]) or _finite(c[m][-1]) else "—"
+            " -> ".join(f"{v:.3f}" if _finite(v) else "—" for v in (c[m][0], c[m][-1]))
+            if _finite(c[m][0]) or _finite(c[m][-1])
+            else "—"
             for m in PRETRAIN_METRICS
         ]
         steps = f"{c['steps'][-1]:.0f}" if _finite(c["steps"][-1]) else "—"
@@ -1243,7 +1245,9 @@ def write_report(
     parts.append(
         curves_table(curves)
         + "\n\nMean over sites and seeds per round; alignment and uniformity as in Wang & Isola (lower is "
-        "better), partition accuracy: nearest-mean classification of the partition index."
+        "better), partition accuracy: nearest-mean classification of the partition index; — where a "
+        "round did not measure it (a decoder column's last rounds are its decoder stage, which records "
+        "only its loss)."
         if curves
         else "No pre-training record holds a curve."
     )
