@@ -11,7 +11,8 @@ Work is split into units:
 - a **fine-tuning unit** ``(method, seed, mode, N, readout)`` starts the bundle network
   (decoder initialised by the run seed, so the same for every method) from that encoder and
   trains it with the ``supervised`` method (the bundle's own train workflow) on N labelled
-  volumes per site for ``finetune_steps`` optimiser steps, whatever N, federated (FedAvg,
+  volumes per site for ``finetune_steps`` optimiser steps of ``finetune_batch_samples`` slices
+  (from ``min(N, finetune_batch_samples)`` volumes), whatever N, federated (FedAvg,
   one global model, one round per checkpoint) or local (each site alone). The readout
   ``finetune`` trains the whole network; ``probe`` trains the decoder on the frozen encoder,
   which isolates the representation. After each of ``finetune_checkpoints`` equal slices
