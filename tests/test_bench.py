@@ -64,6 +64,22 @@ def rows(config) -> list[dict]:
     ]
 
 
+def test_command_line_options_override_the_profile():
+    import argparse
+
+    from fedcontrast.bench import add_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["bench", "--profile", "cpu", "--difficulty", "standard", "--patients-per-site", "12"]
+    )
+    config = config_from_args(args)
+    assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--difficulty", "impossible"])
+
+
 def test_units_come_smallest_budget_first_and_cover_the_grid(config):
     units = finetune_units(config)
     # local and federated fine-tuning, plus the federated frozen-encoder probe

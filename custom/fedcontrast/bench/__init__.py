@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from fedcontrast.bench.protocol import PROFILES, READOUTS, BenchConfig, check_method, run_benchmark
+from fedcontrast.data.phantom import DIFFICULTIES
 
 #: Command-line options that override a profile's setting of the same name.
 OVERRIDES = (
@@ -26,6 +27,7 @@ OVERRIDES = (
     "finetune_checkpoints",
     "readouts",
     "size",
+    "difficulty",
 )
 
 
@@ -50,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sites", type=int, help="phantom sites, or sites to deal a one-site dataset to")
     parser.add_argument("--patients-per-site", type=int, help="phantom patients per site")
     parser.add_argument("--size", help="phantom size preset")
+    parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), help="phantom difficulty preset")
     parser.add_argument("--pretrain-steps", type=int, help="pre-training optimiser steps per site")
     parser.add_argument("--pretrain-rounds", type=int, help="rounds the pre-training steps are split into")
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning optimiser steps, every N alike")
