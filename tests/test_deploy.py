@@ -15,9 +15,11 @@ from fedcontrast.deploy.admin import (
     log_messages,
     participant_reports,
 )
+from fedcontrast.deploy.builder import OUTCOME_WAIT_ENV, OUTCOME_WAIT_LINE, bound_outcome_wait
 from fedcontrast.deploy.cli import admin_user, job_options
 from fedcontrast.deploy.poc import (
     INHERITED_DATALIST,
+    LOCAL_OUTCOME_WAIT_S,
     LocalDeployment,
     free_ports,
     site_datalists,
@@ -123,6 +125,7 @@ def test_local_processes_get_this_python_and_no_inherited_datalist(monkeypatch):
     env = site_environment(num_sites=3)
     assert INHERITED_DATALIST not in env
     assert int(env["OMP_NUM_THREADS"]) >= 1
+    assert env[OUTCOME_WAIT_ENV] == str(LOCAL_OUTCOME_WAIT_S)
     ports = free_ports(2)
     assert len(set(ports)) == 2 and all(1024 <= p < 65536 for p in ports)
 
@@ -197,9 +200,15 @@ def test_log_messages_by_level_and_logger():
 
 
 def write_result(
-    root: Path, server_log: str = "", server_errors: str = "", site_errors: dict | None = None
+    root: Path,
+    server_log: str = "",
+    server_errors: str = "",
+    site_errors: dict | None = None,
+    run_status: dict | None = None,
 ) -> Path:
     (root / WORKSPACE_DIR).mkdir(parents=True)
+    if run_status is not None:
+        (root / WORKSPACE_DIR / "run_status.json").write_text(json.dumps(run_status))
     (root / WORKSPACE_DIR / "log.txt").write_text(server_log)
     (root / WORKSPACE_DIR / "error_log.txt").write_text(server_errors)
     for site, text in (site_errors or {}).items():
@@ -272,3 +281,41 @@ def test_reports_of_deployment_and_server_failures(tmp_path):
     )
     assert [status for status, _ in reports.values()] == ["stopped"] * 3
     assert "no cause" in reports["server"][1]
+
+
+def test_reports_name_the_sites_left_out_and_why_the_run_stopped(tmp_path):
+    silent = "silent (no answer within 20 s)"
+    finished = {"status": "finished", "round": 3, "left_out": {"1": {"site-2": silent}}}
+    result = write_result(tmp_path / "a", run_status=finished)
+    assert statuses(participant_reports(result, meta("FINISHED:COMPLETED"))) == {
+        "server": ("ok", ""), "site-1": ("ok", ""), "site-2": ("left out", f"round 1: {silent}")
+    }  # fmt: skip
+    # the run finished, but NVFlare ended the job otherwise (a dead site never reported)
+    reports = statuses(participant_reports(result, meta("FINISHED:EXECUTION_EXCEPTION")))
+    assert reports["server"] == ("ok", "the run finished; the job ended FINISHED:EXECUTION_EXCEPTION")
+    assert reports["site-2"] == ("left out", f"round 1: {silent}")
+
+    reason = f"round 1: 1 of 2 site(s) answered, 2 needed; left out: site-2: {silent}"
+    aborted = {"status": "aborted", "round": 1, "reason": reason, "left_out": {"1": {"site-2": silent}}}
+    # the server's abort names the site too: the controller's word (the round, why) wins
+    bad = f"Aborting current RUN due to FATAL_SYSTEM_ERROR received: {reason}"
+    result = write_result(tmp_path / "b", server_log=log_line("S", "ERROR", bad), run_status=aborted)
+    assert statuses(participant_reports(result, meta("FINISHED:EXECUTION_EXCEPTION"))) == {
+        "server": ("stopped", reason), "site-1": ("stopped", ""), "site-2": ("left out", f"round 1: {silent}")
+    }  # fmt: skip
+    # a site's own error log says more than the round it was left out of
+    failed = {"status": "aborted", "round": 0, "reason": "r", "left_out": {"0": {"site-2": "failed (X)"}}}
+    result = write_result(
+        tmp_path / "c", site_errors={"site-2": log_line("M", "ERROR", "site-2: boom")}, run_status=failed
+    )
+    assert statuses(participant_reports(result, meta("X")))["site-2"] == ("failed", "site-2: boom")
+
+
+def test_the_server_start_script_bounds_the_wait_for_a_dead_sites_outcome(tmp_path):
+    script = tmp_path / "sub_start.sh"
+    script.write_text("#!/usr/bin/env bash\necho start\n")
+    bound_outcome_wait(script)
+    bound_outcome_wait(script)  # once
+    assert script.read_text() == f"#!/usr/bin/env bash\n{OUTCOME_WAIT_LINE}\necho start\n"
+    with pytest.raises(RuntimeError, match="not the server's start script"):
+        bound_outcome_wait(tmp_path / "missing.sh")

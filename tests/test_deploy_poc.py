@@ -2,12 +2,18 @@
 
 One deployment (2 sites, tiny phantom) serves the module; it runs the exported FCL job
 as every hospital would, then the same job with one site pointing at a datalist that
-does not exist. Every process it started is gone when the module ends.
+does not exist, then a 3-round job whose site-2 is killed (its client and job processes,
+as when a hospital's machine dies) during round 1, with and without ``--min-clients 1``;
+site-2 is started again after each kill. Every process it started is gone when the module ends.
 """
 
 import ipaddress
 import json
+import re
+import threading
+import time
 from contextlib import closing
+from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -17,7 +23,13 @@ from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAu
 
 from fedcontrast.data.splits import site_names
 from fedcontrast.deploy.admin import COMPONENTS_DIR, WORKSPACE_DIR, export_job, run_job
-from fedcontrast.deploy.poc import LOCALHOST, LocalDeployment, provision_local, site_datalists
+from fedcontrast.deploy.builder import OUTCOME_WAIT_LINE
+from fedcontrast.deploy.poc import (
+    LOCALHOST,
+    LocalDeployment,
+    provision_local,
+    site_datalists,
+)
 from fedcontrast.deploy.site import write_site_config
 from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 
@@ -25,6 +37,10 @@ pytestmark = pytest.mark.poc
 
 SITES = site_names(2)
 JOB_TIMEOUT = 240.0
+#: The killed site's wait: a round without an answer ends after this many seconds.
+TASK_TIMEOUT = 20
+#: Round 0 pays each site's start-up (slow on a loaded 2-core machine).
+FIRST_ROUND_TIMEOUT = 180
 
 
 def alive(process: psutil.Process) -> bool:
@@ -61,9 +77,11 @@ def poc(tmp_path_factory, site_splits, tiny_fcl_config):
         assert not [p.pid for p in started if alive(p)]
 
 
-def run(poc, results: str):
+def run(poc, results: str, job_dir: Path | None = None):
     with closing(poc.deployment.session()) as session:
-        return run_job(session, poc.job_dir, poc.root / results, timeout=JOB_TIMEOUT)
+        return run_job(
+            session, job_dir or poc.job_dir, poc.root / results, timeout=JOB_TIMEOUT, poll_interval=1.0
+        )
 
 
 def site_job_log(poc, site: str, job_id: str) -> str:
@@ -83,6 +101,8 @@ def test_kits_listen_on_loopback_only_and_allow_fedcontrast(poc):
             c.laddr.ip for c in psutil.Process(process.pid).net_connections() if c.status == "LISTEN"
         ]
         assert listening and all(map(is_loopback, listening)), (participant, listening)
+    # the server does not wait NVFlare's 15 min for a dead site's job outcome
+    assert OUTCOME_WAIT_LINE in (deployment.kit(LOCALHOST) / "startup" / "sub_start.sh").read_text()
     authorizer = ComponentPathAuthorizer()
     for participant in [LOCALHOST, *SITES]:
         workspace = Workspace(str(deployment.kit(participant)), participant)
@@ -152,3 +172,108 @@ def test_a_site_without_its_data_is_named_in_the_report_and_its_path_stays_at_th
     ]
     assert not [p for p in server_files if p.is_file() and name.encode() in p.read_bytes()]
     assert name not in "\n".join(str(r) for r in outcome.reports)
+
+
+def fault_job(poc, config: dict, name: str, *options: str) -> Path:
+    """The FCL job for 3 rounds with a task timeout (and ``options``), exported to ``root/name``."""
+    args = ["--rounds", "3", "--task-timeout", str(TASK_TIMEOUT)]
+    args += ["--first-round-timeout", str(FIRST_ROUND_TIMEOUT), "--config", json.dumps(config), *options]
+    return export_job("fcl", poc.root / name, len(SITES), args)
+
+
+class KillInRound:
+    """Kill ``site`` once its new job's log shows it started its task of round ``round_num``
+    (NVFlare's "invoking task executor", once per round), in a thread; ``killed_at`` is then
+    ``time.monotonic()``, and the site is started again (:meth:`restart`) after the job."""
+
+    INVOKING = re.compile(r" - ClientRunner - INFO - .* - invoking task executor")
+
+    def __init__(
+        self, deployment: LocalDeployment, site: str, round_num: int = 1, timeout: float = JOB_TIMEOUT
+    ):
+        self.deployment, self.site, self.round_num, self.timeout = deployment, site, round_num, timeout
+        self.kit = deployment.kit(site)
+        self.before = set(self.kit.iterdir())
+        self.killed_at: float | None = None
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def tasks_started(self) -> int:
+        logs = [p / "log.txt" for p in set(self.kit.iterdir()) - self.before if (p / "log.txt").is_file()]
+        return max((len(self.INVOKING.findall(p.read_text(errors="replace"))) for p in logs), default=0)
+
+    def watch(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.tasks_started() > self.round_num:
+                self.deployment.kill(self.site)
+                self.killed_at = time.monotonic()
+                return
+            time.sleep(0.2)
+
+    def restart(self) -> None:
+        self.thread.join()
+        if self.killed_at is not None:
+            self.deployment.restart(self.site)
+
+
+def run_status(outcome) -> dict:
+    return json.loads((outcome.result_dir / WORKSPACE_DIR / "run_status.json").read_text())
+
+
+def test_a_site_killed_mid_run_is_left_out_with_min_clients_1_and_the_model_is_delivered(
+    poc, tiny_fcl_config
+):
+    job_dir = fault_job(poc, tiny_fcl_config, "job-min1", "--min-clients", "1")
+    killer = KillInRound(poc.deployment, "site-2")
+    try:
+        outcome = run(poc, "results-min1", job_dir)
+    finally:
+        killer.restart()
+    assert killer.killed_at is not None, "site-2 never started round 1"
+
+    assert outcome.completed, outcome.reports
+    silent = f"silent (no answer within {TASK_TIMEOUT} s)"
+    status = run_status(outcome)
+    assert status["status"] == "finished" and status["left_out"] == {"1": {"site-2": silent}}
+    reports = {r.name: r for r in outcome.reports}
+    assert (reports["site-2"].status, reports["site-2"].detail) == ("left out", f"round 1: {silent}")
+    assert reports["site-1"].status == "ok" and reports["server"].status == "ok"
+    # rounds 1 and 2 were aggregated over site-1 alone; the model it delivered loads
+    result = outcome.result_dir / WORKSPACE_DIR
+    metrics = json.loads((result / "metrics.json").read_text())["records"]
+    assert {(m["round"], m["site"]) for m in metrics if m["site"] in SITES} == {
+        (0, "site-1"), (0, "site-2"), (1, "site-1"), (2, "site-1")
+    }  # fmt: skip
+    network = build_network(overrides=tiny_fcl_config["bundle"])
+    assert load_pretrained_encoder(
+        network, result / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
+    )
+
+
+def test_a_site_killed_mid_run_ends_the_run_within_the_task_timeout_naming_it(poc, tiny_fcl_config):
+    job_dir = fault_job(poc, tiny_fcl_config, "job-all")
+    killer = KillInRound(poc.deployment, "site-2")
+    try:
+        outcome = run(poc, "results-all", job_dir)
+        ended_after = time.monotonic() - (killer.killed_at or time.monotonic())
+    finally:
+        killer.restart()
+    assert killer.killed_at is not None, "site-2 never started round 1"
+
+    # the job ended one task timeout after the kill, plus NVFlare's wind-down and the downloads
+    assert not outcome.completed and ended_after < TASK_TIMEOUT + 60, ended_after
+    silent = f"silent (no answer within {TASK_TIMEOUT} s)"
+    reason = f"round 1: 1 of 2 site(s) answered, 2 needed; left out: site-2: {silent}"
+    reports = {r.name: r for r in outcome.reports}
+    assert (reports["server"].status, reports["server"].detail) == ("stopped", reason)
+    assert (reports["site-2"].status, reports["site-2"].detail) == ("left out", f"round 1: {silent}")
+    assert reports["site-1"].status == "stopped"
+    # the last good global model (after round 0) is delivered with the stopped run
+    status = run_status(outcome)
+    assert status["status"] == "aborted" and status["reason"] == reason and status["model_round"] == 0
+    result = outcome.result_dir / WORKSPACE_DIR
+    network = build_network(overrides=tiny_fcl_config["bundle"])
+    assert load_pretrained_encoder(
+        network, result / "pretrained_encoder.pt", encoder_options(overrides=tiny_fcl_config["bundle"])
+    )

@@ -5,7 +5,9 @@ of :mod:`fedcontrast.deploy.poc`. Results are downloaded, never deleted on the s
 ``DEST/<job id>/`` holds the job's meta, the server's run folder ``workspace/`` (its log,
 and what the controller wrote: ``bytes.json``, ``metrics.json``, the models) and, when a
 site logged errors, ``components/ERRORLOG_<site>``, the error log each site streams to the
-server (NVFlare's ``SiteLogStreamer``).
+server (NVFlare's ``SiteLogStreamer``). The server's ``workspace/run_status.json`` (the
+controller's) says whether the run finished or stopped, why, and which sites were left out of
+which rounds; the reports read it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
 from nvflare.fuel.flare_api.flare_api import Session
 
 from fedcontrast.deploy.project import JOBS_DIR
+from fedcontrast.flare.process_group import STATUS_FILE, read_status
 
 #: Status of a job that ran to its end.
 COMPLETED = "FINISHED:COMPLETED"
@@ -146,7 +149,8 @@ def download_results(session: Session, job_id: str, destination: str | Path) -> 
 
 @dataclass(frozen=True)
 class ParticipantReport:
-    """How one participant fared in a job: ``ok``, ``failed`` (``detail`` says why) or ``stopped``."""
+    """How one participant fared in a job: ``ok``, ``failed``, ``left out`` (of some rounds: a site
+    that failed, was silent or whose update was refused; ``detail`` says why) or ``stopped``."""
 
     name: str
     status: str
@@ -160,19 +164,35 @@ def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
-def participant_reports(result_dir: str | Path, meta: dict) -> list[ParticipantReport]:
-    """Which participants of a finished job failed, read from its downloaded result.
+def left_out_rounds(status: dict) -> dict[str, str]:
+    """Each site the controller's run status says was left out, with the rounds and why
+    (``"round 1: silent (no answer within 20 s)"``); a silent site is not sent later rounds."""
+    found: dict[str, list[str]] = {}
+    for round_num, sites in sorted(status.get("left_out", {}).items(), key=lambda item: int(item[0])):
+        for site, why in sites.items():
+            found.setdefault(site, []).append(f"round {round_num}: {why}")
+    return {site: "; ".join(rounds) for site, rounds in found.items()}
 
-    When the job did not complete, a site failed if it logged an error (its streamed error
-    log) or an error of the server names it (NVFlare's "Result from <site> is bad", "Client
-    <site> is deemed disconnected!"); if no site did, the server failed when it logged an
-    error. A site whose deployment failed failed. Everyone else is ``ok`` when the job
-    completed, else ``stopped``.
+
+def participant_reports(result_dir: str | Path, meta: dict) -> list[ParticipantReport]:
+    """Which participants of a finished job failed or were left out, read from its downloaded result.
+
+    A site whose deployment failed failed. When the job did not complete, a site failed if
+    it logged an error (its streamed error log). A site the controller left out of a round
+    (``run_status.json``: it failed, was silent or its update was refused) is ``left out``,
+    completed job or not. When the job did not complete, a site an error of the server names
+    failed too (NVFlare's "Result from <site> is bad", "Client <site> is deemed
+    disconnected!"); if no site failed, the server failed when it logged an error. Everyone
+    else is ``ok`` when the job completed, else ``stopped``; a stopped server's detail is the
+    controller's reason for the stop, when it gave one; the server is ``ok`` when its run
+    finished, even if NVFlare then ended the job otherwise (e.g. a dead site never reported).
     """
     result_dir = Path(result_dir)
     completed = meta.get("status") == COMPLETED
     deployed = dict(entry.split(": ", 1) for entry in meta.get("job_deploy_detail", []) if ": " in entry)
     server_errors = log_messages(_read(result_dir / WORKSPACE_DIR / "log.txt"), "ERROR")
+    status = read_status(result_dir / WORKSPACE_DIR / STATUS_FILE)
+    left_out = left_out_rounds(status)
     sites = sorted(name for name in deployed if name != "server")
     reports = []
     for site in sites:
@@ -181,13 +201,23 @@ def participant_reports(result_dir: str | Path, meta: dict) -> list[ParticipantR
         bad = [message for message in server_errors if named.search(message)]
         if deployed[site] != "OK":
             reports.append(ParticipantReport(site, "failed", f"deployment: {deployed[site]}"))
-        elif not completed and (errors or bad):
-            reports.append(ParticipantReport(site, "failed", (errors or bad)[0]))
+        elif not completed and errors:
+            reports.append(ParticipantReport(site, "failed", errors[0]))
+        elif site in left_out:
+            reports.append(ParticipantReport(site, "left out", left_out[site]))
+        elif not completed and bad:
+            reports.append(ParticipantReport(site, "failed", bad[0]))
         else:
             reports.append(ParticipantReport(site, "ok" if completed else "stopped"))
     errors = log_messages(_read(result_dir / WORKSPACE_DIR / "error_log.txt"), "ERROR")
-    if completed or any(r.status == "failed" for r in reports):
-        server = ParticipantReport("server", "ok" if completed else "stopped")
+    if completed:
+        server = ParticipantReport("server", "ok")
+    elif status.get("status") == "finished":  # NVFlare ended the job badly after the run was over
+        server = ParticipantReport("server", "ok", f"the run finished; the job ended {meta.get('status')}")
+    elif status.get("status") == "aborted" and status.get("reason", "aborted") != "aborted":
+        server = ParticipantReport("server", "stopped", status["reason"])
+    elif any(r.status in ("failed", "left out") for r in reports):
+        server = ParticipantReport("server", "stopped")
     elif errors:
         server = ParticipantReport("server", "failed", errors[0])
     else:  # e.g. a site's training process died: only the server's own log.txt says which
@@ -217,10 +247,12 @@ def run_job(
     results_dir: str | Path,
     timeout: float = 0.0,
     say: Callable[[str], None] = print,
+    poll_interval: float = 5.0,
 ) -> JobOutcome:
-    """Submit a job folder, follow it to its end, download its results and say who failed."""
+    """Submit a job folder, follow it to its end, download its results and say who failed or was
+    left out (whether the job completed or not; see :func:`follow_job` for the arguments)."""
     job_id = session.submit_job(str(Path(job_dir).resolve()))
     say(f"submitted {job_dir} as job {job_id}")
-    meta = follow_job(session, job_id, timeout, say=say)
+    meta = follow_job(session, job_id, timeout, poll_interval, say=say)
     result_dir = download_results(session, job_id, results_dir)
     return JobOutcome(job_id, meta, result_dir, participant_reports(result_dir, meta))

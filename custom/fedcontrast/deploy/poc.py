@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from nvflare.fuel.flare_api.flare_api import Session, new_secure_session
 from nvflare.lighter.utils import update_storage_locations
 from nvflare.tool.api_utils import shutdown_system_by_session
 
+from fedcontrast.deploy.builder import OUTCOME_WAIT_ENV
 from fedcontrast.deploy.project import (
     DEFAULT_PROJECT,
     admin_name,
@@ -48,6 +49,10 @@ LOCALHOST = "localhost"
 CONSOLE_LOG = "console.log"
 #: Environment variable the sites' processes must not inherit: each site reads its own local/fedcontrast.json.
 INHERITED_DATALIST = "FEDCONTRAST_DATALIST"
+#: The local server's wait for a dead site's job outcome (``OUTCOME_WAIT_ENV`` of
+#: :mod:`fedcontrast.deploy.builder`, whose kits default to ``OUTCOME_WAIT_S``): on one machine a
+#: live site reports within seconds, and a job with a dead site stays ``RUNNING`` until then.
+LOCAL_OUTCOME_WAIT_S = 20
 
 
 def free_ports(count: int) -> list[int]:
@@ -61,10 +66,12 @@ def free_ports(count: int) -> list[int]:
 
 def site_environment(num_sites: int) -> dict[str, str]:
     """The environment of the local processes: this Python first on PATH (``sub_start.sh`` runs
-    ``python3``), no inherited datalist, and the CPU cores shared between the sites."""
+    ``python3``), no inherited datalist, the CPU cores shared between the sites, and the server's
+    wait for a dead site's job outcome cut to :data:`LOCAL_OUTCOME_WAIT_S` (unless set already)."""
     env = {k: v for k, v in os.environ.items() if k != INHERITED_DATALIST}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, num_sites))))
+    env.setdefault(OUTCOME_WAIT_ENV, str(LOCAL_OUTCOME_WAIT_S))
     return env
 
 
@@ -141,20 +148,49 @@ class LocalDeployment:
             RuntimeError: a process exited, or the sites did not all connect in ``timeout`` seconds;
                 the message quotes the console log concerned.
         """
-        env = site_environment(len(self.sites))
         for participant in [self.server, *self.sites]:
-            kit = self.kit(participant)
-            with open(kit / CONSOLE_LOG, "ab") as console:
-                self.processes[participant] = subprocess.Popen(
-                    [str(kit / "startup" / "sub_start.sh"), "--once"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,  # not hit by the terminal's Ctrl-C; stop() ends it
-                )
+            self.launch(participant)
         self.say(f"started {self.server} and {len(self.sites)} site(s) from {self.prod_dir}")
         self.wait_for_sites(timeout)
+
+    def launch(self, participant: str) -> None:
+        """Start one participant's process (``startup/sub_start.sh --once``), console to its kit."""
+        kit = self.kit(participant)
+        with open(kit / CONSOLE_LOG, "ab") as console:
+            self.processes[participant] = subprocess.Popen(
+                [str(kit / "startup" / "sub_start.sh"), "--once"],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                env=site_environment(len(self.sites)),
+                start_new_session=True,  # not hit by the terminal's Ctrl-C; stop() ends it
+            )
+
+    def kill(self, site: str) -> list[int]:
+        """SIGKILL a site's process and its job processes, as when the hospital's machine dies.
+
+        Returns:
+            The pids killed.
+        """
+        process = self.processes[site]
+        members = [psutil.Process(process.pid), *_descendants(process.pid)] if process.poll() is None else []
+        for member in members:
+            with suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(members, timeout=10.0)
+        process.wait()
+        self.say(f"killed {site} ({len(members)} process(es))")
+        return [member.pid for member in members]
+
+    def restart(self, site: str, timeout: float = 120.0) -> None:
+        """Start a site whose process has ended (e.g. after :meth:`kill`) and wait until every
+        site is connected again."""
+        if self.processes[site].poll() is None:
+            raise RuntimeError(f"{site} is still running")
+        since = time.time()
+        self.launch(site)
+        self.say(f"restarted {site}")
+        self.wait_for_sites(timeout, rejoined={site: since})
 
     def session(self, timeout: float = 30.0) -> Session:
         """A FLARE API session as the project admin (close it after use)."""
@@ -168,8 +204,15 @@ class LocalDeployment:
                 tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
                 raise RuntimeError(f"{participant} exited with code {process.returncode}; {log}:\n{tail}")
 
-    def wait_for_sites(self, timeout: float) -> None:
-        """Wait until every site is connected to the server, checking that every process still runs."""
+    def wait_for_sites(self, timeout: float, rejoined: dict[str, float] | None = None) -> None:
+        """Wait until every site is connected to the server, checking that every process still runs.
+
+        Args:
+            timeout: seconds to wait.
+            rejoined: sites that must have connected again since a time (``time.time()``): the
+                server lists a dead site as connected until its heartbeat times out.
+        """
+        rejoined = rejoined or {}
         deadline = time.monotonic() + timeout
         connected: set[str] = set()
         session, last_error = None, None
@@ -181,7 +224,11 @@ class LocalDeployment:
                 except Exception as exc:  # the server is not listening yet
                     last_error = exc
                 else:
-                    connected = {c.name for c in session.get_system_info().client_info}
+                    connected = {
+                        c.name
+                        for c in session.get_system_info().client_info
+                        if (c.last_connect_time or 0.0) >= rejoined.get(c.name, 0.0)
+                    }
                     if connected >= set(self.sites):
                         self.say(f"sites connected: {', '.join(sorted(connected))}")
                         return

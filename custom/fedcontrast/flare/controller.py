@@ -38,10 +38,16 @@ update was refused, or it did not answer within ``task_timeout``; a site that di
 at all is also left out of the later rounds. A round is aggregated over the sites that
 answered when at least ``min_responses`` did (``0``: every site), and the server log names
 the sites left out and why; otherwise the run stops at once, naming them. A refused update
-stops the run unless ``exclude_bad_updates``. ``run_status.json`` (the result folder) says
-``running``, ``finished`` or ``aborted`` with the reason, so whatever launched the run knows
-when it is over. ``server_state.pkl`` (:mod:`fedcontrast.methods.checkpoint`), written
-atomically after every round, lets ``resume_from`` continue a stopped run.
+stops the run unless ``exclude_bad_updates``. The first round this run sends (round 0, or the
+round a resumed run starts at) may be given a longer limit, ``first_round_timeout``: it also
+pays each site's start-up (its job process, its data). ``run_status.json`` (the result folder)
+says ``running``, ``finished`` or ``aborted`` with the reason and the sites left out by round,
+so whatever launched the run knows when it is over. A run that stops after at least one
+aggregated round still delivers the last good model: the files of a finished run, written from
+the global weights of the last complete round (``model_round`` in ``run_status.json``; a run
+aborted from outside, e.g. by the admin, writes none). ``server_state.pkl``
+(:mod:`fedcontrast.methods.checkpoint`), written atomically after every round, lets
+``resume_from`` continue a stopped run.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedcontrast.data.io import write_json
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import TRAIN_SECONDS, flmodel_to_update, message_to_flmodel
+from fedcontrast.flare.process_group import STATUS_FILE
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, save_server_state
 from fedcontrast.methods.local_decoder import DECODER_FILE  # noqa: F401  (re-exported: the decoder-stage file)
@@ -91,9 +98,6 @@ def round_timing(round_s: float, train_seconds: dict[str, float]) -> dict[str, f
     """
     slowest = max(train_seconds.values(), default=float("nan"))
     return {"round_s": round_s, "site_train_s": slowest, "overhead_s": round_s - slowest}
-
-
-STATUS_FILE = "run_status.json"
 
 
 def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
@@ -206,6 +210,8 @@ class MethodController(ModelController):
             ``min_responses`` still holds) instead of stopping the run.
         resume_from: a server state file (``server_state.pkl`` of a stopped run of this
             method): continue after its last complete round ("": start at round 0).
+        first_round_timeout: seconds a site may take for the first round this run sends, its
+            start-up included (0: ``task_timeout``).
     """
 
     def __init__(
@@ -222,6 +228,7 @@ class MethodController(ModelController):
         min_responses: int = 0,
         exclude_bad_updates: bool = False,
         resume_from: str = "",
+        first_round_timeout: int = 0,
     ):
         # no persistor: the strategy holds the global state; failed sites are handled in run_round
         super().__init__(persistor_id="", ignore_result_error=True, task_check_period=task_check_period)
@@ -238,6 +245,7 @@ class MethodController(ModelController):
         self.min_responses = min_responses
         self.exclude_bad_updates = exclude_bad_updates
         self.resume_from = resume_from
+        self.first_round_timeout = first_round_timeout
         self._failed: dict[str, str] = {}
         self.schema: OutboundSchema | None = None
 
@@ -249,9 +257,10 @@ class MethodController(ModelController):
         """``run_status.json``: ``{"status", "round", ...}`` (running, finished or aborted)."""
         write_json(self.result_dir() / STATUS_FILE, {"status": status, "round": round_num, **details})
 
-    def stop(self, round_num: int, reason: str) -> None:
-        """End the run now: status ``aborted`` with ``reason``, then NVFlare's panic (the log says why)."""
-        self.write_status("aborted", round_num, reason=reason)
+    def stop(self, round_num: int, reason: str, **details: Any) -> None:
+        """End the run now: status ``aborted`` with ``reason`` (and ``details``), then NVFlare's
+        panic (the log says why)."""
+        self.write_status("aborted", round_num, reason=reason, **details)
         self.panic(reason)
 
     def _accept_train_result(
@@ -264,7 +273,7 @@ class MethodController(ModelController):
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def run(self) -> None:
-        """All rounds, then the final models."""
+        """All rounds, then the final models (also, after a stop, the last complete round's)."""
         spec = get_method(self.method)
         sites = sorted(self.sample_clients())
         if len(sites) < self.min_clients:
@@ -295,16 +304,42 @@ class MethodController(ModelController):
             ledger.bytes, ledger.metrics = saved["ledger"]["bytes"], saved["ledger"]["metrics"]
             self.info(f"{self.method}: resuming at round {first} from {self.resume_from} on {sites}")
         self.write_status("running", first)
+
+        def last_good_model(round_num: int) -> dict[str, Any]:
+            """The models of the rounds before ``round_num`` (none before the first aggregated one)."""
+            if round_num == 0:
+                return {}
+            try:
+                written = self.save_final(spec, strategy, own)
+            except Exception as exc:  # the stop must still happen; its reason matters more
+                self.error(f"round {round_num}: cannot write the last good model: {exc}")
+                return {}
+            self.info(f"wrote the model of round {round_num - 1}: {[str(p) for p in written]}")
+            return {"model_round": round_num - 1, "files": [p.name for p in written]}
+
         try:
             for round_num in range(first, self.num_rounds):
                 messages = {s: strategy.message_for(s, round_num) if strategy else own[s] for s in sites}
                 start = time.perf_counter()
-                updates, missing = self.run_round(round_num, messages, ledger)
-                if updates is None:
+                timeout = self.first_round_timeout if round_num == first else 0
+                updates, missing, reason = self.run_round(
+                    round_num, messages, ledger, timeout or self.task_timeout
+                )
+                if missing:
+                    left_out[str(round_num)] = missing
+                if updates is None:  # aborted from outside (the admin, NVFlare): no reason to add
+                    self.write_status("aborted", round_num, reason=reason, left_out=left_out)
+                    return
+                if reason:
+                    self.stop(
+                        round_num,
+                        f"round {round_num}: {reason}",
+                        left_out=left_out,
+                        **last_good_model(round_num),
+                    )
                     return
                 timing = round_timing(time.perf_counter() - start, self._train_seconds)
                 if missing:
-                    left_out[str(round_num)] = missing
                     # a site that did not answer at all is not waited for again
                     sites = [s for s in sites if not missing.get(s, "").startswith("silent")]
                 if strategy:
@@ -330,25 +365,36 @@ class MethodController(ModelController):
                 self.write_status("running", round_num + 1, left_out=left_out)
         finally:
             ledger.close()
-        if strategy:
-            written = save_outputs(spec, strategy.global_weights(), out_dir, self.config, None)
-        else:
-            written = [
-                path
-                for site in own
-                for path in save_outputs(spec, own[site], out_dir / LOCAL_DIR / site, self.config, site)
-            ]
+        written = self.save_final(spec, strategy, own)
         self.write_status("finished", self.num_rounds, left_out=left_out, files=[p.name for p in written])
         self.info(f"{self.method}: done; wrote {[str(p) for p in written]} and the ledger in {out_dir}")
 
+    def save_final(self, spec: MethodSpec, strategy: Any, own: dict[str, Message]) -> list[Path]:
+        """The run's models as they stand: the global model, or (no strategy) each site's own."""
+        out_dir = self.result_dir()
+        if strategy:
+            return save_outputs(spec, strategy.global_weights(), out_dir, self.config, None)
+        return [
+            path
+            for site in own
+            for path in save_outputs(spec, own[site], out_dir / LOCAL_DIR / site, self.config, site)
+        ]
+
     def run_round(
-        self, round_num: int, messages: dict[str, Message], ledger: RunLedger
-    ) -> tuple[dict[str, SiteUpdate] | None, dict[str, str]]:
+        self, round_num: int, messages: dict[str, Message], ledger: RunLedger, timeout: int = 0
+    ) -> tuple[dict[str, SiteUpdate] | None, dict[str, str], str]:
         """Send each site its message as its own task and wait for them.
 
+        Args:
+            round_num: the round.
+            messages: each site's message.
+            ledger: the run's ledger (the messages are recorded in it).
+            timeout: seconds each site may take (0: no limit).
+
         Returns:
-            ``(updates, left_out)``: the usable updates by site and why each other site was left
-            out; ``updates`` is None when the run was stopped.
+            ``(updates, left_out, reason)``: the usable updates by site, why each other site was
+            left out, and "" or why the run must stop; ``updates`` is None when the run was
+            aborted from outside.
         """
         received: dict[str, SiteUpdate] = {}
         self._failed = {}
@@ -365,18 +411,14 @@ class MethodController(ModelController):
                 task_name=self.task_name,
                 data=message_to_flmodel(message, round_num, self.num_rounds),
                 targets=[site],
-                timeout=self.task_timeout,
+                timeout=timeout,
                 callback=collect,
             )
-        while self.get_num_standing_tasks():
-            if self.abort_signal.triggered:
-                self.write_status("aborted", round_num, reason="aborted")
-                return None, {}
+        while self.get_num_standing_tasks() and not self.abort_signal.triggered:
             time.sleep(self._task_check_period)
         if self.abort_signal.triggered:
-            self.write_status("aborted", round_num, reason="aborted")
-            return None, {}
-        timeout = f"within {self.task_timeout} s" if self.task_timeout else "before the task ended"
+            return None, {}, "aborted"
+        waited = f"within {timeout} s" if timeout else "before the task ended"
         updates, left_out, reason = sort_updates(
             messages,
             received,
@@ -384,11 +426,10 @@ class MethodController(ModelController):
             self.schema,
             self.min_responses,
             self.exclude_bad_updates,
-            timeout,
+            waited,
         )
         if reason:
-            self.stop(round_num, f"round {round_num}: {reason}")
-            return None, {}
+            return {}, left_out, reason
         if left_out:
             named = "; ".join(f"{s}: {why}" for s, why in left_out.items())
             self.warning(f"round {round_num}: aggregating {sorted(updates)}; left out: {named}")
@@ -401,4 +442,4 @@ class MethodController(ModelController):
                 folder.mkdir(exist_ok=True)
                 np.savez(folder / f"r{round_num}_{site}_down.npz", **messages[site])
                 np.savez(folder / f"r{round_num}_{site}_up.npz", **update.message)
-        return updates, left_out
+        return updates, left_out, ""

@@ -129,6 +129,7 @@ def build_job(
     feature_clip: float = 0.0,
     feature_noise: float = 0.0,
     task_timeout: int = 0,
+    first_round_timeout: int = 0,
     record_messages: bool = False,
     task_request_interval: float = TASK_REQUEST_INTERVAL,
     task_check_period: float = TASK_CHECK_PERIOD,
@@ -155,6 +156,8 @@ def build_job(
         federated: False: no aggregation, each site trains alone (same job, see the controller).
         feature_clip, feature_noise: the feature privacy filter (pre-training methods; 0 and 0: off).
         task_timeout: seconds a site may take per round (0: no limit).
+        first_round_timeout: seconds a site may take for the run's first round, its start-up
+            included (0: ``task_timeout``).
         record_messages: save every message on the server (audit, tests).
         task_request_interval: seconds a site waits before asking the server for its next task,
             written as ``server.task_request_interval`` in the job's server config (NVFlare's
@@ -196,6 +199,7 @@ def build_job(
         task_name=task,
         federated=federated,
         task_timeout=task_timeout,
+        first_round_timeout=first_round_timeout,
         record_messages=record_messages,
         task_check_period=task_check_period,
         min_responses=min_responses,
@@ -367,6 +371,14 @@ def job_parser(name: str, description: str) -> argparse.ArgumentParser:
         "(default 0: wait)",
     )
     parser.add_argument(
+        "--first-round-timeout",
+        type=int,
+        default=0,
+        metavar="S",
+        help="the --task-timeout of the run's first round, which also pays each site's start-up "
+        "(default 0: the same)",
+    )
+    parser.add_argument(
         "--min-clients",
         type=int,
         default=0,
@@ -466,6 +478,7 @@ def run_from_args(
         name=f"{name}_local" if args.local else name,
         min_volumes=args.min_volumes,
         task_timeout=args.task_timeout,
+        first_round_timeout=args.first_round_timeout,
         min_responses=args.min_clients,
         exclude_bad_updates=args.exclude_bad_updates,
         federated=not args.local,

@@ -22,6 +22,9 @@ from typing import Any
 
 import psutil
 
+#: The controller's run status in its result folder (see :mod:`fedcontrast.flare.controller`).
+STATUS_FILE = "run_status.json"
+
 
 def _parent_death_signal() -> None:
     """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
