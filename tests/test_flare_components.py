@@ -292,6 +292,7 @@ def test_exported_job_names_the_package_and_keeps_every_argument(tmp_path):
         feature_clip=1.5,
         feature_noise=0.2,
         task_timeout=60,
+        first_round_timeout=120,
         record_messages=True,
         task_request_interval=0.3,
         task_check_period=0.1,
