@@ -52,7 +52,7 @@ INHERITED_DATALIST = "FEDCONTRAST_DATALIST"
 #: The local server's wait for a dead site's job outcome (``OUTCOME_WAIT_ENV`` of
 #: :mod:`fedcontrast.deploy.builder`, whose kits default to ``OUTCOME_WAIT_S``): on one machine a
 #: live site reports within seconds, and a job with a dead site stays ``RUNNING`` until then.
-LOCAL_OUTCOME_WAIT_S = 20
+LOCAL_OUTCOME_WAIT_S = 10
 
 
 def free_ports(count: int) -> list[int]:
