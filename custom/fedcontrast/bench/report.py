@@ -824,6 +824,9 @@ def _legend(axes) -> None:
 
 
 def _budget_axis(ax, budgets: Sequence[int]) -> None:
+    """Log-2 N axis; a panel without any series says so (e.g. the probe runs federated only)."""
+    if not ax.containers:
+        ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", va="center", color="gray")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(budgets), [str(n) for n in budgets])
     ax.minorticks_off()
