@@ -1,13 +1,20 @@
 """Resume: a run stopped after round 2 and resumed from its saved state ends with the weights of
 a run that was never stopped (same seed, CPU), for a method with banks and a momentum encoder."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from fedcontrast.flare.controller import ENCODER_FILE
+from fedcontrast.flare.executor import FAULT_ENV, site_entries
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, site_state_path
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.presets import network_preset
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "bundle": network_preset("tiny", roi_size=[32, 32]),
     "batch_size": 2,
@@ -32,3 +39,56 @@ def test_stop_after_round_2_and_resume_gives_the_uninterrupted_weights(phantom_i
         np.testing.assert_array_equal(resumed.global_message[key], value, err_msg=key)
     with pytest.raises(ValueError, match="a state of 'fcl', not of 'fedsimclr'"):
         run_in_process("fedsimclr", TINY, datalists, rounds=3, state_dir=state, resume=True)
+
+
+def fcl_main():
+    spec = importlib.util.spec_from_file_location("job_fcl_resume", REPO / "jobs" / "fcl" / "job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.simulator
+def test_a_simulator_run_stopped_after_round_2_resumes_to_the_uninterrupted_weights(
+    site_splits, tiny_fcl_config, tmp_path, monkeypatch
+):
+    """``jobs/fcl/job.py``: nothing to resume is a clear error; a run stopped in round 2 keeps
+    its state; a resume that fails leaves the stopped run's model and state as they were; the
+    same command with ``--resume`` then ends with the weights of an uninterrupted run (the
+    in-process one, which the simulator reproduces bit for bit: same seed, CPU, one thread)."""
+    workspace = tmp_path / "ws"
+    result = workspace / "server" / "simulate_job"
+    argv = ["--datalist-dir", str(site_splits), "--rounds", "3", "--workspace", str(workspace),
+            "--config", json.dumps(tiny_fcl_config)]  # fmt: skip
+    main = fcl_main()
+    with pytest.raises(SystemExit, match=f"--resume: no {SERVER_STATE_FILE} in .*: no stopped run"):
+        main([*argv, "--resume"])
+
+    # "killed" after round 2: site-1 fails in round 2 (index 2, the third), the run stops
+    monkeypatch.setenv(FAULT_ENV, "site-1:2:raise")
+    assert main(argv) == 1
+    assert load_server_state(result / SERVER_STATE_FILE, "fcl")["next_round"] == 2
+    stopped = {name: (result / name).read_bytes() for name in (SERVER_STATE_FILE, ENCODER_FILE)}
+
+    # a resume that fails again never deletes the stopped run's model, nor its state
+    assert main([*argv, "--resume"]) == 1
+    assert {name: (result / name).read_bytes() for name in stopped} == stopped
+
+    monkeypatch.delenv(FAULT_ENV)
+    assert main([*argv, "--resume"]) == 0
+    final = load_server_state(result / SERVER_STATE_FILE, "fcl")
+    assert final["next_round"] == 3
+    resumed = final["strategy"].global_message
+    # the sites joined at round 2 with the state they kept, not with fresh trainers
+    for site in ("site-1", "site-2"):
+        assert "joining at round 2: restored its state" in (workspace / site / "log.txt").read_text()
+
+    config = json.loads(json.dumps({"local_epochs": 1, "seed": 0, "batch_size": 4, **tiny_fcl_config}))
+    datalists = {
+        site: site_entries(site, site_splits / f"{site}.json", ("training", "unlabeled"))
+        for site in ("site-1", "site-2")
+    }
+    whole = run_in_process("fcl", config, datalists, rounds=3)
+    assert resumed.keys() == whole.global_message.keys()
+    for key, value in whole.global_message.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
