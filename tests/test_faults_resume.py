@@ -1,5 +1,7 @@
 """Resume: a run stopped after round 2 and resumed from its saved state ends with the weights of
-a run that was never stopped (same seed, CPU), for a method with banks and a momentum encoder."""
+a run that was never stopped (same seed, CPU), for a method with banks and a momentum encoder:
+in process, and through ``jobs/fcl/job.py --resume`` in the NVFlare simulator (one simulator test:
+three launches). A failed re-run or resume never loses the results to continue from."""
 
 import importlib.util
 import json
@@ -8,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedcontrast.flare import jobs
 from fedcontrast.flare.controller import ENCODER_FILE
 from fedcontrast.flare.executor import FAULT_ENV, site_entries
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, site_state_path
@@ -92,3 +95,39 @@ def test_a_simulator_run_stopped_after_round_2_resumes_to_the_uninterrupted_weig
     assert resumed.keys() == whole.global_message.keys()
     for key, value in whole.global_message.items():
         np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("resumed", "completed", "kept"),
+    [(False, 3, "previous"), (True, 0, "previous"), (True, 3, "new")],
+    ids=["re-run", "resume-failing-at-once", "resume-failing-later"],
+)
+def test_a_failed_run_keeps_the_previous_results_unless_it_resumed_them_further(
+    resumed, completed, kept, tmp_path, monkeypatch
+):
+    """A failed re-run puts the previous run's results back; a failed ``--resume`` that completed
+    rounds of its own keeps its state (the sites kept theirs for it, not for the stopped run's)."""
+    workspace = tmp_path / "ws"
+    result = workspace / "server" / "simulate_job"
+    result.mkdir(parents=True)
+    (result / ENCODER_FILE).write_text("previous")
+    (result / SERVER_STATE_FILE).write_text("previous")
+
+    def failing_run(command, status_file, grace_s, env):  # the simulator: `completed` rounds, then a stop
+        status_file.parent.mkdir(parents=True, exist_ok=True)
+        if completed:
+            (status_file.parent / ENCODER_FILE).write_text("new")
+            (status_file.parent / SERVER_STATE_FILE).write_text("new")
+        return 0, {"status": "aborted", "reason": f"round {completed}: site-1 failed"}
+
+    monkeypatch.setattr(jobs, "export_job", lambda job, root: Path(root))
+    monkeypatch.setattr(jobs, "run_process_group", failing_run)
+    with pytest.raises(RuntimeError, match=f"the run stopped: round {completed}: site-1 failed") as error:
+        jobs.run_simulator(None, workspace, 2, resumed=resumed)
+    assert (result / ENCODER_FILE).read_text() == kept
+    assert (result / SERVER_STATE_FILE).read_text() == kept
+    if kept == "new":
+        assert f"--resume continues from the state in {result}" in str(error.value)
+        assert (jobs.previous_results(result) / ENCODER_FILE).read_text() == "previous"
+    else:
+        assert f"the previous run's results are back in {result}" in str(error.value)

@@ -237,7 +237,9 @@ def build_job(
     return job
 
 
-def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: float = 20.0) -> Path:
+def run_simulator(
+    job: FedJob, workspace: str | Path, num_sites: int, grace_s: float = 20.0, resumed: bool = False
+) -> Path:
     """Run ``job`` in the NVFlare simulator with ``site-1 … site-K``; returns the server's result folder.
 
     One client thread per site, so every site keeps its worker process, and its trainer's
@@ -253,7 +255,11 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: f
     the controller reports the run finished or aborted (``run_status.json``) and the simulator
     has not exited ``grace_s`` seconds later (NVFlare's simulator can keep waiting for a dead
     site), on SIGINT/SIGTERM, and on any other way out. The previous run's results are moved
-    aside first and put back when this run fails, so a failed re-run never deletes a model.
+    aside first and put back when this run fails, so a failed re-run never deletes a model;
+    except when ``resumed`` (the job continues that run: ``--resume``) and the failed run
+    completed a round of its own: its results then stay, since they continue the same run further
+    (the sites keep only their latest states, so the set-aside server state could no longer be
+    resumed with the state the sites kept), and the set-aside ones stay in :func:`previous_results`.
 
     Raises:
         RuntimeError: the simulation failed or was aborted; the message says why and where the logs are.
@@ -279,8 +285,12 @@ def run_simulator(job: FedJob, workspace: str | Path, num_sites: int, grace_s: f
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
         return result_dir
-    restore(previous, result_dir)
-    kept = f"; the previous run's results are back in {result_dir}" if previous is not None else ""
+    if resumed and (result_dir / SERVER_STATE_FILE).is_file():
+        # the resumed run got further than the stopped one: its state is the one to resume from
+        kept = f"; --resume continues from the state in {result_dir} (the stopped run's: {previous})"
+    else:
+        restore(previous, result_dir)
+        kept = f"; the previous run's results are back in {result_dir}" if previous is not None else ""
     if status.get("status") == "aborted":
         raise RuntimeError(f"the run stopped: {status.get('reason', 'aborted')}{kept}; {logs}")
     raise RuntimeError(f"simulation failed (exit code {code}){kept}; {logs}")
@@ -522,7 +532,9 @@ def run_or_export(job: FedJob, args: argparse.Namespace) -> int:
     if not args.datalist_dir:
         raise SystemExit("--datalist-dir is required to run in the simulator")
     try:
-        result_dir = run_simulator(job, args.workspace, args.sites)
+        result_dir = run_simulator(
+            job, args.workspace, args.sites, resumed=bool(getattr(args, "resume", False))
+        )
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
