@@ -196,6 +196,19 @@ def test_plateau_not_reached_when_random_init_still_rises():
     assert curve["gain"] == pytest.approx(0.2) and curve["plateau"] is False
 
 
+def test_plateau_gain_is_the_second_half_trend_not_one_noisy_checkpoint():
+    dice = (0.2, 0.5, 0.60, 0.58, 0.60, 0.58, 0.66)  # flat second half, a high last checkpoint
+    rows = [
+        {"method": "random_init", "finetune": "local", "readout": "finetune", "n_labeled": 1, "seed": 0,
+         "site": "a", "eval_split": "validation", "finetune_steps": 10 * (i + 1), "dice_mean": d}
+        for i, d in enumerate(dice)
+    ]  # fmt: skip
+    (curve,) = plateau_rows(rows)
+    # least squares through (30, .60) .. (70, .66): slope 0.0012 a step, times 40 steps
+    assert curve["half_steps"] == 30 and curve["gain"] == pytest.approx(0.048, abs=1e-6)
+    assert curve["gain"] < dice[-1] - dice[2]
+
+
 def test_pretrain_curves_average_sites_and_seeds():
     records = {
         "m": [

@@ -499,8 +499,11 @@ def plateau_rows(rows: list[Row]) -> list[dict[str, Any]]:
 
     Each entry: ``mode``, ``readout``, ``n_labeled``, ``steps`` (checkpoints), ``dice`` (mean over
     seeds and sites at each), ``budget`` (the last checkpoint), ``half_steps`` (the last
-    checkpoint at or before half of it, or ``None``), ``gain`` (Dice at the budget minus at
-    ``half_steps``) and ``plateau`` (``gain < PLATEAU_TOLERANCE``; ``None`` when unmeasured).
+    checkpoint at or before half of it, or ``None``), ``gain`` (the rise over the second half:
+    the least-squares line through the checkpoints from ``half_steps`` to the budget, times
+    ``budget - half_steps``, so that one noisy checkpoint does not decide it; with two
+    checkpoints, their difference) and ``plateau`` (``gain < PLATEAU_TOLERANCE``; ``None`` when
+    unmeasured).
     """
     curves: dict[tuple[str, str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
@@ -520,7 +523,11 @@ def plateau_rows(rows: list[Row]) -> list[dict[str, Any]]:
         budget = steps[-1]
         earlier = [s for s in steps if s <= budget / 2]
         half = earlier[-1] if earlier else None
-        gain = dice[-1] - dice[steps.index(half)] if half is not None else None
+        gain = None
+        if half is not None:
+            second = steps.index(half)
+            slope = np.polyfit(steps[second:], dice[second:], 1)[0]
+            gain = float(slope * (budget - half))
         out.append(
             {
                 "mode": mode,
@@ -757,7 +764,8 @@ def plateau_section(plateau: list[dict[str, Any]], budgets: dict[tuple[str, str]
     parts += [
         "",
         f"Random init's mean validation Dice (over seeds and sites) at each checkpoint. Plateau: it gains "
-        f"less than {PLATEAU_TOLERANCE} over the second half of the budget. Reached in {len(reached)} of "
+        f"less than {PLATEAU_TOLERANCE} over the second half of the budget (the rise of the least-squares "
+        f"line through the second half's checkpoints). Reached in {len(reached)} of "
         f"{len(measured)} measured (mode, readout, N) curves"
         + (
             f"; not measured (no checkpoint at half the budget) in {len(plateau) - len(measured)}"
