@@ -27,6 +27,8 @@ Usage::
 
     nice -n 15 .venv/bin/python benchmarks/phantom_difficulty.py --name realistic \\
         --difficulty realistic --seeds 0 1 --budgets 1 8 --steps 160 --choose
+    # random init's curves of a `fedcontrast bench` run folder (its validation rows) as a candidate:
+    .venv/bin/python benchmarks/phantom_difficulty.py --name bench-384 --from-bench workspace/le-long
     # a variant of a named difficulty, for calibration:
     nice -n 15 .venv/bin/python benchmarks/phantom_difficulty.py --name wider-pose \\
         --difficulty realistic --set heart_rotation_deg=90 --set heart_shift_mm=30
@@ -66,6 +68,8 @@ PUBLISHED = {1: 0.445, 2: 0.572, 4: 0.764, 8: 0.834}
 #: The benchmark's network and geometry at size "small" (``BenchConfig.network``).
 NETWORK: dict[str, Any] = network_preset("small")
 RESULTS = Path(__file__).parent / "results" / "phantom_difficulty.json"
+#: The data settings of a bench run's configuration that a calibration candidate records.
+DATA_KEYS = ("size", "sites", "patients_per_site", "validation_per_site", "test_per_site", "data_seed")
 
 
 def best_interval_dice(image: np.ndarray, target: np.ndarray) -> float:
@@ -280,6 +284,81 @@ def plateau_check(mean_curves: dict[str, list[dict[str, Any]]], window: int = 2,
     return checks
 
 
+def bench_candidate(name: str, run: Path, plateau_last: int, command: str) -> dict[str, Any]:
+    """A candidate from a ``fedcontrast bench`` run folder: random init's federated fine-tuning
+    curves on the validation patients (mean over sites at each checkpoint, per N and seed).
+
+    Raises:
+        SystemExit: ``run`` holds no federated random-init validation rows.
+    """
+    config = json.loads((run / "bench_config.json").read_text())
+    curves: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for line in (run / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else None
+        if (
+            row
+            and row["method"] == "random_init"
+            and row["finetune"] == "federated"
+            and row["readout"] == "finetune"
+            and row["eval_split"] == "validation"
+        ):
+            by_step = curves.setdefault(str(row["n_labeled"]), {}).setdefault(str(row["seed"]), {})
+            by_step.setdefault(row["finetune_steps"], []).append(row["dice_mean"])
+    if not curves:
+        raise SystemExit(f"--from-bench {run}: no federated random-init validation rows")
+    as_points = {
+        n: {
+            seed: [{"steps": s, "dice_mean": round(float(np.mean(v)), 4)} for s, v in sorted(by_step.items())]
+            for seed, by_step in by_seed.items()
+        }
+        for n, by_seed in sorted(curves.items(), key=lambda kv: int(kv[0]))
+    }
+    return {
+        "name": name,
+        "command": command,
+        "difficulty_base": config["difficulty"],
+        "difficulty": dataclasses.asdict(get_difficulty(config["difficulty"])),
+        "data": {k: config[k] for k in DATA_KEYS},
+        "finetune": {
+            "method": "fedcontrast bench: random init, federated fine-tuning (FedAvg over all sites)",
+            "network": config["bundle"],
+            "batch_samples": config["finetune_batch_samples"],
+            "steps": config["finetune_steps"],
+            "steps_per_round": config["finetune_steps"] // config["finetune_checkpoints"],
+            "seeds": sorted({int(seed) for by_seed in as_points.values() for seed in by_seed}),
+            "budgets": [int(n) for n in as_points],
+            "scored_on": "held-out validation patients of every site, global model (the bench's scorer)",
+            "plateau": f"mean validation Dice of the last {plateau_last} checkpoints",
+        },
+        **curve_summary(as_points, plateau_last),
+        "environment": environment(),
+    }
+
+
+def seed_mean(by_seed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The curve averaged over seeds, checkpoint by checkpoint."""
+    return [
+        {"steps": pts[0]["steps"], "dice_mean": round(float(np.mean([p["dice_mean"] for p in pts])), 4)}
+        for pts in zip(*by_seed.values())
+    ]
+
+
+def curve_summary(curves: dict[str, dict[str, list[dict[str, Any]]]], plateau_last: int) -> dict[str, Any]:
+    """``plateau`` per N (mean over seeds, per seed, published), the seed-mean curve and ``curves``."""
+    return {
+        "plateau": {
+            n: {
+                "mean": round(float(np.mean([plateau(c, plateau_last) for c in by_seed.values()])), 4),
+                "per_seed": {s: round(plateau(c, plateau_last), 4) for s, c in by_seed.items()},
+                "published": PUBLISHED.get(int(n)),
+            }
+            for n, by_seed in curves.items()
+        },
+        "curve_mean_over_seeds": {n: seed_mean(by_seed) for n, by_seed in curves.items()},
+        "curves": curves,
+    }
+
+
 def record(out: Path, candidates: list[dict[str, Any]], chosen: str | None = None) -> dict[str, Any]:
     """Add ``candidates`` to the results file ``out`` (replacing same-named ones); mark ``chosen``."""
     result = json.loads(out.read_text()) if out.exists() else {}
@@ -301,6 +380,12 @@ def record(out: Path, candidates: list[dict[str, Any]], chosen: str | None = Non
         result["chosen"] = chosen
     write_json(out, result)
     return result
+
+
+def report_plateaus(name: str, plateaus: dict[str, dict[str, Any]]) -> None:
+    """Print each N's plateau against the published value."""
+    for n, p in plateaus.items():
+        print(f"{name}: N={n} plateau {p['mean']} (seeds {p['per_seed']}; published {p['published']})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -329,7 +414,21 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="only add the candidates of these results files (runs written elsewhere) to --out",
     )
+    parser.add_argument(
+        "--from-bench",
+        type=Path,
+        help="record random init's federated validation curves of this `fedcontrast bench` run folder",
+    )
     args = parser.parse_args(argv)
+    command = "nice -n 15 .venv/bin/python benchmarks/phantom_difficulty.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    if args.from_bench:
+        if not args.name:
+            parser.error("--name is required")
+        candidate = bench_candidate(args.name, args.from_bench, args.plateau_last, command)
+        report_plateaus(args.name, candidate["plateau"])
+        return record(args.out, [candidate], args.name if args.choose else None)
     if args.merge:
         candidates = [c for f in args.merge for c in json.loads(f.read_text())["candidates"]]
         return record(args.out, candidates, args.name if args.choose else None)
@@ -364,25 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
         curves: dict[str, dict[str, list]] = {}
         for (n, seed), curve in zip(units, done):
             curves.setdefault(str(n), {})[str(seed)] = curve
-    mean_curves = {
-        n: [
-            {"steps": pts[0]["steps"], "dice_mean": round(float(np.mean([p["dice_mean"] for p in pts])), 4)}
-            for pts in zip(*by_seed.values())
-        ]
-        for n, by_seed in curves.items()
-    }
-    plateaus = {
-        n: {
-            "mean": round(float(np.mean([plateau(c, args.plateau_last) for c in by_seed.values()])), 4),
-            "per_seed": {s: round(plateau(c, args.plateau_last), 4) for s, c in by_seed.items()},
-            "published": PUBLISHED.get(int(n)),
-        }
-        for n, by_seed in curves.items()
-    }
     candidate = {
         "name": args.name,
-        "command": "nice -n 15 .venv/bin/python benchmarks/phantom_difficulty.py "
-        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command,
         "difficulty_base": args.difficulty,
         "difficulty": dataclasses.asdict(level),
         "data": {
@@ -406,9 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
             "scored_on": "held-out validation patients of every site (ED and ES), global model, BundleScorer",
             "plateau": f"mean validation Dice of the last {args.plateau_last} evaluations",
         },
-        "plateau": plateaus,
-        "curve_mean_over_seeds": mean_curves,
-        "curves": curves,
+        **curve_summary(curves, args.plateau_last),
         "intensity_oracle_validation": {
             "whole_image": summarise(oracle, "dice"),
             "heart_box": summarise(oracle, "heart_box_dice"),
@@ -418,8 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
     }
     result = record(args.out, [candidate], args.name if args.choose else None)
-    for n, p in plateaus.items():
-        print(f"{args.name}: N={n} plateau {p['mean']} (seeds {p['per_seed']}; published {p['published']})")
+    report_plateaus(args.name, candidate["plateau"])
     print(
         f"oracle intensity Dice {candidate['intensity_oracle_validation']['whole_image']['dice_mean']}; "
         f"{candidate['wall_s']} s; written to {args.out}"

@@ -54,3 +54,27 @@ def test_writes_calibration(tmp_path):
     merged = tmp_path / "merged.json"
     bench.main(["--merge", str(out), "--name", "tiny", "--choose", "--out", str(merged)])
     assert json.loads(merged.read_text())["chosen"] == "tiny"
+
+
+def test_records_random_init_curves_of_a_bench_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"difficulty": "realistic", "size": "small", "sites": 2, "patients_per_site": 24,
+              "validation_per_site": 2, "test_per_site": 2, "data_seed": 0, "bundle": {"init_filters": 8},
+              "finetune_batch_samples": 8, "finetune_steps": 20, "finetune_checkpoints": 2}  # fmt: skip
+    (run / "bench_config.json").write_text(json.dumps(config))
+    rows = [
+        {"method": method, "finetune": mode, "readout": "finetune", "eval_split": split, "n_labeled": n,
+         "seed": seed, "site": site, "finetune_steps": steps, "dice_mean": 0.1 * seed + steps / 100 + n / 10}
+        for method in ("random_init", "fcl") for mode in ("federated", "local")
+        for split in ("validation", "test") for n in (1, 8) for seed in (0, 1) for site in ("a", "b")
+        for steps in (10, 20)
+    ]  # fmt: skip
+    (run / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "difficulty.json"
+    bench.main(["--name", "bench", "--from-bench", str(run), "--plateau-last", "1", "--out", str(out)])
+    (candidate,) = json.loads(out.read_text())["candidates"]
+    assert candidate["curves"]["8"]["1"] == [{"steps": 10, "dice_mean": 1.0}, {"steps": 20, "dice_mean": 1.1}]
+    assert candidate["plateau"]["1"] == {"mean": 0.35, "per_seed": {"0": 0.3, "1": 0.4}, "published": 0.445}
+    assert candidate["finetune"]["steps_per_round"] == 10 and candidate["data"]["patients_per_site"] == 24
+    assert candidate["difficulty_base"] == "realistic" and "--from-bench" in candidate["command"]
