@@ -282,15 +282,27 @@ def pretraining_curve(history: list[dict[str, Any]], steps_per_round: int) -> li
 
 
 def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, out: Path) -> dict[str, Any]:
-    """Run one pre-training; save its encoder(s) under ``out``; return its record (bytes, wall, rounds)."""
+    """Run one pre-training; save its encoder(s) under ``out``; return its record (bytes, wall, rounds).
+
+    ``pretrain_overrides`` keys ``feature_clip`` and ``feature_noise`` (C and Z, default 0: off)
+    clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
+    filter does (:class:`~fedcontrast.methods.privacy.FeaturePrivacy`, seeded by ``seed``).
+    """
+    from fedcontrast.methods.privacy import feature_privacy_from_config
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
     entries = {site: pretraining_entries(d) for site, d in datalists.items()}
+    cfg = config.pretrain_config(seed)
     result = run_in_process(
-        method, config.pretrain_config(seed), entries, config.pretrain_rounds, device=config.torch_device
+        method,
+        cfg,
+        entries,
+        config.pretrain_rounds,
+        device=config.torch_device,
+        site_filter=feature_privacy_from_config(cfg),
     )
-    options = encoder_options(None, config.pretrain_config(seed)["bundle"])
+    options = encoder_options(None, cfg["bundle"])
     out.mkdir(parents=True, exist_ok=True)
     if get_method(method).federated:
         save_encoder(encoder_state(message_to_state_dict(result.global_message)), out / "global.pt", options)

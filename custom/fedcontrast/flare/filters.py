@@ -8,16 +8,19 @@ the hospital, not the job's submitter, controls it.
 
 The feature privacy filter clips each feature vector and adds Gaussian noise whose scale is
 relative to the clip norm (the Gaussian mechanism's noise multiplier), so it means the same
-on FCL's unit-norm projections as on any other scale.
+on FCL's unit-norm projections as on any other scale. The transform itself is plain numpy,
+:func:`fedcontrast.methods.privacy.privatize_features`, which the in-process runs
+(:func:`~fedcontrast.methods.runner.run_in_process`, the benchmark) apply too.
 
 Attached as a task-result filter on the sites, scoped to the pre-training task, so
 it acts on what leaves a site and on nothing else. Only the floating-point
 ``features/`` entries are touched (the 128-d projections; integer entries are tags);
-weights pass unchanged. Each row (the last axis is the feature) is scaled to L2 norm at
-most ``C`` (``clip_norm``; 0: C = 1, no clipping, the norm of FCL's unit-norm projections),
-then ``N(0, (noise_std * C)^2)`` noise is added to every value: the Gaussian mechanism with
-noise multiplier ``noise_std`` for one row of L2 sensitivity ``C``. Both are off by default
-(0). What this does and does not guarantee: docs/deployment.md, "What leaves a hospital".
+weights pass unchanged. Each row is scaled to L2 norm at most ``C`` (``clip_norm``; 0: C = 1,
+no clipping, the norm of FCL's unit-norm projections), then ``N(0, (noise_std * C)^2)`` noise
+is added to every value: the Gaussian mechanism with noise multiplier ``noise_std`` on one
+row (L2 sensitivity 2C when a row is replaced; :func:`fedcontrast.methods.privacy.gaussian_epsilon`).
+Both are off by default (0). What this does and does not guarantee: docs/deployment.md,
+"What leaves a hospital".
 """
 
 from __future__ import annotations
@@ -31,38 +34,13 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from fedcontrast.methods.base import Message, kind_of
 from fedcontrast.methods.outbound import OutboundPolicyError, OutboundSchema
+from fedcontrast.methods.privacy import check_privacy_settings, privatize_features
+
+__all__ = ["OUTBOUND_SCHEMA_PROP", "FeaturePrivacyFilter", "OutboundPolicyFilter", "privatize_features"]
 
 #: ``FLContext`` property holding the running method's outbound schema (set by the executor).
 OUTBOUND_SCHEMA_PROP = "fedcontrast.outbound_schema"
-
-
-def privatize_features(
-    message: Message, clip_norm: float, noise_std: float, rng: np.random.Generator
-) -> Message:
-    """``message`` with its floating-point ``features/`` rows clipped to ``clip_norm`` and noised.
-
-    Args:
-        message: any message; entries of other kinds, and integer entries, are returned as they are.
-        clip_norm: C, largest L2 norm of a feature vector (0: no clipping, C = 1 for the noise).
-        noise_std: noise multiplier: the added Gaussian noise has standard deviation ``noise_std * C``.
-        rng: the noise source.
-    """
-    if clip_norm < 0 or noise_std < 0:
-        raise ValueError(f"clip_norm and noise_std must be >= 0, got {clip_norm} and {noise_std}")
-    out = dict(message)
-    for key, value in message.items():
-        if kind_of(key) != "features" or not np.issubdtype(value.dtype, np.floating):
-            continue
-        rows = value.astype(np.float64)
-        if clip_norm > 0:
-            norms = np.linalg.norm(rows, axis=-1, keepdims=True)
-            rows = rows * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12))
-        if noise_std > 0:
-            rows = rows + rng.normal(0.0, noise_std * (clip_norm or 1.0), size=rows.shape)
-        out[key] = rows.astype(value.dtype)
-    return out
 
 
 class FeaturePrivacyFilter(DXOFilter):
@@ -76,8 +54,7 @@ class FeaturePrivacyFilter(DXOFilter):
 
     def __init__(self, clip_norm: float = 0.0, noise_std: float = 0.0, seed: int | None = None):
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
-        if clip_norm < 0 or noise_std < 0:
-            raise ValueError(f"clip_norm and noise_std must be >= 0, got {clip_norm} and {noise_std}")
+        check_privacy_settings(clip_norm, noise_std)
         self.clip_norm = clip_norm
         self.noise_std = noise_std
         self.seed = seed

@@ -11,7 +11,10 @@ controller drive are called here directly. Two uses:
 
 Federated messages go through what the wire does to them: with a reduced ``transfer``
 precision (:mod:`fedcontrast.methods.transfer`) every message is encoded, counted as encoded,
-and decoded by its receiver, as the NVFlare quantisation filters do.
+and decoded by its receiver, as the NVFlare quantisation filters do. A ``site_filter`` acts
+on every site's upload before it is encoded, counted and handed to the server, where the
+NVFlare site-side result filters act (e.g. :class:`~fedcontrast.methods.privacy.FeaturePrivacy`,
+the feature privacy filter's transform).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fedcontrast.methods.checkpoint import (
     save_server_state,
     save_site_state,
 )
+from fedcontrast.methods.privacy import SiteFilter
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.transfer import decode, encode, transfer_precision
 
@@ -71,6 +75,7 @@ def run_in_process(
     on_round: Callable[[int, dict[str, SiteUpdate], Message], None] | None = None,
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    site_filter: SiteFilter | None = None,
 ) -> RunResult:
     """Run ``rounds`` rounds of ``method`` over ``datalists`` in this process.
 
@@ -87,6 +92,10 @@ def run_in_process(
             (:mod:`fedcontrast.methods.checkpoint`; sites in ``<state_dir>/<site>/``).
         resume: continue from the state in ``state_dir`` (the rounds it completed are not run
             again; ``history`` holds the new rounds only).
+        site_filter: ``site_filter(site, round_num, message)`` is what leaves ``site`` instead of
+            its trainer's upload (federated runs: the server, the ledger and, through the server,
+            the other sites see only its output; the trainer's own state is untouched). Nothing
+            leaves a site that is not federated, so there it is not applied.
     """
     if not datalists:
         raise ValueError("no sites to train: the datalists mapping is empty")
@@ -117,7 +126,10 @@ def run_in_process(
             update = trainer.local_round(decode(sent_down) if strategy else outgoing, round_num)
             if state_dir is not None:
                 save_site_state(Path(state_dir) / site, trainer, round_num + 1)
-            sent_up = encode(update.message, precision) if strategy else update.message
+            leaving = update.message
+            if strategy and site_filter:  # where the site's NVFlare result filters act
+                leaving = site_filter(site, round_num, leaving)
+            sent_up = encode(leaving, precision) if strategy else leaving
             if strategy:  # the server holds what arrives (networks decoded from the wire precision)
                 update = SiteUpdate(decode(sent_up), update.num_samples, update.metrics)
             updates[site] = update
