@@ -1,18 +1,36 @@
 """Bytes below the floor: the federated pre-training methods at full and reduced transfer
 precision, DP's δ/T sweep, PTNU's optional target upload, prototypes against features.
 
-Every setting pre-trains in process (``fedcontrast.bench.protocol.pretrain_unit``: the
-methods' real protocol, the project's byte counter on the messages as they travel; with
-``transfer`` float16/blockwise8 the networks are counted as encoded and every receiver gets
-the decoded values, as through the NVFlare quantisation filters). Settings marked for Dice are
-then fine-tuned and scored with the bench's fine-tuning pieces as they are
-(``fedcontrast.bench.protocol.finetune_unit``, local mode, N labelled volumes per site).
+Every run pre-trains in process (``fedcontrast.bench.protocol.pretrain_unit``: the methods'
+real protocol, the project's byte counter on the messages as they travel; with ``transfer``
+float16/blockwise8 the networks are counted as encoded and every receiver gets the decoded
+values, as through the quantisation filter pair of a job). Settings marked for Dice are then
+fine-tuned and scored under the label-efficiency protocol as it is on main
+(``fedcontrast.bench.protocol.finetune_unit``, local mode, N = the smallest budget, the
+``BenchConfig`` defaults for steps, checkpoints, batch, learning rate and the held-out test
+and validation patients); the score is the last checkpoint's Dice on each site's test
+patients.
 
 Reported per setting: payload bytes per site and round by kind and direction, the ratio to
-federated BYOL and to the floor (FedAvg of FCLOpt's online network alone, up and down, at
-full precision), DP's uploads (fraction of site-rounds), corrections, the mean prediction gap
-(``target_gap``) and the fine-tuned Dice (mean over sites and seeds, with a 95% t-interval
-over the seed-site values).
+federated BYOL and to the floor (FedAvg of FCLOpt's online network alone, up and down, at full
+precision), DP's uploads (fraction of site-rounds), corrections per run, the mean prediction
+gap (``target_gap``), the fine-tuned Dice (mean and 95% bootstrap interval over the (seed,
+site) scores) and its **paired difference** from the setting's reference (the full-precision
+DP run; for the δ sweep and prototypes, the default DP run): same seed, same site, same split,
+the interval a percentile bootstrap over the (seed, site) pairs
+(:mod:`fedcontrast.bench.stats`).
+
+Methods whose message sizes do not depend on the training (every method but
+``fclopt_ptnu_dp``, whose uploads follow the sites' drift) are measured bytes-only with one
+local step a round: their bytes per round are those of any step count. DP's bytes-only settings
+train the full pre-training.
+
+Every finished (setting, seed) is appended to ``<out>/runs.jsonl`` with the pre-training and
+fine-tuning settings it ran under; a later call with the same ``--out`` skips what is done under
+the same settings, re-runs pre-training whose settings changed, and re-measures only the Dice of
+a run whose fine-tuning settings changed (or that was bytes-only). The report is rewritten after
+every run, and a run that would not finish inside ``--budget-min`` is not started (the report
+lists it).
 
     python benchmarks/communication_sweep.py --out workspace/comm-sweep \
         --report benchmarks/results/communication
@@ -21,87 +39,301 @@ over the seed-site values).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedcontrast.bench import stats
 from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, finetune_unit, prepare_splits, pretrain_unit
 from fedcontrast.bench.report import environment
 from fedcontrast.methods.base import select
 from fedcontrast.methods.registry import get_method
-from fedcontrast.nets.presets import network_preset
 
-#: The bench's network (``BenchConfig``'s default), so the byte ratios are the bench's.
-NETWORK = network_preset("small")
-PRETRAIN: dict[str, Any] = {}
+logger = logging.getLogger("communication_sweep")
 
-#: (name, method, config overrides, seeds fine-tuned for Dice: 0 = bytes only)
-SETTINGS: list[tuple[str, str, dict[str, Any], int]] = [
-    # in order of priority: the report is rewritten after every setting, so a run stopped at its
-    # deadline still reports what it finished
-    ("fcl", "fcl", {}, 0),
-    ("fedbyol", "fedbyol", {}, 0),
-    ("fclopt", "fclopt", {}, 0),
-    ("fclopt_ptnu", "fclopt_ptnu", {}, 0),
-    ("fclopt_ptnu_dp", "fclopt_ptnu_dp", {}, 2),
-    ("fclopt_ptnu_dp fp16", "fclopt_ptnu_dp", {"transfer": "float16"}, 2),
-    ("fclopt_ptnu+upload", "fclopt_ptnu", {"ptnu_upload": True}, 0),
-    ("dp δ=0", "fclopt_ptnu_dp", {"delta": 0.0}, 1),
-    ("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, 1),
-    ("dp prototypes", "fclopt_ptnu_dp", {"exchange": "prototypes"}, 1),
-    ("fclopt_ptnu_dp 8bit", "fclopt_ptnu_dp", {"transfer": "blockwise8"}, 1),
-    ("fcl fp16", "fcl", {"transfer": "float16"}, 0),
-    ("fedbyol fp16", "fedbyol", {"transfer": "float16"}, 0),
-    ("fclopt fp16", "fclopt", {"transfer": "float16"}, 0),
-    ("fclopt_ptnu fp16", "fclopt_ptnu", {"transfer": "float16"}, 0),
-    ("dp δ=3e-5", "fclopt_ptnu_dp", {"delta": 3e-5}, 0),
-    ("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, 0),
-    ("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"delta": 1e-3, "sync_every": 1000}, 0),
+
+@dataclass
+class Setting:
+    """One row of the report: a method with config overrides.
+
+    ``dice``: fine-tune and score its runs; ``reference``: the setting whose Dice it is paired with.
+    """
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dice: bool = False
+    reference: str | None = None
+
+
+#: The reference of the comparisons: FCLOpt+PTNU+DP at its defaults (float32, δ = 1e-3, T = 5, features).
+REFERENCE = "fclopt_ptnu_dp"
+
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        Setting("fcl", "fcl"),
+        Setting("fedbyol", "fedbyol"),
+        Setting("fclopt", "fclopt"),
+        Setting("fclopt_ptnu", "fclopt_ptnu"),
+        Setting("fclopt_ptnu+upload", "fclopt_ptnu", {"ptnu_upload": True}),
+        Setting(REFERENCE, "fclopt_ptnu_dp", dice=True),
+        Setting("fclopt_ptnu_dp fp16", "fclopt_ptnu_dp", {"transfer": "float16"}, True, REFERENCE),
+        Setting("fclopt_ptnu_dp 8bit", "fclopt_ptnu_dp", {"transfer": "blockwise8"}, True, REFERENCE),
+        Setting("dp prototypes", "fclopt_ptnu_dp", {"exchange": "prototypes"}, True, REFERENCE),
+        Setting("dp δ=0", "fclopt_ptnu_dp", {"delta": 0.0}, True, REFERENCE),
+        Setting("dp δ=3e-5", "fclopt_ptnu_dp", {"delta": 3e-5}, False, REFERENCE),
+        Setting("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, False, REFERENCE),
+        Setting("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, False, REFERENCE),
+        Setting("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"sync_every": 1000}, False, REFERENCE),
+        Setting("fcl fp16", "fcl", {"transfer": "float16"}),
+        Setting("fedbyol fp16", "fedbyol", {"transfer": "float16"}),
+        Setting("fclopt fp16", "fclopt", {"transfer": "float16"}),
+        Setting("fclopt_ptnu fp16", "fclopt_ptnu", {"transfer": "float16"}),
+    ]
+}
+
+_TRIPLET = (REFERENCE, "fclopt_ptnu_dp fp16", "fclopt_ptnu_dp 8bit")
+#: (setting, index into the seeds) in order of priority: the report is rewritten after every run,
+#: so a sweep stopped at its budget reports the most important comparisons complete.
+SCHEDULE: list[tuple[str, int]] = [
+    ("fedbyol", 0),  # every ratio needs it; one local step a round: cheap
+    *((s, i) for i in (0, 1, 2) for s in _TRIPLET),
+    *(("dp prototypes", i) for i in (0, 1)),
+    *(("dp δ=0", i) for i in (0, 1)),
+    *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4")),
+    # bytes-only at one local step a round: cheap
+    *((s, 0) for s in ("fcl", "fclopt", "fclopt_ptnu", "fcl fp16", "fedbyol fp16", "fclopt fp16")),
+    *((s, 0) for s in ("fclopt_ptnu fp16", "fclopt_ptnu+upload")),
+    ("dp δ=1e-3 T=1000", 0),
+    *((s, 2) for s in ("dp prototypes", "dp δ=0")),
+    *((s, i) for i in (3, 4) for s in (*_TRIPLET, "dp prototypes", "dp δ=0")),
 ]
 
+#: Methods whose messages have the same size whatever the training does (measured bytes-only with
+#: one local step a round). ``fclopt_ptnu_dp`` is not among them: its uploads follow the drift.
+STEP_FREE_METHODS = ("fcl", "fedbyol", "fclopt", "fclopt_ptnu")
 
-def run_setting(
-    config: BenchConfig, name: str, method: str, seed: int, splits: dict, out: Path, dice: bool
-) -> dict:
-    """Pre-train one setting and seed; fine-tune and score it when ``dice``; returns its record."""
-    folder = out / "pretrain" / f"{name.replace(' ', '_')}_s{seed}"
-    record_file = folder / "record.json"
-    record = json.loads(record_file.read_text()) if record_file.exists() else None
-    if record is None:
-        record = pretrain_unit(config, method, seed, splits, folder)
-    result = {"setting": name, "method": method, "seed": seed, "record": record, "dice": None}
-    if dice:
-        unit = FinetuneUnit(method, seed, "local", min(config.budgets))
-        rows = finetune_unit(config, unit, splits, folder, record, out / "examples")
-        result["dice"] = {row["site"]: row["dice_mean"] for row in rows}
-        result["finetune_wall_s"] = rows[0]["finetune_wall_s"]
-    return result
+#: ``BenchConfig`` fields the data split depends on: a run folder refuses others.
+DATA_FIELDS = (
+    "sites",
+    "patients_per_site",
+    "test_per_site",
+    "validation_per_site",
+    "data_seed",
+    "size",
+    "difficulty",
+)
+#: Fields a pre-training depends on (besides the method and seed).
+PRETRAIN_FIELDS = (
+    *DATA_FIELDS,
+    "pretrain_steps",
+    "pretrain_rounds",
+    "batch_size",
+    "bundle",
+    "pretrain_overrides",
+)
+#: Fields a fine-tuning depends on (besides its pre-training).
+FINETUNE_FIELDS = (
+    "budgets",
+    "finetune_steps",
+    "finetune_checkpoints",
+    "finetune_lr",
+    "finetune_batch_samples",
+)
 
 
-def per_site_round(record: dict, rounds: int) -> dict[str, float]:
-    """Bytes per site and round by ``<kind>_<direction>`` and in total."""
-    sites = record["sites"]
-    keys = sites[next(iter(sites))]["bytes_by_kind"]
-    mean = {k: statistics.fmean(s["bytes_by_kind"][k] for s in sites.values()) / rounds for k in keys}
-    stats = (
-        statistics.fmean(s["pretrain_bytes_up"] + s["pretrain_bytes_down"] for s in sites.values()) / rounds
+def fingerprint(config: BenchConfig, fields: tuple[str, ...], **extra: Any) -> dict[str, Any]:
+    """The ``fields`` of ``config`` (plus ``extra``) as plain JSON values."""
+    return json.loads(json.dumps({**{f: getattr(config, f) for f in fields}, **extra}, sort_keys=True))
+
+
+def run_config(config: BenchConfig, setting: Setting) -> BenchConfig:
+    """``config`` with the setting's overrides; one local step a round for step-free bytes-only settings."""
+    cfg = replace(config, pretrain_overrides={**config.pretrain_overrides, **setting.overrides})
+    if not setting.dice and setting.method in STEP_FREE_METHODS:
+        cfg = replace(cfg, pretrain_steps=cfg.pretrain_rounds)
+    return cfg
+
+
+def final_scores(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
+    """The test-split rows of the last checkpoint (one per site)."""
+    return [r for r in rows if r["eval_split"] == "test" and r["finetune_steps"] == config.finetune_steps]
+
+
+def run_job(
+    config: BenchConfig,
+    setting: Setting,
+    seed: int,
+    splits: dict[int, dict[str, dict]],
+    out: Path,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pre-train one (setting, seed) and, for a Dice setting, fine-tune and score it.
+
+    ``previous`` is the stored entry of the same (setting, seed), if any: its pre-training is kept
+    when its settings equal this run's, its Dice when its fine-tuning settings do too.
+
+    Returns the entry written to ``runs.jsonl``: ``setting``, ``method``, ``seed``, ``pretrain``
+    and ``finetune`` (the settings it ran under; ``finetune`` None when bytes-only), ``record``
+    (:func:`pretrain_unit`'s), ``scores`` (last-checkpoint test rows of :func:`finetune_unit`,
+    one per site, ``dice_mean`` among their keys; None when bytes-only), ``finetune_wall_s``.
+    """
+    cfg = run_config(config, setting)
+    pretrain_key = fingerprint(cfg, PRETRAIN_FIELDS, method=setting.method, seed=seed)
+    finetune_key = fingerprint(cfg, FINETUNE_FIELDS) if setting.dice else None
+    digest = hashlib.sha1(json.dumps(pretrain_key, sort_keys=True).encode()).hexdigest()[:8]
+    folder = out / "pretrain" / f"{setting.name.replace(' ', '_')}_s{seed}_{digest}"
+    smallest = min(cfg.budgets)
+    if previous and previous.get("pretrain") == pretrain_key and (folder / "record.json").exists():
+        record = previous["record"]
+    else:
+        previous = None
+        record = pretrain_unit(cfg, setting.method, seed, splits[smallest], folder)
+    entry = {
+        "setting": setting.name,
+        "method": setting.method,
+        "seed": seed,
+        "pretrain": pretrain_key,
+        "finetune": None,
+        "record": record,
+        "scores": None,
+        "finetune_wall_s": None,
+    }
+    if finetune_key is None:
+        return entry
+    if previous and previous.get("finetune") == finetune_key and previous.get("scores"):
+        return {**entry, **{k: previous[k] for k in ("finetune", "scores", "finetune_wall_s")}}
+    unit = FinetuneUnit(setting.method, seed, "local", smallest)
+    rows = finetune_unit(cfg, unit, splits[smallest], folder, record, out / "examples")
+    scores = [{**r, "setting": setting.name} for r in final_scores(rows, cfg)]
+    return {
+        **entry,
+        "finetune": finetune_key,
+        "scores": scores,
+        "finetune_wall_s": rows[0]["finetune_wall_s"],
+    }
+
+
+def load_runs(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(setting, seed) -> its latest entry in ``runs.jsonl`` ({} when there is none)."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    if path.exists():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning(
+                    "%s:%d: ignoring a line that is not JSON (a run killed while writing it)", path, number
+                )
+                continue
+            runs[(entry["setting"], entry["seed"])] = entry
+    return runs
+
+
+def check_data(config: BenchConfig, out: Path) -> None:
+    """Refuse a run folder whose phantom and splits were made with other data settings.
+
+    Raises:
+        ValueError: ``out`` holds data of other settings; the message names them.
+    """
+    saved, current = out / "sweep_data.json", fingerprint(config, DATA_FIELDS)
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"{out} holds data of other settings ({', '.join(changed)}); choose another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(current, indent=1))
+
+
+def is_valid(entry: dict[str, Any], config: BenchConfig, seeds: list[int]) -> bool:
+    """True when a stored entry's pre-training (and, for a Dice setting, its fine-tuning) is this run's."""
+    setting = SETTINGS.get(entry["setting"])
+    if setting is None or entry["seed"] not in seeds:
+        return False
+    cfg = run_config(config, setting)
+    if entry.get("pretrain") != fingerprint(cfg, PRETRAIN_FIELDS, method=setting.method, seed=entry["seed"]):
+        return False
+    return not setting.dice or entry.get("finetune") == fingerprint(cfg, FINETUNE_FIELDS)
+
+
+def run_sweep(
+    config: BenchConfig,
+    out: Path,
+    schedule: list[tuple[str, int]],
+    budget_s: float = math.inf,
+    on_run: Any = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, int]]]:
+    """Run the ``schedule``'s (setting, seed index) jobs one after the other in this process.
+
+    Jobs done under the same settings in ``out`` are kept; a job is not started when the wall
+    time so far plus the longest finished job of its kind (Dice or bytes-only) would exceed
+    ``budget_s``. ``on_run(valid_entries)`` is called after every job.
+
+    Returns:
+        The valid entries (in schedule order) and the (setting, seed) jobs not run.
+    """
+    start = time.perf_counter()
+    check_data(config, out)
+    splits = prepare_splits(config, out)
+    path = out / "runs.jsonl"
+    stored = load_runs(path)
+    seeds = list(config.seeds)
+    jobs = [(name, seeds[i]) for name, i in schedule if i < len(seeds)]
+    unknown = sorted({name for name, _ in jobs} - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    longest: dict[bool, float] = {}
+    skipped = []
+
+    def valid() -> list[dict[str, Any]]:
+        return [stored[j] for j in jobs if j in stored and is_valid(stored[j], config, seeds)]
+
+    for name, seed in jobs:
+        setting = SETTINGS[name]
+        if (name, seed) in stored and is_valid(stored[(name, seed)], config, seeds):
+            continue
+        elapsed = time.perf_counter() - start
+        if elapsed + longest.get(setting.dice, 0.0) > budget_s:
+            skipped.append((name, seed))
+            logger.info("not started (budget): %s seed %d", name, seed)
+            continue
+        began = time.perf_counter()
+        entry = run_job(config, setting, seed, splits, out, stored.get((name, seed)))
+        longest[setting.dice] = max(longest.get(setting.dice, 0.0), time.perf_counter() - began)
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        stored[(name, seed)] = entry
+        logger.info("done: %s seed %d in %.0f s", name, seed, time.perf_counter() - began)
+        if on_run is not None:
+            on_run(valid())
+    return valid(), skipped
+
+
+def per_site_round(record: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Bytes per site and round by ``<kind>_<direction>`` and in ``total`` (mean over sites)."""
+    sites = record["sites"].values()
+    keys = next(iter(sites))["bytes_by_kind"]
+    mean = {k: statistics.fmean(s["bytes_by_kind"][k] for s in sites) / rounds for k in keys}
+    mean["total"] = (
+        statistics.fmean(s["pretrain_bytes_up"] + s["pretrain_bytes_down"] for s in sites) / rounds
     )
-    mean["total"] = stats
     return mean
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (0 for fewer than two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-    return mean, t95.get(len(values) - 1, 2.0) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def floor_bytes(config: BenchConfig) -> float:
@@ -110,204 +342,297 @@ def floor_bytes(config: BenchConfig) -> float:
     return 2.0 * sum(v.nbytes for v in select(initial, "weights").values())
 
 
-def summarise(results: list[dict], config: BenchConfig) -> dict[str, Any]:
-    """One row per setting: bytes, ratios, DP bookkeeping, Dice."""
+def _interval(summary: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "mean",
+        "ci_low",
+        "ci_high",
+        "seed_ci_low",
+        "seed_ci_high",
+        "std_seeds",
+        "n_pairs",
+        "n_seeds",
+        "n_sites",
+    )
+    return {k: summary[k] for k in keep}
+
+
+def summarise(entries: list[dict[str, Any]], config: BenchConfig) -> dict[str, Any]:
+    """One row per setting with runs: bytes, ratios, DP bookkeeping, Dice and its paired difference.
+
+    Raises:
+        ValueError: there is no ``fedbyol`` run (every ratio is to its bytes).
+    """
     rounds = config.pretrain_rounds
-    floor = floor_bytes(config) * 1.0
-    rows = {}
-    for name, method, overrides, _ in SETTINGS:
-        runs = [r for r in results if r["setting"] == name]
+    floor = floor_bytes(config)
+    scores = [{**s, "method": s["setting"]} for e in entries if e["scores"] for s in e["scores"]]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, setting in SETTINGS.items():
+        runs = [e for e in entries if e["setting"] == name]
         if not runs:
             continue
-        by_kind = [per_site_round(r["record"], rounds) for r in runs]
-        keys = by_kind[0].keys()
-        mean = {k: statistics.fmean(b[k] for b in by_kind) for k in keys}
-        sync = [m for r in runs for m in r["record"]["server_metrics"] if "target_uploads" in m]
+        by_run = [per_site_round(e["record"], rounds) for e in runs]
+        mean = {k: statistics.fmean(b[k] for b in by_run) for k in by_run[0]}
+        sync = [m for e in runs for m in e["record"]["server_metrics"] if "target_uploads" in m]
         sites = len(runs[0]["record"]["sites"])
-        gaps = [m["target_gap"] for m in sync if "target_gap" in m]
-        dice = [d for r in runs if r["dice"] for d in r["dice"].values()]
-        row = {
-            "method": method,
-            "overrides": overrides,
-            "seeds": [r["seed"] for r in runs],
+        gaps = [m["target_gap"] for m in sync if math.isfinite(m.get("target_gap", math.nan))]
+        row: dict[str, Any] = {
+            "method": setting.method,
+            "overrides": setting.overrides,
+            "seeds": [e["seed"] for e in runs],
+            "local_steps_per_round": runs[0]["pretrain"]["pretrain_steps"] // rounds,
             "bytes_per_site_round": mean,
             "floor_ratio": mean["total"] / floor,
-            "uploads": (sum(m["target_uploads"] for m in sync) / (len(sync) * sites)) if sync else None,
-            "corrections": sum(m["target_correction"] for m in sync) if sync else None,
+            "uploads": sum(m["target_uploads"] for m in sync) / (len(sync) * sites) if sync else None,
+            "corrections_per_run": sum(m["target_correction"] for m in sync) / len(runs) if sync else None,
             "target_gap": statistics.fmean(gaps) if gaps else None,
-            "pretrain_wall_s": statistics.fmean(r["record"]["wall_s"] for r in runs),
+            "pretrain_wall_s": statistics.fmean(e["record"]["wall_s"] for e in runs),
         }
-        if dice:
-            row["dice_mean"], row["dice_ci95"] = t_interval(dice)
-            row["dice_values"] = dice
+        own = [s for s in scores if s["method"] == name]
+        if own:
+            row["dice"] = _interval(stats.values_summary(own))
+            row["dice_values"] = {f"{s['seed']}/{s['site']}": s["dice_mean"] for s in own}
+        if setting.reference and own:
+            pairs = stats.paired_differences(scores, name, setting.reference)
+            if pairs:
+                row["reference"] = setting.reference
+                row["dice_paired"] = _interval(stats.summarise(pairs))
         rows[name] = row
+    if "fedbyol" not in rows:
+        raise ValueError("the ratios need federated BYOL's bytes: no fedbyol run among the entries")
     fedbyol = rows["fedbyol"]["bytes_per_site_round"]["total"]
     for row in rows.values():
         row["fedbyol_ratio"] = row["bytes_per_site_round"]["total"] / fedbyol
-    return {"floor_bytes_per_site_round": floor, "settings": rows}
+    # first seed's per-(round, site) pre-training losses, to tell settings that train identically
+    curves = {
+        name: [c.get("loss") for c in runs[0]["record"]["curve"]]
+        for name in rows
+        if (runs := [e for e in entries if e["setting"] == name])
+    }
+    return {"floor_bytes_per_site_round": floor, "settings": rows, "curves": curves}
 
 
 def kb(value: float | None) -> str:
+    """Bytes as KB (1024) with one decimal; "" for None."""
     return "" if value is None else f"{value / 1024:.1f}"
+
+
+def _ci(summary: dict[str, Any], signed: bool = False) -> str:
+    fmt = "+.3f" if signed else ".3f"
+    return f"{summary['mean']:{fmt}} [{summary['ci_low']:{fmt}}, {summary['ci_high']:{fmt}}]"
+
+
+def verdicts(summary: dict[str, Any]) -> list[str]:
+    """Plain statements of what met issue 16's targets and what missed, with the numbers."""
+    rows = summary["settings"]
+    out = []
+    dp, dp16, dp8 = rows.get(REFERENCE), rows.get("fclopt_ptnu_dp fp16"), rows.get("fclopt_ptnu_dp 8bit")
+    if dp:
+        weights_only = (
+            summary["floor_bytes_per_site_round"] / rows["fedbyol"]["bytes_per_site_round"]["total"]
+        )
+        out.append(
+            f"- FCLOpt+PTNU+DP at full precision: {dp['fedbyol_ratio']:.3f}x federated BYOL's bytes (target "
+            f"<= 0.55x): {'met' if dp['fedbyol_ratio'] <= 0.55 else 'MISSED'}. The floor alone (its online "
+            f"weights up and down at float32) is {weights_only:.3f}x federated BYOL's bytes."
+        )
+    else:
+        out.append("- FCLOpt+PTNU+DP at full precision: not run.")
+    if dp16:
+        out.append(
+            f"- FCLOpt+PTNU+DP with float16 transfer: {dp16['floor_ratio']:.3f}x the floor (target <= 0.6x): "
+            f"{'met' if dp16['floor_ratio'] <= 0.6 else 'MISSED'}."
+        )
+    for row, label in ((dp16, "float16"), (dp8, "8-bit blockwise")):
+        if dp and row and "dice" in dp and "dice" in row:
+            ref, own = dp["dice"], row["dice"]
+            inside = ref["ci_low"] <= own["mean"] <= ref["ci_high"]
+            paired = row.get("dice_paired")
+            text = (
+                f"- Fine-tuned Dice with {label} transfer: {own['mean']:.3f} against {_ci(ref)} at full "
+                f"precision: {'met (inside the interval)' if inside else 'MISSED (outside the interval)'}"
+            )
+            if paired:
+                zero = paired["ci_low"] <= 0.0 <= paired["ci_high"]
+                text += (
+                    f"; paired difference {_ci(paired, True)} over {paired['n_pairs']} (seed, site) pairs "
+                    f"({paired['n_seeds']} seeds), {'containing' if zero else 'EXCLUDING'} 0"
+                )
+            out.append(text + ".")
+    ptnu, upload = rows.get("fclopt_ptnu"), rows.get("fclopt_ptnu+upload")
+    if ptnu and upload:
+        out.append(
+            f"- PTNU's every-round target upload (`ptnu_upload`, off by default): "
+            f"{kb(upload['bytes_per_site_round']['total'])} KB per site and round with it, "
+            f"{kb(ptnu['bytes_per_site_round']['total'])} KB without ({upload['floor_ratio']:.3f}x and "
+            f"{ptnu['floor_ratio']:.3f}x the floor); pre-training losses "
+            f"{'identical' if same_training(summary, 'fclopt_ptnu', 'fclopt_ptnu+upload') else 'DIFFERENT'} "
+            "with and without it (seed 0)."
+        )
+    return out
+
+
+def same_training(summary: dict[str, Any], a: str, b: str) -> bool:
+    """True when settings ``a`` and ``b`` have bit-identical pre-training losses on their first seed."""
+    curves = summary["curves"]
+    return a in curves and b in curves and curves[a] == curves[b]
 
 
 def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """The markdown report."""
     rows = summary["settings"]
     kinds = ["weights_down", "weights_up", "target_down", "target_up", "features_down", "features_up"]
+    config = meta["bench_config"]
     lines = [
         "# Communication of the federated pre-training methods: precision, DP's δ/T, PTNU's upload",
         "",
         f"Written by `{meta['command']}` on {meta['environment']['date']} "
-        f"({meta['environment']['cpu']}, CPU only: no GPU was lent to this task), "
-        f"{meta['wall_min']:.1f} min wall.",
+        f"({meta['environment']['cpu']}, CPU only, torch {meta['environment'].get('torch')}, main at "
+        f"{meta['main_commit']}), {meta['wall_min']:.1f} min wall (this call; 1-min load average "
+        f"{meta['load_average_start']:.1f} at its start, {meta['load_average_end']:.1f} at the last "
+        "report: the machine was shared).",
         "",
-        f"Setup: {meta['sites']} sites x {meta['patients_per_site']} phantom patients, "
-        f"{meta['pretrain_rounds']} pre-training rounds, the bench's network {json.dumps(NETWORK)}; "
-        f"seeds: as many of {meta['seeds']} as the setting fine-tunes (see the JSON), seed "
-        f"{meta['seeds'][0]} for bytes-only settings. Fine-tuning: "
-        "`fedcontrast.bench.protocol.finetune_unit` as on main at "
-        f"{meta['main_commit']}, local mode, N = {meta['n_labeled']} labelled volume(s) per site, "
-        f"{meta['finetune_rounds']} rounds x {meta['finetune_epochs']} epochs. Dice is the mean over "
-        "sites and seeds with the half-width of its 95% t-interval; at this size it separates "
-        "only large differences.",
+        f"Setup: {config['sites']} phantom sites x {config['patients_per_site']} patients "
+        f"({config['difficulty']} phantom; per site {config['test_per_site']} test and "
+        f"{config['validation_per_site']} validation patients held out), the bench's network "
+        f"{json.dumps(config['bundle'])}. Pre-training: {config['pretrain_steps']} steps in "
+        f"{config['pretrain_rounds']} rounds (the bench's 96 steps in 4 rounds would never reach DP's T = 5 "
+        "safety sync), batch "
+        f"{config['batch_size']} volumes; settings of methods whose message sizes do not depend on the "
+        "training (every method but FCLOpt+PTNU+DP) ran bytes-only with one local step a round. "
+        "Fine-tuning (Dice settings): the label-efficiency protocol's `finetune_unit` as it is on main, "
+        f"local mode (each site alone from the global encoder), N = {min(config['budgets'])} labelled volume "
+        f"per site, {config['finetune_steps']} steps of {config['finetune_batch_samples']} slices, "
+        f"lr {config['finetune_lr']}; the score is the last checkpoint's Dice on each site's test patients.",
         "",
         "Bytes: `count_bytes` (ndarray.nbytes) on the messages as sent, per site and round, mean over "
-        "sites, rounds and seeds, in KB. The floor is FedAvg of FCLOpt's online network alone "
+        "sites, rounds and seeds, in KB (1024 bytes). The floor is FedAvg of FCLOpt's online network alone "
         f"(encoder, head, predictor) up and down at float32: {kb(summary['floor_bytes_per_site_round'])} KB.",
         "",
-        "| setting | " + " | ".join(kinds) + " | total | x fedbyol | x floor | uploads | corrections "
-        "| target gap | Dice |",
-        "|---|" + "---|" * (len(kinds) + 8),
+        "| setting | seeds | " + " | ".join(kinds) + " | total | x fedbyol | x floor | uploads | "
+        "corrections / run | target gap |",
+        "|---|" + "---|" * (len(kinds) + 7),
     ]
     for name, row in rows.items():
         b = row["bytes_per_site_round"]
-        dice = f"{row['dice_mean']:.3f} ± {row['dice_ci95']:.3f}" if "dice_mean" in row else ""
         uploads = "" if row["uploads"] is None else f"{100 * row['uploads']:.0f}%"
-        corrections = "" if row["corrections"] is None else f"{row['corrections']:.0f}"
+        corrections = "" if row["corrections_per_run"] is None else f"{row['corrections_per_run']:.1f}"
         gap = "" if row["target_gap"] is None else f"{row['target_gap']:.1e}"
         lines.append(
-            f"| {name} | "
+            f"| {name} | {len(row['seeds'])} | "
             + " | ".join(kb(b.get(k, 0.0)) for k in kinds)
-            + f" | {kb(b['total'])} | {row['fedbyol_ratio']:.2f} | {row['floor_ratio']:.2f} | {uploads} "
-            f"| {corrections} | {gap} | {dice} |"
+            + f" | {kb(b['total'])} | {row['fedbyol_ratio']:.3f} | {row['floor_ratio']:.3f} | {uploads} "
+            f"| {corrections} | {gap} |"
         )
-    if meta["not_finished"]:
-        lines += ["", f"Not run (the sweep was stopped at its deadline): {', '.join(meta['not_finished'])}."]
-    lines += ["", "## Targets", ""] + meta["verdicts"]
+    scored = {n: r for n, r in rows.items() if "dice" in r}
+    if scored:
+        lines += [
+            "",
+            "## Fine-tuned Dice",
+            "",
+            "Mean over the (seed, site) scores with its 95% percentile bootstrap interval; the paired "
+            "difference is the setting minus its reference on the same seed, site and split, with the 95% "
+            "bootstrap interval over the (seed, site) pairs and, beside it, the interval resampling whole "
+            "seeds (`fedcontrast.bench.stats`).",
+            "",
+            "| setting | Dice [95% CI] | pairs | minus | paired difference [95% CI] | [95% CI, seeds] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in scored.items():
+            paired = row.get("dice_paired")
+            diff = (
+                f"{row['reference']} | {_ci(paired, True)} | [{paired['seed_ci_low']:+.3f}, "
+                f"{paired['seed_ci_high']:+.3f}]"
+                if paired
+                else " | | "
+            )
+            lines.append(f"| {name} | {_ci(row['dice'])} | {row['dice']['n_pairs']} | {diff} |")
+    if meta["not_run"]:
+        lines += ["", "Not run (budget): " + ", ".join(f"{n} (seed {s})" for n, s in meta["not_run"]) + "."]
+    lines += ["", "## Targets (issue 16)", "", *meta["verdicts"]]
     return "\n".join(lines) + "\n"
 
 
-def verdicts(summary: dict[str, Any]) -> list[str]:
-    """Plain statements of what met the issue's targets and what missed."""
-    rows = summary["settings"]
-    out = []
-    dp, dp16 = rows.get("fclopt_ptnu_dp"), rows.get("fclopt_ptnu_dp fp16")
-    if dp:
-        ok = dp["fedbyol_ratio"] <= 0.55
-        weights_only = (
-            summary["floor_bytes_per_site_round"] / rows["fedbyol"]["bytes_per_site_round"]["total"]
+def git_commit() -> str:
+    """The short commit of this checkout ("unknown" outside git)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         )
-        out.append(
-            f"- FCLOpt+PTNU+DP at full precision: {dp['fedbyol_ratio']:.2f}x federated BYOL's bytes "
-            f"(target <= 0.55x): {'met' if ok else 'MISSED'}. Its online weights alone, up and down, are "
-            f"{weights_only:.2f}x "
-            "federated BYOL's bytes, so no target schedule reaches 0.55x at float32."
-        )
-    if dp16:
-        ok = dp16["floor_ratio"] <= 0.6
-        out.append(
-            f"- FCLOpt+PTNU+DP with float16 transfer: {dp16['floor_ratio']:.2f}x the floor "
-            f"(target <= 0.6x): {'met' if ok else 'MISSED'}."
-        )
-    if dp and dp16 and "dice_mean" in dp and "dice_mean" in dp16:
-        inside = abs(dp16["dice_mean"] - dp["dice_mean"]) <= dp["dice_ci95"]
-        out.append(
-            f"- Dice with float16: {dp16['dice_mean']:.3f} against {dp['dice_mean']:.3f} ± "
-            f"{dp['dice_ci95']:.3f} at full precision: {'inside' if inside else 'OUTSIDE'} the interval."
-        )
-    ptnu, loud = rows.get("fclopt_ptnu"), rows.get("fclopt_ptnu+upload")
-    if ptnu and loud and "dice_values" in ptnu and "dice_values" in loud:
-        same = ptnu["dice_values"] == loud["dice_values"]
-        out.append(
-            f"- PTNU's every-round target upload: {kb(loud['bytes_per_site_round']['total'])} KB against "
-            f"{kb(ptnu['bytes_per_site_round']['total'])} KB per site and round without it; fine-tuned Dice "
-            f"{'identical' if same else 'different'} ({loud['dice_mean']:.3f} vs {ptnu['dice_mean']:.3f}). "
-            "The upload only feeds the server's target_gap metric, so it is off by default (`ptnu_upload`)."
-        )
-    return out
+        return done.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(
+    entries: list[dict[str, Any]],
+    config: BenchConfig,
+    report: Path,
+    meta: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Summarise ``entries`` and (re)write ``report``.json and .md; None while there is no fedbyol run."""
+    if not any(e["setting"] == "fedbyol" for e in entries):
+        return None
+    summary = summarise(entries, config)
+    meta = {**meta, "bench_config": asdict(config), "verdicts": verdicts(summary)}
+    report.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, **summary, "runs": entries}
+    report.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    report.with_suffix(".md").write_text(render(summary, meta))
+    return summary
 
 
 def main() -> None:
+    defaults = BenchConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("workspace/comm-sweep"))
     parser.add_argument("--report", type=Path, default=Path("benchmarks/results/communication"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sites", type=int, default=2)
-    parser.add_argument("--patients-per-site", type=int, default=4)
+    parser.add_argument("--patients-per-site", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=5, help="pre-training rounds (DP's T = 5 sync needs 5)")
+    parser.add_argument("--pretrain-steps", type=int, default=100, help="pre-training steps per site in all")
+    parser.add_argument(
+        "--budget-min", type=float, default=math.inf, help="start no run that would end later"
+    )
     parser.add_argument("--only", nargs="+", help="run only these settings (names as in SETTINGS)")
-    parser.add_argument("--main-commit", default="unknown", help="commit of main whose bench pieces are used")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = BenchConfig(
+    config = replace(
+        defaults,
         methods=[],
-        budgets=[1],
         seeds=args.seeds,
         sites=args.sites,
         patients_per_site=args.patients_per_site,
         pretrain_rounds=args.rounds,
-        finetune_rounds=1,
-        finetune_epochs=4,
-        network=dict(NETWORK),
-        pretrain_overrides=dict(PRETRAIN),
+        pretrain_steps=args.pretrain_steps,
+        # the smallest of the bench's budgets; steps, checkpoints, batch, lr, held-out patients: its defaults
+        budgets=[min(defaults.budgets)],
     )
+    schedule = [(n, i) for n, i in SCHEDULE if not args.only or n in args.only]
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = prepare_splits(config, args.out)[1]
-    jobs = []
-    for name, method, overrides, dice_seeds in SETTINGS:
-        if args.only and name not in args.only:
-            continue
-        setting_config = replace(config, pretrain_overrides={**PRETRAIN, **overrides})
-        for i, seed in enumerate(args.seeds[: max(dice_seeds, 1)]):
-            jobs.append((setting_config, name, method, seed, splits, args.out, i < dice_seeds))
-    results = []
-    for job in jobs:  # one after the other in this process (no start-up per unit)
-        results.append(run_setting(*job))
-        logging.info("done: %s seed %d", results[-1]["setting"], results[-1]["seed"])
-        write_report(results, config, args, start)
-
-
-def write_report(results: list[dict], config: BenchConfig, args: argparse.Namespace, start: float) -> None:
-    """Summarise the finished settings and (re)write the JSON and markdown reports."""
-    if not any(r["setting"] == "fedbyol" for r in results):
-        return  # the ratios need federated BYOL's row (the second setting)
-    summary = summarise(results, config)
     meta = {
-        "command": f"python benchmarks/communication_sweep.py --rounds {args.rounds} --sites {args.sites} "
-        f"--seeds {' '.join(map(str, args.seeds))}",
+        "command": "python " + shlex.join(sys.argv),
         "environment": environment(),
-        "wall_min": (time.perf_counter() - start) / 60,
-        "sites": config.sites,
-        "patients_per_site": config.patients_per_site,
-        "pretrain_rounds": config.pretrain_rounds,
-        "seeds": args.seeds,
-        "n_labeled": 1,
-        "finetune_rounds": config.finetune_rounds,
-        "finetune_epochs": config.finetune_epochs,
-        "main_commit": args.main_commit,
-        "not_finished": [
-            name
-            for name, *_ in SETTINGS
-            if name not in summary["settings"] and not (args.only and name not in args.only)
-        ],
+        "main_commit": git_commit(),
+        "load_average_start": os.getloadavg()[0],
     }
-    meta["verdicts"] = verdicts(summary)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "bench_config": asdict(config), **summary, "runs": results}
-    args.report.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    args.report.with_suffix(".md").write_text(render(summary, meta))
+
+    def report(entries: list[dict[str, Any]], not_run: list | None = None) -> None:
+        done = {(e["setting"], e["seed"]) for e in entries}
+        pending = [(n, config.seeds[i]) for n, i in schedule if i < len(config.seeds)]
+        meta_now = {
+            **meta,
+            "wall_min": (time.perf_counter() - start) / 60,
+            "load_average_end": os.getloadavg()[0],
+            "not_run": [j for j in pending if j not in done],
+        }
+        write_report(entries, config, args.report, meta_now)
+
+    entries, skipped = run_sweep(config, args.out, schedule, args.budget_min * 60, report)
+    report(entries)
+    if skipped:
+        logger.info("not run (budget): %s", skipped)
 
 
 if __name__ == "__main__":
