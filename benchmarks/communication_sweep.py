@@ -108,13 +108,15 @@ _TRIPLET = (REFERENCE, "fclopt_ptnu_dp fp16", "fclopt_ptnu_dp 8bit")
 #: so a sweep stopped at its budget reports the most important comparisons complete.
 SCHEDULE: list[tuple[str, int]] = [
     ("fedbyol", 0),  # every ratio needs it; one local step a round: cheap
-    *((s, i) for i in (0, 1, 2) for s in _TRIPLET),
+    *((s, i) for i in (0, 1) for s in _TRIPLET),
     *(("dp prototypes", i) for i in (0, 1)),
     *(("dp δ=0", i) for i in (0, 1)),
     *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4")),
     # bytes-only at one local step a round: cheap
     *((s, 0) for s in ("fcl", "fclopt", "fclopt_ptnu", "fcl fp16", "fedbyol fp16", "fclopt fp16")),
     *((s, 0) for s in ("fclopt_ptnu fp16", "fclopt_ptnu+upload")),
+    # a third seed for every Dice comparison, the transfer precisions first
+    *((s, 2) for s in _TRIPLET),
     ("dp δ=1e-3 T=1000", 0),
     *((s, 2) for s in ("dp prototypes", "dp δ=0")),
     *((s, i) for i in (3, 4) for s in (*_TRIPLET, "dp prototypes", "dp δ=0")),
