@@ -95,6 +95,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("dp δ=3e-5", "fclopt_ptnu_dp", {"delta": 3e-5}, False, REFERENCE),
         Setting("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, False, REFERENCE),
         Setting("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, False, REFERENCE),
+        Setting("dp δ=3e-3", "fclopt_ptnu_dp", {"delta": 3e-3}, False, REFERENCE),
+        Setting("dp δ=1e-2", "fclopt_ptnu_dp", {"delta": 1e-2}, False, REFERENCE),
         Setting("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"sync_every": 1000}, False, REFERENCE),
         Setting("fcl fp16", "fcl", {"transfer": "float16"}),
         Setting("fedbyol fp16", "fedbyol", {"transfer": "float16"}),
@@ -109,12 +111,14 @@ _TRIPLET = (REFERENCE, "fclopt_ptnu_dp fp16", "fclopt_ptnu_dp 8bit")
 SCHEDULE: list[tuple[str, int]] = [
     ("fedbyol", 0),  # every ratio needs it; one local step a round: cheap
     *((s, i) for i in (0, 1) for s in _TRIPLET),
-    *(("dp prototypes", i) for i in (0, 1)),
-    *(("dp δ=0", i) for i in (0, 1)),
-    *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4")),
+    ("dp δ=1e-2", 0),  # above the sites' predicted distances: what DP saves when it acts
     # bytes-only at one local step a round: cheap
     *((s, 0) for s in ("fcl", "fclopt", "fclopt_ptnu", "fcl fp16", "fedbyol fp16", "fclopt fp16")),
     *((s, 0) for s in ("fclopt_ptnu fp16", "fclopt_ptnu+upload")),
+    ("dp δ=3e-3", 0),
+    *(("dp prototypes", i) for i in (0, 1)),
+    *(("dp δ=0", i) for i in (0, 1)),
+    *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4")),
     # a third seed for every Dice comparison, the transfer precisions first
     *((s, 2) for s in _TRIPLET),
     ("dp δ=1e-3 T=1000", 0),
@@ -274,6 +278,11 @@ def is_valid(entry: dict[str, Any], config: BenchConfig, seeds: list[int]) -> bo
     return not setting.dice or entry.get("finetune") == fingerprint(cfg, FINETUNE_FIELDS)
 
 
+def job_kind(setting: Setting) -> tuple[bool, bool]:
+    """(fine-tuned, bytes-only at one local step a round): jobs of one kind take about as long."""
+    return setting.dice, not setting.dice and setting.method in STEP_FREE_METHODS
+
+
 def run_sweep(
     config: BenchConfig,
     out: Path,
@@ -284,8 +293,9 @@ def run_sweep(
     """Run the ``schedule``'s (setting, seed index) jobs one after the other in this process.
 
     Jobs done under the same settings in ``out`` are kept; a job is not started when the wall
-    time so far plus the longest finished job of its kind (Dice or bytes-only) would exceed
-    ``budget_s``. ``on_run(valid_entries)`` is called after every job.
+    time so far plus the longest finished job of its kind (:func:`job_kind`; finished in this call
+    or, from their recorded walls, in an earlier one) would exceed ``budget_s``.
+    ``on_run(valid_entries)`` is called after every job.
 
     Returns:
         The valid entries (in schedule order) and the (setting, seed) jobs not run.
@@ -300,7 +310,12 @@ def run_sweep(
     unknown = sorted({name for name, _ in jobs} - set(SETTINGS))
     if unknown:
         raise ValueError(f"unknown settings {unknown}; known: {list(SETTINGS)}")
-    longest: dict[bool, float] = {}
+    longest: dict[tuple[bool, bool], float] = {}
+    for entry in stored.values():
+        if entry.get("setting") in SETTINGS:
+            kind = job_kind(SETTINGS[entry["setting"]])
+            wall = entry["record"]["wall_s"] + (entry.get("finetune_wall_s") or 0.0)
+            longest[kind] = max(longest.get(kind, 0.0), wall)
     skipped = []
 
     def valid() -> list[dict[str, Any]]:
@@ -311,13 +326,14 @@ def run_sweep(
         if (name, seed) in stored and is_valid(stored[(name, seed)], config, seeds):
             continue
         elapsed = time.perf_counter() - start
-        if elapsed + longest.get(setting.dice, 0.0) > budget_s:
+        if elapsed + longest.get(job_kind(setting), 0.0) > budget_s:
             skipped.append((name, seed))
             logger.info("not started (budget): %s seed %d", name, seed)
             continue
         began = time.perf_counter()
         entry = run_job(config, setting, seed, splits, out, stored.get((name, seed)))
-        longest[setting.dice] = max(longest.get(setting.dice, 0.0), time.perf_counter() - began)
+        kind = job_kind(setting)
+        longest[kind] = max(longest.get(kind, 0.0), time.perf_counter() - began)
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         stored[(name, seed)] = entry
@@ -489,7 +505,7 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Communication of the federated pre-training methods: precision, DP's δ/T, PTNU's upload",
         "",
         f"Written by `{meta['command']}` on {meta['environment']['date']} "
-        f"({meta['environment']['cpu']}, CPU only, torch {meta['environment'].get('torch')}, main at "
+        f"({meta['environment']['cpu']}, CPU only, torch {meta['environment'].get('torch')}, checkout at "
         f"{meta['main_commit']}), {meta['wall_min']:.1f} min wall (this call; 1-min load average "
         f"{meta['load_average_start']:.1f} at its start, {meta['load_average_end']:.1f} at the last "
         "report: the machine was shared).",
@@ -622,7 +638,7 @@ def main() -> None:
 
     def report(entries: list[dict[str, Any]], not_run: list | None = None) -> None:
         done = {(e["setting"], e["seed"]) for e in entries}
-        pending = [(n, config.seeds[i]) for n, i in schedule if i < len(config.seeds)]
+        pending = [(n, config.seeds[i]) for n, i in SCHEDULE if i < len(config.seeds)]
         meta_now = {
             **meta,
             "wall_min": (time.perf_counter() - start) / 60,
