@@ -360,6 +360,12 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             level[f"pretrain_{key}_vs_z0"] = (
                 summarise(paired_differences(pairs, name, label(0.0), lambda p: p["value"])) if z else None
             )
+        level["pretrain_final"] = [
+            {"seed": p["seed"], "site": p["site"], key: p["value"]}
+            for key, pairs in pre.items()
+            for p in pairs
+            if p["method"] == name
+        ]
         level["pretrain_wall_s"] = [r["wall_s"] for r in records[z]]
         levels.append(level)
     random_init = values_summary([r for r in rows if r["method"] == RANDOM_INIT])
@@ -382,6 +388,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         "z0_source": source["z0"] or "run here",
         "z0_reproduction": reproduction(work, args.seeds[0]),
         "random_init_dice": random_init,
+        "notes": args.notes,
         "levels": levels,
         "rows": rows,
     }
@@ -409,20 +416,22 @@ def markdown(doc: dict[str, Any]) -> str:
         "percentile bootstraps over the (seed, site) pairs. Random init: " + doc["random_init_source"] + ". "
         f"Z = 0 (FCL without the filter): {doc['z0_source']}; {doc['z0_reproduction']}.",
         "",
-        "| Z | seeds | Dice | Dice vs Z = 0 | Dice vs random init | final loss | loss vs Z = 0 | "
+        "| Z | seeds pre-trained / fine-tuned | Dice | Dice vs Z = 0 | Dice vs random init | final loss | "
+        "loss vs Z = 0 | "
         "partition acc. | partition acc. vs Z = 0 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in doc["levels"]:
         lines.append(
-            f"| {lv['Z']:g} | {len(lv['seeds_finetuned'])} | {num(lv['dice'])} | "
+            f"| {lv['Z']:g} | {len(lv['seeds_pretrained'])} / {len(lv['seeds_finetuned'])} | "
+            f"{num(lv['dice'])} | "
             f"{vs_z0(lv, 'dice')} | {fmt(lv['dice_vs_random_init'])} | {num(lv['pretrain_loss'])} | "
             f"{vs_z0(lv, 'pretrain_loss')} | {num(lv['pretrain_partition_accuracy'])} | "
             f"{vs_z0(lv, 'pretrain_partition_accuracy')} |"
         )
     ri = doc["random_init_dice"]
+    lines += ["", *([f"**Notes.** {doc['notes']}", ""] if doc["notes"] else [])]
     lines += [
-        "",
         f"Random init's Dice on the same pairs: {ri['mean']:.3f} ({ri['n_pairs']} (seed, site) pairs).",
         "",
         f"## Privacy of one feature row (δ = {doc['delta']:g})",
@@ -469,10 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         "--wall-budget", type=float, default=math.inf, help="seconds after which no unit starts"
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--notes", default="", help="text for the report (how the run went)")
     args = parser.parse_args(argv)
     if 0.0 not in args.noise:
         parser.error("--noise must include 0 (the reference)")
-    args.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    shown = [
+        "'<the notes below>'" if i and sys.argv[i - 1] == "--notes" else shlex.quote(a)
+        for i, a in enumerate(sys.argv)
+    ]
+    args.command = "python " + " ".join(shown)
     if not args.report_only:
         run(args)
     document = report(args)
