@@ -119,8 +119,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: How each setting of the cpu profile was chosen (the report's settings table). None was chosen on
 #: test scores; where a setting could not be tuned in the time available, that is what it says.
 SETTING_CHOICES: dict[str, str] = {
-    "finetune_steps": "the largest budget whose full N=1 grid fits one 2-core session; random init's "
-    "validation curve (this run) says whether it reached its plateau",
+    "finetune_steps": "96 (the cpu profile): the largest budget whose full grid fits one 2-core session, "
+    "below random init's plateau (0.10-0.12 under it in federated fine-tuning); the protocol's budget, "
+    "chosen on random init's 768-step validation curve, is 384 (--finetune-steps 384 "
+    "--finetune-checkpoints 8; benchmarks/results/label_efficiency_budget)",
     "finetune_lr": "the bundle's default learning rate (AdamW 1e-3), not tuned",
     "finetune_batch_samples": "8 slices a step for every N (from min(N, 8) volumes), so every budget "
     "gets the same optimiser steps on batches of the same size; not tuned",
