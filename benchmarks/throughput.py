@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -83,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="bf16", help="pre-training autocast: bf16, fp16 or off")
-    parser.add_argument("--methods", nargs="+", default=["fcl", "fclopt_ptnu_dp"])
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=["fcl", "fclopt_ptnu_dp"],
+        help="pre-training methods (none: fine-tuning only)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--patients", type=int, default=6, help="phantom patients of the site")
     parser.add_argument("--batch-size", type=int, default=4, help="pre-training volumes per batch")
@@ -92,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    load_at_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
     bundle = TINY if args.tiny else BUNDLE
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none: CPU run",
         "amp": {"pretraining": args.amp if device.type == "cuda" else "off (CPU)", "finetuning": "bundle"},
         "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": {"start": load_at_start, "end": os.getloadavg(), "cpus": os.cpu_count()},
         "config": {"bundle": bundle, "patients": patients, "rounds": args.rounds, "pretraining": pretrain},
         "environment": environment(),
         **results,
