@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from fedcontrast.bench.protocol import SMALL_BUNDLE
 from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
@@ -37,9 +38,9 @@ from fedcontrast.methods.supervised import supervised_entries
 from fedcontrast.methods.volumes import pretraining_entries
 from fedcontrast.nets.presets import network_preset
 
-#: The bench's network (``fedcontrast.bench.protocol.BenchConfig``) and a tiny one for tests.
-BUNDLE = network_preset("small")
-TINY = network_preset("tiny", roi_size=[32, 32], patch_size=[32, 32, 8])
+#: The bench's network (``fedcontrast.bench.protocol.BenchConfig``: 2D) and a tiny one for tests.
+BUNDLE = SMALL_BUNDLE
+TINY = {"spatial_dims": 2, **network_preset("tiny", roi_size=[32, 32], patch_size=[32, 32, 8])}
 TINY_PRETRAIN = {"head_hidden": 16, "predictor_hidden": 16, "embedding_dim": 16, "features_per_partition": 2}
 
 
