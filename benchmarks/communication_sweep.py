@@ -13,10 +13,11 @@ patients.
 
 Reported per setting: payload bytes per site and round by kind and direction, the ratio to
 federated BYOL and to the floor (FedAvg of FCLOpt's online network alone, up and down, at full
-precision), DP's uploads (fraction of site-rounds), corrections per run, the mean prediction
-gap (``target_gap``), the fine-tuned Dice (mean and 95% bootstrap interval over the (seed,
-site) scores) and its **paired difference** from the setting's reference (the full-precision
-DP run; for the δ sweep and prototypes, the default DP run): same seed, same site, same split,
+precision), DP's uploads (fraction of site-rounds), corrections per run, the prediction gap
+(``target_gap``: mean over the rounds with uploads, and in the last round), the fine-tuned
+Dice (mean and 95% bootstrap interval over the (seed, site) scores) and its **paired
+difference** from the setting's reference (the full-precision DP run; for the δ sweep and
+prototypes, the default DP run): same seed, same site, same split,
 the interval a percentile bootstrap over the (seed, site) pairs
 (:mod:`fedcontrast.bench.stats`).
 
@@ -96,7 +97,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("dp δ=1e-4", "fclopt_ptnu_dp", {"delta": 1e-4}, False, REFERENCE),
         Setting("dp δ=3e-4", "fclopt_ptnu_dp", {"delta": 3e-4}, False, REFERENCE),
         Setting("dp δ=3e-3", "fclopt_ptnu_dp", {"delta": 3e-3}, False, REFERENCE),
-        Setting("dp δ=1e-2", "fclopt_ptnu_dp", {"delta": 1e-2}, False, REFERENCE),
+        Setting("dp δ=1e-2", "fclopt_ptnu_dp", {"delta": 1e-2}, True, REFERENCE),
         Setting("dp δ=1e-2 fp16", "fclopt_ptnu_dp", {"delta": 1e-2, "transfer": "float16"}, False, REFERENCE),
         Setting("dp δ=1e-3 T=1000", "fclopt_ptnu_dp", {"sync_every": 1000}, False, REFERENCE),
         Setting("fcl fp16", "fcl", {"transfer": "float16"}),
@@ -112,20 +113,20 @@ _TRIPLET = (REFERENCE, "fclopt_ptnu_dp fp16", "fclopt_ptnu_dp 8bit")
 SCHEDULE: list[tuple[str, int]] = [
     ("fedbyol", 0),  # every ratio needs it; one local step a round: cheap
     *((s, i) for i in (0, 1) for s in _TRIPLET),
-    ("dp δ=1e-2", 0),  # above the sites' predicted distances: what DP saves when it acts
+    # above the sites' predicted distances (at 20 steps a round): what DP saves when it acts
+    *(("dp δ=1e-2", i) for i in (0, 1)),
     ("dp δ=1e-2 fp16", 0),
     # bytes-only at one local step a round: cheap
     *((s, 0) for s in ("fcl", "fclopt", "fclopt_ptnu", "fcl fp16", "fedbyol fp16", "fclopt fp16")),
     *((s, 0) for s in ("fclopt_ptnu fp16", "fclopt_ptnu+upload")),
     ("dp δ=3e-3", 0),
     *(("dp prototypes", i) for i in (0, 1)),
+    # a third seed for the Dice comparisons, the transfer precisions first
+    *((s, 2) for s in (*_TRIPLET, "dp δ=1e-2", "dp prototypes")),
     *(("dp δ=0", i) for i in (0, 1)),
-    *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4")),
-    # a third seed for every Dice comparison, the transfer precisions first
-    *((s, 2) for s in _TRIPLET),
-    ("dp δ=1e-3 T=1000", 0),
-    *((s, 2) for s in ("dp prototypes", "dp δ=0")),
-    *((s, i) for i in (3, 4) for s in (*_TRIPLET, "dp prototypes", "dp δ=0")),
+    *((s, 0) for s in ("dp δ=3e-5", "dp δ=1e-4", "dp δ=3e-4", "dp δ=1e-3 T=1000")),
+    ("dp δ=0", 2),
+    *((s, i) for i in (3, 4) for s in (*_TRIPLET, "dp δ=1e-2", "dp prototypes", "dp δ=0")),
 ]
 
 #: Methods whose messages have the same size whatever the training does (measured bytes-only with
@@ -395,7 +396,16 @@ def summarise(entries: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
         mean = {k: statistics.fmean(b[k] for b in by_run) for k in by_run[0]}
         sync = [m for e in runs for m in e["record"]["server_metrics"] if "target_uploads" in m]
         sites = len(runs[0]["record"]["sites"])
-        gaps = [m["target_gap"] for m in sync if math.isfinite(m.get("target_gap", math.nan))]
+        # the gap measures the sites' real targets only in rounds where some site uploaded its target
+        # (otherwise the server's running target is its own prediction folded in): those rounds only
+        measured = [
+            m for m in sync if m["target_uploads"] > 0 and math.isfinite(m.get("target_gap", math.nan))
+        ]
+        gaps = [m["target_gap"] for m in measured]
+        last_round = max((m["round"] for m in sync), default=None)
+        last = [
+            m["target_gap"] for m in measured if m["round"] == last_round and m["target_uploads"] == sites
+        ]
         row: dict[str, Any] = {
             "method": setting.method,
             "overrides": setting.overrides,
@@ -406,6 +416,7 @@ def summarise(entries: list[dict[str, Any]], config: BenchConfig) -> dict[str, A
             "uploads": sum(m["target_uploads"] for m in sync) / (len(sync) * sites) if sync else None,
             "corrections_per_run": sum(m["target_correction"] for m in sync) / len(runs) if sync else None,
             "target_gap": statistics.fmean(gaps) if gaps else None,
+            "last_round_gap": statistics.fmean(last) if last else None,
             "pretrain_wall_s": statistics.fmean(e["record"]["wall_s"] for e in runs),
         }
         own = [s for s in scores if s["method"] == name]
@@ -533,11 +544,14 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"lr {config['finetune_lr']}; the score is the last checkpoint's Dice on each site's test patients.",
         "",
         "Bytes: `count_bytes` (ndarray.nbytes) on the messages as sent, per site and round, mean over "
-        "sites, rounds and seeds, in KB (1024 bytes). The floor is FedAvg of FCLOpt's online network alone "
+        "sites, rounds and seeds, in KB (1024 bytes). Uploads: share of site-rounds that sent their target; "
+        "target gap: ‖ξ_srv - ξ_pred‖ / ‖ξ_srv‖, the server's target (built from the uploaded real targets) "
+        "against the sites' prediction, mean over the rounds in which some site uploaded, and in the last "
+        "round when every site uploaded (the T sync). The floor is FedAvg of FCLOpt's online network alone "
         f"(encoder, head, predictor) up and down at float32: {kb(summary['floor_bytes_per_site_round'])} KB.",
         "",
         "| setting | seeds | " + " | ".join(kinds) + " | total | x fedbyol | x floor | uploads | "
-        "corrections / run | target gap |",
+        "corrections / run | target gap: mean / last round |",
         "|---|" + "---|" * (len(kinds) + 7),
     ]
     for name, row in rows.items():
@@ -545,6 +559,8 @@ def render(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         uploads = "" if row["uploads"] is None else f"{100 * row['uploads']:.0f}%"
         corrections = "" if row["corrections_per_run"] is None else f"{row['corrections_per_run']:.1f}"
         gap = "" if row["target_gap"] is None else f"{row['target_gap']:.1e}"
+        if row["last_round_gap"] is not None:
+            gap += f" / {row['last_round_gap']:.1e}"
         lines.append(
             f"| {name} | {len(row['seeds'])} | "
             + " | ".join(kb(b.get(k, 0.0)) for k in kinds)
