@@ -11,18 +11,8 @@ from fedcontrast.methods.device import amp_dtype, autocast, float32_loss, grad_s
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.losses import info_nce
 from fedcontrast.methods.registry import get_method
-from fedcontrast.nets.presets import network_preset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "bundle": network_preset("tiny", roi_size=[32, 32]),
-    "batch_size": 2,
-    "head_hidden": 16,
-    "embedding_dim": 16,
-    "features_per_partition": 2,
-    "local_samples": 2,
-    "remote_samples": 2,
-}
 
 
 def test_amp_is_chosen_per_device_and_off_on_the_cpu():
@@ -64,7 +54,9 @@ def test_losses_run_in_float32_under_autocast():
         assert seen(torch.ones(2, dtype=torch.bfloat16)) == (torch.float32, False)
 
 
-def test_the_trainer_runs_on_the_device_it_is_given_without_autocast_on_the_cpu(phantom_images, monkeypatch):
+def test_the_trainer_runs_on_the_device_it_is_given_without_autocast_on_the_cpu(
+    phantom_images, tiny_fcl_config, monkeypatch
+):
     datalist = phantom_images(1)["site-1"]
     seen = []
     step = FCLTrainer.training_step
@@ -75,7 +67,7 @@ def test_the_trainer_runs_on_the_device_it_is_given_without_autocast_on_the_cpu(
         return terms
 
     monkeypatch.setattr(FCLTrainer, "training_step", spy)
-    config = {**TINY, "amp": "bf16"}
+    config = {**tiny_fcl_config, "amp": "bf16"}
     trainer = FCLTrainer(config, datalist, "site-1", "cpu")
     assert trainer.device == torch.device("cpu")
     assert all(p.device.type == "cpu" for p in trainer.model.parameters())

@@ -18,16 +18,6 @@ from fedcontrast.methods.privacy import (
     gaussian_epsilon,
 )
 from fedcontrast.methods.runner import run_in_process
-from fedcontrast.nets.presets import network_preset
-
-TINY = {
-    "bundle": network_preset("tiny", roi_size=[32, 32]),
-    "batch_size": 2,
-    "head_hidden": 16,
-    "features_per_partition": 2,
-    "local_samples": 2,
-    "remote_samples": 2,
-}
 
 
 def test_feature_privacy_is_reproducible_per_site_and_round_and_off_when_unset():
@@ -58,13 +48,13 @@ def test_feature_privacy_is_reproducible_per_site_and_round_and_off_when_unset()
 
 
 @pytest.fixture(scope="module")
-def unfiltered(phantom_images):
+def unfiltered(phantom_images, tiny_fcl_config):
     """Two rounds of tiny FCL on two sites without any site filter."""
-    return run_in_process("fcl", TINY, phantom_images(1), rounds=2)
+    return run_in_process("fcl", tiny_fcl_config, phantom_images(1), rounds=2)
 
 
 def test_the_server_and_the_other_sites_receive_only_the_filtered_features(
-    phantom_images, unfiltered, monkeypatch
+    phantom_images, unfiltered, tiny_fcl_config, monkeypatch
 ):
     privacy = FeaturePrivacy(clip_norm=0.5, noise_std=0.5, seed=0)
     sent: dict[tuple[str, int], tuple[dict, dict]] = {}
@@ -84,7 +74,7 @@ def test_the_server_and_the_other_sites_receive_only_the_filtered_features(
     received: dict[int, dict] = {}
     filtered = run_in_process(
         "fcl",
-        TINY,
+        tiny_fcl_config,
         phantom_images(1),
         rounds=2,
         site_filter=site_filter,
@@ -113,9 +103,9 @@ def test_the_server_and_the_other_sites_receive_only_the_filtered_features(
     assert any(not np.array_equal(filtered.global_message[k], unfiltered.global_message[k]) for k in weights)
 
 
-def test_no_clip_and_no_noise_is_bit_identical_to_no_filter(phantom_images, unfiltered):
+def test_no_clip_and_no_noise_is_bit_identical_to_no_filter(phantom_images, unfiltered, tiny_fcl_config):
     off = run_in_process(
-        "fcl", TINY, phantom_images(1), rounds=2, site_filter=FeaturePrivacy(0.0, 0.0, seed=0)
+        "fcl", tiny_fcl_config, phantom_images(1), rounds=2, site_filter=FeaturePrivacy(0.0, 0.0, seed=0)
     )
     assert off.global_message.keys() == unfiltered.global_message.keys()
     for key, value in unfiltered.global_message.items():
