@@ -286,5 +286,13 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     assert fedcontrast_cli(argv) == 0  # resumed: nothing left to do
     assert (out / "rows.jsonl").read_text() == rows_before
     capsys.readouterr()
-    assert fedcontrast_cli([*argv, "--seeds", "5"]) != 0
-    assert "holds a run with other settings (seeds)" in capsys.readouterr().err
+    assert fedcontrast_cli([*argv, "--patients-per-site", "6"]) != 0
+    assert "holds a run with other settings (patients_per_site)" in capsys.readouterr().err
+
+    # a later call adds a seed: only its units run, the folder and its report hold both seeds
+    assert fedcontrast_cli([*argv, "--seeds", "1"]) == 0
+    assert (out / "rows.jsonl").read_text().startswith(rows_before)
+    assert json.loads((out / "bench_config.json").read_text())["seeds"] == [0, 1]
+    document = json.loads((out / "results.json").read_text())
+    assert {r["seed"] for r in document["rows"]} == {0, 1}
+    assert "seeds [0, 1]" in (out / "report.md").read_text()

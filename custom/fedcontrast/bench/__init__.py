@@ -9,7 +9,9 @@ budgets; options given on the command line override it.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from fedcontrast.bench.protocol import PROFILES, READOUTS, BenchConfig, check_method, run_benchmark
 from fedcontrast.data.phantom import DIFFICULTIES
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_benchmark(config, args.out, args.workers, args.dataset, args.format, args.run_budgets)
     from fedcontrast.bench.report import write_report
 
-    report = write_report(rows, config, args.out, args.report or args.out)
+    saved = json.loads((args.out / "bench_config.json").read_text())  # every method and seed run so far
+    report = write_report(rows, SimpleNamespace(**saved), args.out, args.report or args.out)
     print(f"{len(rows)} rows in {args.out / 'rows.jsonl'}; report: {report}")
     return 0

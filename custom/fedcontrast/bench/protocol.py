@@ -73,6 +73,8 @@ RANDOM_INIT = "random_init"
 #: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
 DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
+#: Settings a later call may extend in the same run folder (the folder keeps the union).
+GROWING = ("methods", "seeds")
 
 #: The methods of the published comparison (SPEC §7; issue 10's grid): scheduled before any
 #: other method, so a run cut short holds their complete smallest-budget cells first.
@@ -638,8 +640,9 @@ def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
 def check_resumable(config: BenchConfig, out: Path) -> None:
     """Refuse to continue a run folder whose configuration differs from ``config``.
 
-    Only ``methods`` may differ: a method added later runs as its own column with the same
-    configuration (the saved configuration then lists every method run so far).
+    Only ``methods`` and ``seeds`` may differ: a method added later runs as its own column, and
+    seeds added later run as more seeds of every column, with the same configuration (the saved
+    configuration then lists every method and seed run so far).
 
     Raises:
         ValueError: ``out`` holds rows of another configuration; the message names what differs.
@@ -648,7 +651,7 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
     if not saved.exists():
         return
     previous, current = json.loads(saved.read_text()), json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in current if k != "methods" and previous.get(k) != current[k])
+    changed = sorted(k for k in current if k not in GROWING and previous.get(k) != current[k])
     if changed:
         raise ValueError(
             f"{out} holds a run with other settings ({', '.join(changed)}); "
@@ -678,9 +681,12 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(config, out)
     saved = out / "bench_config.json"
-    previous = json.loads(saved.read_text())["methods"] if saved.exists() else []
-    every_method = [*previous, *(m for m in config.methods if m not in previous)]
-    saved.write_text(json.dumps({**asdict(config), "methods": every_method}, indent=1))
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    grown = {
+        k: [*previous.get(k, []), *(v for v in getattr(config, k) if v not in previous.get(k, []))]
+        for k in GROWING
+    }
+    saved.write_text(json.dumps({**asdict(config), **grown}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
