@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fedcontrast.bench.report import errorbar, pyplot
+
 #: Settings the runs may differ in; any other difference makes them incomparable.
 FREE = ("patients_per_site", "seeds", "methods")
 
@@ -62,21 +66,12 @@ def summarise(run: dict[str, Any], method: str, n_labeled: int) -> dict[str, Any
 
 def plot(points: list[dict[str, Any]], method: str, n_labeled: int, path: Path) -> None:
     """Difference against patients per site (log axis), one line per readout, 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for shift, readout in zip((-0.04, 0.0, 0.04), sorted(points[0]["differences"])):
-        xs = [p["patients_per_site"] * 10**shift for p in points]
-        cells = [p["differences"][readout] for p in points]
-        means = [c["mean"] for c in cells]
-        errors = [
-            [m - c["ci_low"] for m, c in zip(means, cells)],
-            [c["ci_high"] - m for m, c in zip(means, cells)],
-        ]
-        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=readout)
+    readouts = sorted(points[0]["differences"])
+    for shift, readout in zip(np.linspace(-0.04, 0.04, len(readouts)), readouts):
+        xs = [p["patients_per_site"] * 10**shift for p in points]  # side by side on the log axis
+        errorbar(ax, xs, [p["differences"][readout] for p in points], label=readout)
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.axhline(0.05, color="grey", lw=0.8, ls=":", label="target +0.05")
     ax.set_xscale("log")

@@ -806,7 +806,8 @@ def curves_table(curves: dict[str, dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -815,7 +816,8 @@ def _pyplot():
     return plt
 
 
-def _errorbar(ax, xs, summaries, **kwargs) -> None:
+def errorbar(ax, xs, summaries, **kwargs) -> None:
+    """Means of ``summaries`` (``mean``, ``ci_low``, ``ci_high`` each) at ``xs``, with their intervals."""
     means = np.array([s["mean"] for s in summaries])
     low = means - np.array([s["ci_low"] for s in summaries])
     high = np.array([s["ci_high"] for s in summaries]) - means
@@ -851,7 +853,7 @@ def plot_dice_vs_n(
     path: Path,
 ) -> None:
     """Mean Dice against N with 95% bootstrap intervals; a panel per (readout, mode)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(
         len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
     )
@@ -860,7 +862,7 @@ def plot_dice_vs_n(
             for method in methods:
                 ns = [n for n in budgets if values.get((mode, readout, method, n), {}).get("n_pairs")]
                 if ns:
-                    _errorbar(ax, ns, [values[mode, readout, method, n] for n in ns], label=method)
+                    errorbar(ax, ns, [values[mode, readout, method, n] for n in ns], label=method)
             _budget_axis(ax, budgets)
             ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
         row[0].set_ylabel(f"mean Dice ({', '.join(classes)})")
@@ -878,7 +880,7 @@ def plot_differences(
     path: Path,
 ) -> None:
     """Method minus random init against N with 95% bootstrap intervals; the target as a dotted line."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(
         len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
     )
@@ -890,7 +892,7 @@ def plot_differences(
                 if ns:
                     offset = 2 ** (0.06 * (i - (len(shown) - 1) / 2))  # spread the bars on the log axis
                     xs = [n * offset for n in ns]
-                    _errorbar(ax, xs, [differences[mode, readout, method, n] for n in ns], label=method)
+                    errorbar(ax, xs, [differences[mode, readout, method, n] for n in ns], label=method)
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.axhline(TARGET["difference"], color="gray", linestyle=":", linewidth=0.8)
             _budget_axis(ax, budgets)
@@ -910,13 +912,13 @@ def plot_learning_curves(
     path: Path,
 ) -> None:
     """Dice against fine-tuning steps at ``n_labeled`` per method (test), and random init on validation."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(MODES), figsize=(10, 4), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], MODES):
         for method in methods:
             curve = test_curves.get((mode, method))
             if curve:
-                _errorbar(ax, list(curve), list(curve.values()), label=f"{method} (test)", markersize=3)
+                errorbar(ax, list(curve), list(curve.values()), label=f"{method} (test)", markersize=3)
         curve = validation_curves.get((mode, RANDOM_INIT))
         if curve:
             means = [s["mean"] for s in curve.values()]
@@ -933,7 +935,7 @@ def plot_learning_curves(
 
 def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
     """Loss, alignment, uniformity and partition accuracy against round, per method."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, metric in zip(axes.flat, PRETRAIN_METRICS):
         for method, c in curves.items():
@@ -951,7 +953,7 @@ def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
 
 def plot_bytes(rows: list[Row], methods: Sequence[str], path: Path) -> None:
     """Pre-training bytes per site (up + down) by kind, per method."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = [m for m in methods if m != RANDOM_INIT and any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     bottom = np.zeros(len(shown))
@@ -999,7 +1001,7 @@ def plot_examples(examples_dirs: Sequence[Path], methods: Sequence[str], classes
             found.append((method, file))
     if not found:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(found), 3, figsize=(7, 2.3 * len(found)), squeeze=False)
     for row, (method, file) in zip(axes, found):
         data = np.load(file)
