@@ -72,10 +72,21 @@ def test_command_line_options_override_the_profile():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(
-        ["bench", "--profile", "cpu", "--difficulty", "standard", "--patients-per-site", "12"]
+        [
+            "bench",
+            "--profile",
+            "cpu",
+            "--difficulty",
+            "standard",
+            "--patients-per-site",
+            "12",
+            "--finetune-lr",
+            "3e-3",
+        ]
     )
     config = config_from_args(args)
     assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
+    assert config.finetune_lr == 3e-3
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--difficulty", "impossible"])
 
@@ -268,12 +279,23 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     from fedcontrast.cli import main as fedcontrast_cli
 
     out = tmp_path / "run"
-    argv = ["bench", "--quick", "--methods", "random_init", "fcl", "--out", str(out)]
+    argv = ["bench", "--quick", "--methods", "random_init", "fcl", "--budgets", "1", "2", "--out", str(out)]
     assert fedcontrast_cli(argv) == 0
     document = json.loads((out / "results.json").read_text())
     final = [r for r in document["rows"] if r["finetune_steps"] == 4 and r["eval_split"] == "test"]
-    # methods x (local, federated, federated probe) x sites (N = 1, one seed)
-    assert len(final) == 2 * 3 * 2
+    # methods x (local, federated, federated probe) x N = 1, 2 x sites (one seed)
+    assert len(final) == 2 * 3 * 2 * 2
+    # every checkpoint for random init and at N = 1 (curves); above it only the last one is scored
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    steps = {(r["method"], r["n_labeled"]): set() for r in rows}
+    for r in rows:
+        steps[r["method"], r["n_labeled"]].add(r["finetune_steps"])
+    assert steps == {
+        ("random_init", 1): {2, 4},
+        ("random_init", 2): {2, 4},
+        ("fcl", 1): {2, 4},
+        ("fcl", 2): {4},
+    }
     assert {r["readout"] for r in final} == {"finetune", "probe"}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in document["rows"])
     fcl = [r for r in document["rows"] if r["method"] == "fcl"]

@@ -27,6 +27,7 @@ OVERRIDES = (
     "pretrain_rounds",
     "finetune_steps",
     "finetune_checkpoints",
+    "finetune_lr",
     "readouts",
     "size",
     "difficulty",
@@ -61,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--finetune-checkpoints", type=int, help="scored checkpoints (= FedAvg rounds) over those steps"
     )
+    parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (AdamW), every N alike")
     parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
     parser.add_argument("--dataset", type=Path, help="a dataset folder instead of the phantom")
     parser.add_argument("--format", default="acdc", choices=["acdc", "mnms", "decathlon"])

@@ -16,8 +16,9 @@ Work is split into units:
   one global model, one round per checkpoint) or local (each site alone). The readout
   ``finetune`` trains the whole network; ``probe`` trains the decoder on the frozen encoder,
   which isolates the representation. After each of ``finetune_checkpoints`` equal slices
-  of the budget, every site's model is scored on the site's held-out test patients (and, for
-  random init, its validation patients: the plateau curve that sets the budget) with
+  of the budget (at the smallest N and for random init; elsewhere after the last only, the
+  scores the report reads), every site's model is scored on the site's held-out test patients
+  (and, for random init, its validation patients: the plateau curve that sets the budget) with
   :class:`~fedcontrast.bench.evaluate.BundleScorer`, BatchNorm statistics re-estimated on the
   site's labelled training volumes first.
 
@@ -442,9 +443,13 @@ def finetune_unit(
     record: dict | None,
     examples_dir: Path,
 ) -> list[dict[str, Any]]:
-    """Fine-tune one unit, scoring every site at every checkpoint.
+    """Fine-tune one unit, scoring every site at the checkpoints the report reads.
 
-    Returns one row per (site, checkpoint, evaluation split): the RESULTS_FORMAT keys plus
+    Random init is scored at every checkpoint (its validation curve decides the plateau), and
+    so is every method at the smallest budget (the learning curves); the other units only at the
+    last checkpoint, whose scores are the same either way.
+
+    Returns one row per (site, scored checkpoint, evaluation split): the RESULTS_FORMAT keys plus
     ``unit``, ``readout``, ``finetune_steps`` (steps done when scored) and ``eval_split``
     (``test``; random init also ``validation``). The first seed at the smallest budget also
     saves an example (image, truth, prediction) of the first site's first test volume to
@@ -466,8 +471,12 @@ def finetune_unit(
     scores: list[dict[str, Any]] = []
     models: dict[str, dict[str, torch.Tensor]] = {}
 
+    curve = unit.method == RANDOM_INIT or unit.n_labeled == min(config.budgets)
+
     def score(round_num: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
         models.update(states)
+        if not curve and round_num + 1 < config.finetune_checkpoints:
+            return
         for site, state in states.items():
             for split in ("test", "validation"):
                 if scorer.splits[split]:
