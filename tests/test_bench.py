@@ -86,7 +86,7 @@ def test_command_line_options_override_the_profile():
     )
     config = config_from_args(args)
     assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
-    assert config.finetune_lr == 3e-3
+    assert config.finetune_lr == 1e-2
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--difficulty", "impossible"])
 
