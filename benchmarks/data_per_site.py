@@ -34,12 +34,12 @@ def load_run(path: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def check_comparable(runs: dict[Path, dict[str, Any]]) -> None:
-    """Refuse runs whose configurations differ in anything but :data:`FREE` (names the runs and keys)."""
+def check_comparable(runs: dict[Path, dict[str, Any]], free: tuple[str, ...] = FREE) -> None:
+    """Refuse runs whose configurations differ in anything but ``free`` (names the runs and keys)."""
     (first_path, first), *rest = runs.items()
     for path, run in rest:
         keys = set(first["config"]) | set(run["config"])
-        differ = sorted(k for k in keys if k not in FREE and first["config"].get(k) != run["config"].get(k))
+        differ = sorted(k for k in keys if k not in free and first["config"].get(k) != run["config"].get(k))
         if differ:
             raise ValueError(f"{first_path} and {path} differ in {', '.join(differ)}: not one ablation")
 

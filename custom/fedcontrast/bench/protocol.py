@@ -123,8 +123,9 @@ PROFILES: dict[str, dict[str, Any]] = {
 #: test scores; where a setting could not be tuned in the time available, that is what it says.
 SETTING_CHOICES: dict[str, str] = {
     "finetune_steps": "96 (the cpu profile): the largest budget whose full grid fits one 2-core session; at "
-    "the chosen learning rate random init's N = 1 validation curves are within 0.02 of their 192-step "
-    "level there, its N = 8 curves 0.03-0.05 below it (benchmarks/results/finetune_lr). At lr 1e-3 the "
+    "the chosen learning rate random init's validation curves are at their 192-step level there (within "
+    "0.01, local N = 1 above it) except federated N = 8, 0.047 below it (benchmarks/results/finetune_lr). "
+    "At lr 1e-3 the "
     "budget chosen on random init's 768-step validation curve was 384 "
     "(benchmarks/results/label_efficiency_budget)",
     "finetune_lr": "AdamW 3e-3, chosen on random init's validation curves (N = 1 and 8, local and federated, "
