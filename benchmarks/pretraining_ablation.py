@@ -9,7 +9,7 @@ weights every round or kept, and a longer budget. Writes a JSON file in the shar
 format's spirit (``dataset``, ``config``, ``environment``, ``command``, ``variants``).
 
     python benchmarks/pretraining_ablation.py \
-        --out benchmarks/results/label_efficiency/pretraining_ablation.json
+        --out benchmarks/results/label_efficiency_ablations/pretraining_ablation_fcl_s0.json
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_command_line_options_override_the_profile():
             "--patients-per-site",
             "12",
             "--finetune-lr",
-            "3e-3",
+            "1e-2",
         ]
     )
     config = config_from_args(args)
