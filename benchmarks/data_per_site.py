@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcontrast.bench.report import errorbar, pyplot
+from fedcontrast.bench.report import errorbar, pyplot, save_figure
 
 #: Settings the runs may differ in; any other difference makes them incomparable.
 FREE = ("patients_per_site", "seeds", "methods")
@@ -79,9 +79,7 @@ def plot(points: list[dict[str, Any]], method: str, n_labeled: int, path: Path) 
     ax.set_xlabel("patients per site (2 volumes each; 4 held out for test and validation)")
     ax.set_ylabel(f"{method} minus random init, mean Dice, N={n_labeled}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from data_per_site import check_comparable, load_run
 
-from fedcontrast.bench.report import pyplot
+from fedcontrast.bench.report import pyplot, save_figure
 
 #: Settings the runs may differ in.
 FREE = ("finetune_lr", "seeds")
@@ -66,9 +66,7 @@ def plot(runs: dict[float, dict[str, dict[int, float]]], at: int, path: Path) ->
         ax.set_xlabel("fine-tuning steps")
     np.atleast_1d(axes)[0].set_ylabel("mean validation Dice")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

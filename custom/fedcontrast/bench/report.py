@@ -816,6 +816,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` (PNG at 110 dpi) and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def errorbar(ax, xs, summaries, **kwargs) -> None:
     """Means of ``summaries`` (``mean``, ``ci_low``, ``ci_high`` each) at ``xs``, with their intervals."""
     means = np.array([s["mean"] for s in summaries])
@@ -867,9 +874,7 @@ def plot_dice_vs_n(
             ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
         row[0].set_ylabel(f"mean Dice ({', '.join(classes)})")
     _legend(axes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_differences(
@@ -899,9 +904,7 @@ def plot_differences(
             ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
         row[0].set_ylabel("Dice minus random init")
     _legend(axes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_learning_curves(
@@ -928,9 +931,7 @@ def plot_learning_curves(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean Dice")
     _legend(axes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
@@ -946,9 +947,7 @@ def plot_pretrain_curves(curves: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
     _legend(axes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bytes(rows: list[Row], methods: Sequence[str], path: Path) -> None:
@@ -976,9 +975,7 @@ def plot_bytes(rows: list[Row], methods: Sequence[str], path: Path) -> None:
     ax.set_ylabel("MB per site, all pre-training rounds")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_examples(examples_dirs: Sequence[Path], methods: Sequence[str], classes: int, path: Path) -> bool:
@@ -1024,9 +1021,7 @@ def plot_examples(examples_dirs: Sequence[Path], methods: Sequence[str], classes
                 )
             ax.set_title(f"{method}: {title}" if title == "image" else title, fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
