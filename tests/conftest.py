@@ -125,9 +125,10 @@ def run_ok() -> Callable[..., str]:
 def inline_pool(monkeypatch, result: Callable | None = None) -> list[tuple[str, Any]]:
     """Make ``fedcontrast.bench.protocol`` run its units in this process instead of spawning workers.
 
-    Each submission is recorded as ``(function name, its unit)`` (the unit is the second argument:
-    a fine-tuning unit, or a pre-training unit's method name) in the returned list. The future's
-    value is ``result(fn, args)``, by default ``fn(*args)`` (real work, in this process).
+    Each submission (unwrapped from :func:`~fedcontrast.bench.protocol.run_unit`) is recorded
+    as ``(function name, its unit)`` (the unit is the second argument: a fine-tuning unit, or a
+    pre-training unit's method name) in the returned list. The future's value is
+    ``result(fn, args)``, by default ``fn(*args)`` (real work, in this process).
     """
     from concurrent.futures import Future
 
@@ -146,6 +147,8 @@ def inline_pool(monkeypatch, result: Callable | None = None) -> list[tuple[str, 
             return False
 
         def submit(self, fn, *args):
+            if fn is protocol.run_unit:  # the worker-side wrapper: record the unit it runs
+                fn, *args = args
             submitted.append((fn.__name__, args[1]))
             future = Future()
             future.set_result(result(fn, args) if result else fn(*args))

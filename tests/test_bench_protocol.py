@@ -1,5 +1,7 @@
 """The label-efficiency protocol's pieces: validation hold-out, BatchNorm re-estimation, budgets."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from fedcontrast.bench.protocol import (
     FinetuneUnit,
     finetune_units,
     hold_out_validation,
+    peak_rss_mb,
+    run_unit,
 )
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.presets import network_preset
@@ -119,3 +123,18 @@ def test_profiles_are_valid_and_resolve_a_device(profile):
     assert (
         config.finetune_config(unit, "")["local_steps"] * config.finetune_checkpoints == config.finetune_steps
     )
+
+
+def _allocate_mb(megabytes: int) -> float:
+    """Touch ``megabytes`` MiB, free them, and return this process's peak RSS afterwards."""
+    block = bytearray(megabytes * 1024 * 1024)
+    block[::4096] = b"\x01" * len(block[::4096])
+    del block
+    return peak_rss_mb()
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux peak-RSS reset")
+def test_a_reused_worker_reports_each_units_own_peak_memory():
+    high = run_unit(_allocate_mb, 300)  # an earlier, larger unit in the same process
+    low = run_unit(peak_rss_mb)
+    assert high - low > 250

@@ -34,8 +34,11 @@ its fine-tuning units load the encoder AND the pre-trained decoder blocks (``sup
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
-fine-tuning from their average. Each unit runs in a fresh worker process, so the peak
-resident memory it reports (sites run one after another) is its own. Every finished unit
+fine-tuning from their average. Worker processes are reused across units (each fresh
+process would pay the libraries' import, several seconds a unit); the peak resident memory a
+unit reports (sites run one after another) is still its own, because the process's
+high-water mark is reset when the unit starts (Linux ``/proc/self/clear_refs``; where that
+is unavailable, each unit gets a fresh process instead). Every finished unit
 is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
 interrupted run continues where it stopped; a run folder refuses other settings, except
 more methods (a method added later runs as its own column with the same configuration). A call
@@ -252,9 +255,34 @@ def check_method(method: str) -> None:
         )
 
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    """Peak resident memory of this process in MiB since :func:`reset_peak_rss` (or its start).
+
+    Linux's ``VmHWM``; elsewhere ``ru_maxrss``, the peak since the process started.
+    """
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory to its current size; False where unsupported."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def run_unit(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a reused worker process, its peak memory measured from this call on."""
+    reset_peak_rss()
+    return fn(*args)
 
 
 def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
@@ -755,14 +783,15 @@ def run_benchmark(
         return None
 
     total, finished, start = len(pending) + len(waiting), 0, time.perf_counter()
-    # one fresh process per unit: its peak RSS is that unit's alone; at most `workers` units are
-    # queued, so the order above holds as units finish
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+    # workers are reused (run_unit resets the peak RSS per unit; a fresh process per unit where it
+    # cannot); at most `workers` units are queued, so the order above holds as units finish
+    fresh = None if reset_peak_rss() else 1
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=fresh) as pool:
         running: dict[Any, str] = {}
         while True:
             while len(running) < workers and (task := next_task()) is not None:
                 fn, args, name = task
-                running[pool.submit(fn, *args)] = name
+                running[pool.submit(run_unit, fn, *args)] = name
             if not running:
                 break
             completed, _ = wait(running, return_when=FIRST_COMPLETED)
