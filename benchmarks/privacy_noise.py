@@ -42,8 +42,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,8 @@ from fedcontrast.bench.protocol import (
     load_rows,
     prepare_splits,
     pretrain_unit,
+    run_unit,
+    unit_pool,
 )
 from fedcontrast.bench.report import environment
 from fedcontrast.bench.stats import paired_differences, summarise, values_summary
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> None:
         return kind != "finetune" or z is None or (folder(z, s) / "record.json").exists()
 
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+    with unit_pool(args.workers) as pool:
         running: dict[Any, tuple[str, float | None, int]] = {}
         while queue or running:
             elapsed = time.perf_counter() - start
@@ -207,14 +208,14 @@ def run(args: argparse.Namespace) -> None:
                 kind, z, s = task
                 if kind in ("pretrain", "check"):
                     out = folder(z, s) if kind == "pretrain" else work / "check" / f"z0_s{s}"
-                    future = pool.submit(pretrain_unit, configs[z], METHOD, s, splits, out)
+                    future = pool.submit(run_unit, pretrain_unit, configs[z], METHOD, s, splits, out)
                 else:
                     config = first if z is None else configs[z]
                     unit = FinetuneUnit(RANDOM_INIT if z is None else METHOD, s, MODE, N_LABELED)
                     encoders = None if z is None else folder(z, s)
                     record = None if z is None else json.loads((encoders / "record.json").read_text())
                     future = pool.submit(
-                        finetune_unit, config, unit, splits, encoders, record, work / "examples"
+                        run_unit, finetune_unit, config, unit, splits, encoders, record, work / "examples"
                     )
                 running[future] = task
             if not running:

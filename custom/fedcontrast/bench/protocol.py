@@ -285,6 +285,17 @@ def run_unit(fn: Any, *args: Any) -> Any:
     return fn(*args)
 
 
+def unit_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` spawned processes for bench units, submitted as ``pool.submit(run_unit, fn, *args)``.
+
+    Processes are reused across units (a fresh one pays the libraries' import, several seconds)
+    where :func:`reset_peak_rss` works, so each unit's peak memory is still its own; elsewhere
+    every unit gets a fresh process.
+    """
+    fresh = None if reset_peak_rss() else 1
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=fresh)
+
+
 def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
     """Sum of one site's per-round bytes, by kind and direction, in the RESULTS_FORMAT keys."""
     by_kind = {f"{k}_{d}": 0 for k in KINDS for d in ("up", "down")}
@@ -783,10 +794,8 @@ def run_benchmark(
         return None
 
     total, finished, start = len(pending) + len(waiting), 0, time.perf_counter()
-    # workers are reused (run_unit resets the peak RSS per unit; a fresh process per unit where it
-    # cannot); at most `workers` units are queued, so the order above holds as units finish
-    fresh = None if reset_peak_rss() else 1
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=fresh) as pool:
+    # at most `workers` units are queued, so the order above holds as units finish
+    with unit_pool(workers) as pool:
         running: dict[Any, str] = {}
         while True:
             while len(running) < workers and (task := next_task()) is not None:
