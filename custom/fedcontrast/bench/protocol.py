@@ -34,11 +34,9 @@ its fine-tuning units load the encoder AND the pre-trained decoder blocks (``sup
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
-fine-tuning from their average. Worker processes are reused across units (each fresh
-process would pay the libraries' import, several seconds a unit); the peak resident memory a
-unit reports (sites run one after another) is still its own, because the process's
-high-water mark is reset when the unit starts (Linux ``/proc/self/clear_refs``; where that
-is unavailable, each unit gets a fresh process instead). Every finished unit
+fine-tuning from their average. Units run on :func:`unit_pool`'s reused workers, and the
+peak resident memory a unit reports (sites run one after another) is its own
+(:func:`run_unit`). Every finished unit
 is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
 interrupted run continues where it stopped; a run folder refuses other settings, except
 more methods (a method added later runs as its own column with the same configuration). A call
