@@ -1,8 +1,9 @@
 """The bundle's training pipeline caches plain tensors and draws exactly the samples it drew before.
 
-``train.json`` strips MONAI metadata at the end of the cached (deterministic) part and lets
+``train.json`` strips MONAI metadata at the end of the cached (deterministic) part, caches the
+label's foreground/background indices there for ``RandCropByPosNegLabeld`` and lets
 ``RandAffined`` cache its identity grid: speed-ups only. The reference here is the same
-pipeline without both, run without any cache, with metadata tracking on.
+pipeline without all three, run without any cache, with metadata tracking on.
 """
 
 import pytest
@@ -22,12 +23,16 @@ def _restore_track_meta():
 
 
 def reference_augmentation(augmentation: list[dict]) -> list[dict]:
-    """The bundle's ``train#augmentation`` without the speed-ups: no metadata strip, no grid cache."""
+    """The bundle's ``train#augmentation`` without the speed-ups: no metadata strip, no cached
+    crop indices, no grid cache."""
     plain = []
     for t in augmentation:
-        if t["_target_"] == "EnsureTyped":
+        if t["_target_"] in ("EnsureTyped", "FgBgToIndicesd"):
             continue
         t = dict(t)
+        if t["_target_"] == "RandCropByPosNegLabeld":
+            t.pop("fg_indices_key")
+            t.pop("bg_indices_key")
         if t["_target_"] == "RandAffined":
             t.pop("cache_grid")
             t.pop("spatial_size")
@@ -45,10 +50,15 @@ def test_cached_pipeline_draws_the_uncached_metadata_samples(site_splits, spatia
     fast = bundle_parser(None, "train", overrides)
     reference = bundle_parser(None, "train", overrides)
     targets = [t["_target_"] for t in fast.get("train#augmentation")]
-    assert targets.index("EnsureTyped") < targets.index("RandCropByPosNegLabeld")
+    assert (
+        targets.index("EnsureTyped")
+        < targets.index("FgBgToIndicesd")
+        < targets.index("RandCropByPosNegLabeld")
+    )
     reference["train#augmentation"] = reference_augmentation(fast.get("train#augmentation"))
 
     cached = fast.get_parsed_content("train#dataset")  # the bundle's CacheDataset
+    assert all({"label_fg_indices", "label_bg_indices"} <= item.keys() for item in cached._cache)
     assert all(type(v) is torch.Tensor for item in cached._cache for v in item.values()), (
         "the cache must hold plain tensors: metadata is copied at every step otherwise"
     )
