@@ -185,6 +185,18 @@ def test_report_says_not_met_and_why(tmp_path):
     assert "units missing" in text and "fcl|0|local|1|finetune" in text and "|local|1|probe" not in text
 
 
+def test_a_cell_of_an_unfinished_run_says_how_many_seeds_it_holds(tmp_path):
+    config = FakeConfig(methods=["random_init", "fcl"], budgets=[1])
+    rows = fake_run(tmp_path / "run", config, {"fcl": 0.02}, modes=("local",))
+    rows = [r for r in rows if not (r["method"] == "fcl" and r["seed"] == 2)]  # the run stopped there
+    text = write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=200).read_text()
+    cells = [line for line in text.splitlines() if "[" in line or "±" in line]  # every mean cell
+    fcl_rows = [line for line in cells if line.startswith("| fcl |")]
+    random_init_rows = [line for line in cells if line.startswith("| random_init |")]
+    assert len(fcl_rows) == 8 and all(line.endswith("(2 of 3 seeds) |") for line in fcl_rows)
+    assert random_init_rows and not any("of 3 seeds" in line for line in random_init_rows)
+
+
 def test_plateau_not_reached_when_random_init_still_rises():
     rows = [
         {"method": "random_init", "finetune": "local", "readout": "finetune", "n_labeled": 1, "seed": 0,

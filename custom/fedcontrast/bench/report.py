@@ -17,6 +17,8 @@ What the label-efficiency report shows, all computed from the rows:
 - Dice against fine-tuning steps at the smallest budget, pre-training curves, bytes;
 - the verdict on the project's target (:data:`TARGET`).
 
+A cell that holds fewer seeds than the run (an unfinished run) says so: ``(k of n seeds)``.
+
 Several run folders of one configuration (a method added later runs as its own column) are
 merged by :func:`merge_runs`; it refuses folders whose settings differ.
 """
@@ -645,6 +647,21 @@ def format_difference(summary: dict[str, Any] | None) -> str:
     return f"{summary['mean']:+.3f} [{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]"
 
 
+def with_seed_count(
+    fmt: Callable[[dict[str, Any] | None], str], seeds: int
+) -> Callable[[dict[str, Any] | None], str]:
+    """``fmt``, followed by ``(k of seeds seeds)`` in a cell that holds fewer than the configured
+    ``seeds`` (an unfinished run), so a partial cell never reads as a complete one."""
+
+    def cell(summary: dict[str, Any] | None) -> str:
+        text = fmt(summary)
+        if summary and summary["n_pairs"] and summary["n_seeds"] < seeds:
+            text += f" ({summary['n_seeds']} of {seeds} seeds)"
+        return text
+
+    return cell
+
+
 def format_value(summary: dict[str, Any] | None, digits: int = 3) -> str:
     """``0.452 ± 0.031`` (mean ± std across seeds); ``(1 seed)`` in place of the std; ``—`` when empty."""
     if not summary or not summary["n_pairs"]:
@@ -1190,7 +1207,13 @@ def write_report(
                 continue  # e.g. a probe run in one mode only
             parts += [
                 f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
-                grid_table(differences, (mode, readout), methods, budgets, format_difference),
+                grid_table(
+                    differences,
+                    (mode, readout),
+                    methods,
+                    budgets,
+                    with_seed_count(format_difference, len(seeds)),
+                ),
                 "\nStd across seeds of the per-seed site-averaged difference:\n",
                 grid_table(
                     differences,
@@ -1203,6 +1226,7 @@ def write_report(
     if comparisons:
         parts += ["\n## Method against method\n", *comparison_section(comparisons, budgets)]
     parts += ["\n## Fine-tuning budget and random init's plateau\n", *plateau_section(plateau, steps)]
+    value_cell = with_seed_count(format_value, len(seeds))
     parts.append("\n## Mean Dice, mean ± std across seeds of the per-seed site mean\n")
     for readout in readouts:
         for mode in MODES:
@@ -1210,7 +1234,7 @@ def write_report(
                 continue  # e.g. a probe run in one mode only
             parts += [
                 f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
-                grid_table(values, (mode, readout), methods, budgets, format_value),
+                grid_table(values, (mode, readout), methods, budgets, value_cell),
             ]
     for mode in MODES:
         for cls in classes:
@@ -1221,7 +1245,7 @@ def write_report(
                     (mode, "finetune"),
                     methods,
                     budgets,
-                    format_value,
+                    value_cell,
                 ),
             ]
         parts += [
@@ -1231,7 +1255,7 @@ def write_report(
                 (mode, "finetune"),
                 methods,
                 budgets,
-                format_value,
+                value_cell,
             ),
         ]
     parts.append(f"\n## Dice against fine-tuning steps, N={n_curve} (test split, full fine-tuning)\n")
@@ -1245,7 +1269,7 @@ def write_report(
             "| method | " + " | ".join(f"{s} steps" for s in all_steps) + " |",
             "|---|" + "---|" * len(all_steps),
             *(
-                f"| {m} | " + " | ".join(format_value(test_curves[mode, m].get(s)) for s in all_steps) + " |"
+                f"| {m} | " + " | ".join(value_cell(test_curves[mode, m].get(s)) for s in all_steps) + " |"
                 for m in shown
             ),
         ]
