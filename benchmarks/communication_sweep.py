@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcontrast.bench import stats
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, finetune_unit, prepare_splits, pretrain_unit
-from fedcontrast.bench.report import environment
 from fedcontrast.methods.base import select
 from fedcontrast.methods.registry import get_method
 

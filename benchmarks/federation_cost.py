@@ -44,7 +44,7 @@ from typing import Any
 import psutil
 import torch
 
-from fedcontrast.bench.report import environment
+from fedcontrast.bench.environment import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc

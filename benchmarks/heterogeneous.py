@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.evaluate import BundleScorer
-from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc, read_dataset

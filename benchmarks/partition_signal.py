@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import BenchConfig
-from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.methods.diagnostics import partition_accuracy
 from fedcontrast.methods.partitions import PartitionSampler

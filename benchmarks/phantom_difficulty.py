@@ -39,16 +39,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import shlex
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -57,6 +54,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.data.io import write_json
 from fedcontrast.data.phantom import LABELS, Difficulty, get_difficulty, synthesize_dataset
 from fedcontrast.nets.presets import network_preset
@@ -139,24 +137,6 @@ def summarise(rows: list[dict], key: str) -> dict:
         "dice_mean": round(float(np.mean(means)), 4),
         "dice_mean_std": round(float(np.std(means)), 4),
         "dice": {name: round(float(np.mean(v)), 4) for name, v in per_class.items()},
-    }
-
-
-def environment() -> dict:
-    """Versions, machine and date."""
-    versions = {}
-    for package in ("numpy", "scipy", "nibabel", "torch", "monai", "nvflare", "fedcontrast"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "python": sys.version.split()[0],
-        **versions,
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "gpu": None,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import PROFILES, BenchConfig, prepare_splits, pretraining_curve
-from fedcontrast.bench.report import environment
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.volumes import pretraining_entries
 

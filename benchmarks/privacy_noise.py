@@ -46,6 +46,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import (
     PROFILES,
     RANDOM_INIT,
@@ -58,7 +59,6 @@ from fedcontrast.bench.protocol import (
     run_unit,
     unit_pool,
 )
-from fedcontrast.bench.report import environment
 from fedcontrast.bench.stats import paired_differences, summarise, values_summary
 from fedcontrast.methods.fcl import DEFAULTS as FCL_DEFAULTS
 from fedcontrast.methods.privacy import gaussian_epsilon

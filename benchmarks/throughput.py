@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import SMALL_BUNDLE
-from fedcontrast.bench.report import environment
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc

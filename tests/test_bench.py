@@ -117,10 +117,12 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
     keys = [unit.key for _, unit in submitted]
     assert rows[0]["unit"] not in keys and rows[2]["unit"] not in keys
     assert len(keys) == len(finetune_units(config)) - 2
-    # a second call finds everything done and submits nothing
+    # a second call finds everything done, submits nothing and records no call
     submitted.clear()
     protocol.run_benchmark(config, tmp_path)
     assert submitted == []
+    calls = json.loads((tmp_path / "environment.json").read_text())["calls"]
+    assert [call["units"] for call in calls] == [len(keys)]
 
 
 def fake_pool(monkeypatch) -> list[tuple[str, FinetuneUnit]]:
@@ -142,9 +144,14 @@ def test_run_budgets_runs_only_those_units_and_a_later_call_runs_the_rest(tmp_pa
     largest = max(config.budgets)
     protocol.run_benchmark(config, tmp_path, run_budgets=[largest])
     assert submitted and {unit.n_labeled for _, unit in submitted} == {largest}
+    first_call = len(submitted)
     submitted.clear()
     protocol.run_benchmark(config, tmp_path)
     assert {unit.n_labeled for _, unit in submitted} == set(config.budgets) - {largest}
+    # each call that ran units recorded the machine it ran on
+    calls = json.loads((tmp_path / "environment.json").read_text())["calls"]
+    assert [call["units"] for call in calls] == [first_call, len(submitted)]
+    assert all({"cpu", "torch", "started"} <= set(call) for call in calls)
     with pytest.raises(ValueError, match="not among the configured"):
         protocol.run_benchmark(config, tmp_path, run_budgets=[largest + 100])
 

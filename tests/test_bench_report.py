@@ -197,6 +197,35 @@ def test_a_cell_of_an_unfinished_run_says_how_many_seeds_it_holds(tmp_path):
     assert random_init_rows and not any("of 3 seeds" in line for line in random_init_rows)
 
 
+def test_a_run_filled_on_two_machines_says_so_in_its_environment(tmp_path, monkeypatch):
+    from fedcontrast.bench import environment as env
+
+    config = FakeConfig(methods=["random_init", "fcl"], budgets=[1])
+    rows = fake_run(tmp_path / "run", config, {"fcl": 0.02}, modes=("local",))
+    machines = iter(
+        [
+            {"python": "3.11.7", "torch": "2.13.0", "cpu": "AMD EPYC", "gpu": None, "date": "2026-12-02"},
+            {"python": "3.11.7", "torch": "2.13.0", "cpu": "Intel Xeon", "gpu": None, "date": "2026-12-03"},
+        ]
+    )
+    monkeypatch.setattr(env, "environment", lambda: next(machines))
+    env.record_call(tmp_path / "run", units=10)
+    env.record_call(tmp_path / "run", units=4)
+    write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=100)
+    recorded = json.loads((tmp_path / "out" / "results.json").read_text())["environment"]
+    assert recorded == {
+        "python": "3.11.7",
+        "torch": "2.13.0",
+        "cpu": "AMD EPYC / Intel Xeon",
+        "gpu": None,
+        "date": "2026-12-02 to 2026-12-03",
+        "calls": 2,
+    }
+    # a run that recorded nothing says the environment is the report writer's
+    monkeypatch.undo()
+    assert "recorded" in env.run_environment([tmp_path / "elsewhere"])
+
+
 def test_plateau_not_reached_when_random_init_still_rises():
     rows = [
         {"method": "random_init", "finetune": "local", "readout": "finetune", "n_labeled": 1, "seed": 0,

@@ -38,7 +38,8 @@ fine-tuning from their average. Units run on :func:`unit_pool`'s reused workers,
 peak resident memory a unit reports (sites run one after another) is its own
 (:func:`run_unit`). Every finished unit
 is appended to ``rows.jsonl`` (and its pre-training record to ``pretrain/``), so an
-interrupted run continues where it stopped; a run folder refuses other settings, except
+interrupted run continues where it stopped, and each call that runs units records the machine
+it ran on (:func:`~fedcontrast.bench.environment.record_call`); a run folder refuses other settings, except
 more methods (a method added later runs as its own column with the same configuration). A call
 may run only some budgets' units (``run_budgets``: e.g. the largest N before the middle ones
 when time is short); the others stay missing, and the report lists them, until a later call.
@@ -63,6 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcontrast.bench.environment import record_call
 from fedcontrast.methods.base import KINDS, Message, message_to_state_dict
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
@@ -792,6 +794,8 @@ def run_benchmark(
         return None
 
     total, finished, start = len(pending) + len(waiting), 0, time.perf_counter()
+    if total:
+        record_call(out, units=total)
     # at most `workers` units are queued, so the order above holds as units finish
     with unit_pool(workers) as pool:
         running: dict[Any, str] = {}

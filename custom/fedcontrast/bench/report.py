@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, is_dataclass
-from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedcontrast.bench.environment import run_environment
 from fedcontrast.bench.stats import meets_target, paired_differences, summarise, values_summary
 
 if TYPE_CHECKING:
@@ -254,42 +253,6 @@ def load_pretrain_records(run_dirs: Sequence[Path], methods: Iterable[str]) -> d
     return records
 
 
-def environment(run_dir: Path | None = None) -> dict[str, Any]:
-    """Versions, processor and date: the run's own ``environment.json`` if it saved one, else this
-    machine's now."""
-    if run_dir is not None and (Path(run_dir) / "environment.json").exists():
-        return json.loads((Path(run_dir) / "environment.json").read_text())
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    def installed(package: str) -> str | None:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            cpu,
-        )
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": installed("monai"),
-        "nvflare": installed("nvflare"),
-        "cpu": cpu,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": date.today().isoformat(),
-    }
-
-
 def dataset_info(config: Any, run_dir: Path) -> dict[str, Any]:
     """What the run used: the phantom's description (or the dataset folder) and the split."""
     settings = config_dict(config)
@@ -313,9 +276,7 @@ def result_document(rows: list[Row], config: Any, run_dir: Path | Sequence[Path]
     return {
         "dataset": dataset_info(config, first),
         "config": config_dict(config),
-        "environment": environment(first)
-        if (first / "environment.json").exists()
-        else {**environment(), "recorded": "when the report was written (the run saved none)"},
+        "environment": run_environment(_run_dirs(run_dir)),
         "rows": [{k: row.get(k) for k in RESULT_KEYS} for row in rows],
     }
 
