@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,29 @@ def test_command_line_options_override_the_profile():
             "12",
             "--finetune-lr",
             "1e-2",
+            "--pretrain-overrides",
+            '{"lr": 3e-3, "augment": {"rotate_deg": 30}}',
+            "--validation",
+            "all",
         ]
     )
     config = config_from_args(args)
     assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
-    assert config.finetune_lr == 1e-2
-    with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "--difficulty", "impossible"])
+    assert config.finetune_lr == 1e-2 and config.validation == "all"
+    assert config.pretrain_config(0)["lr"] == 3e-3 and config.pretrain_config(0)["augment"] == {
+        "rotate_deg": 30
+    }
+    for wrong in (["--difficulty", "impossible"], ["--pretrain-overrides", "[1]"], ["--validation", "some"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", *wrong])
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path, config):
+    saved = {k: v for k, v in asdict(config).items() if k != "validation"}  # an older bench's run
+    (tmp_path / "bench_config.json").write_text(json.dumps(saved))
+    protocol.check_resumable(config, tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(validation\)"):
+        protocol.check_resumable(replace(config, validation="all"), tmp_path)
 
 
 def test_units_come_smallest_budget_first_and_cover_the_grid(config):
@@ -287,6 +304,7 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
 
     out = tmp_path / "run"
     argv = ["bench", "--quick", "--methods", "random_init", "fcl", "--budgets", "1", "2", "--out", str(out)]
+    argv += ["--validation", "all"]  # every method scored on the validation patients too
     assert fedcontrast_cli(argv) == 0
     document = json.loads((out / "results.json").read_text())
     final = [r for r in document["rows"] if r["finetune_steps"] == 4 and r["eval_split"] == "test"]
@@ -303,6 +321,13 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
         ("fcl", 1): {2, 4},
         ("fcl", 2): {4},
     }
+    validation = {
+        (r["method"], r["n_labeled"], r["finetune_steps"]) for r in rows if r["eval_split"] == "validation"
+    }
+    assert validation == {(m, n, s) for (m, n), scored in steps.items() for s in scored}
+    assert len([r for r in rows if r["eval_split"] == "validation"]) == len(
+        [r for r in rows if r["eval_split"] == "test"]
+    )
     assert {r["readout"] for r in final} == {"finetune", "probe"}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in document["rows"])
     fcl = [r for r in document["rows"] if r["method"] == "fcl"]

@@ -13,7 +13,14 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from fedcontrast.bench.protocol import PROFILES, READOUTS, BenchConfig, check_method, run_benchmark
+from fedcontrast.bench.protocol import (
+    PROFILES,
+    READOUTS,
+    VALIDATION_SCOPES,
+    BenchConfig,
+    check_method,
+    run_benchmark,
+)
 from fedcontrast.data.phantom import DIFFICULTIES
 
 #: Command-line options that override a profile's setting of the same name.
@@ -31,7 +38,20 @@ OVERRIDES = (
     "readouts",
     "size",
     "difficulty",
+    "pretrain_overrides",
+    "validation",
 )
+
+
+def json_object(text: str) -> dict:
+    """``text`` parsed as a JSON object (the type of ``--pretrain-overrides``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"lr": 3e-3}}\', got {text!r}')
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +84,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (AdamW), every N alike")
     parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
+    parser.add_argument(
+        "--pretrain-overrides",
+        type=json_object,
+        help="JSON merged over every pre-training method's config, e.g. '{\"lr\": 3e-3}'",
+    )
+    parser.add_argument(
+        "--validation",
+        choices=VALIDATION_SCOPES,
+        help="methods also scored on the validation patients (default random_init; all: to tune on them)",
+    )
     parser.add_argument("--dataset", type=Path, help="a dataset folder instead of the phantom")
     parser.add_argument("--format", default="acdc", choices=["acdc", "mnms", "decathlon"])
     parser.add_argument(

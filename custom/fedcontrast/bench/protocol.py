@@ -84,6 +84,8 @@ GROWING = ("methods", "seeds")
 #: other method, so a run cut short holds their complete smallest-budget cells first.
 CORE_METHODS = (RANDOM_INIT, "local_cl", "fedsimclr", "fedbyol", "fcl", "fclopt", "fclopt_ptnu_dp")
 READOUTS = ("finetune", "probe")
+#: Values of ``BenchConfig.validation``.
+VALIDATION_SCOPES = (RANDOM_INIT, "all")
 
 #: The bench network: the bundle's SegResNetDS in 2D (slices, as the published FCL and local
 #: contrastive U-Nets) at 3 mm in-plane on a 48 x 48 crop.
@@ -176,6 +178,9 @@ class BenchConfig:
     bundle: dict[str, Any] = field(default_factory=lambda: dict(SMALL_BUNDLE))
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    #: which methods are also scored on the validation patients: random init (its plateau curve)
+    #: or ``"all"`` (to choose a method's settings on validation, never on test)
+    validation: str = RANDOM_INIT
 
     def __post_init__(self) -> None:
         for total, parts, what in (
@@ -187,6 +192,8 @@ class BenchConfig:
         unknown = set(self.readouts) - set(READOUTS)
         if unknown:
             raise ValueError(f"unknown readouts {sorted(unknown)}; known: {READOUTS}")
+        if self.validation not in VALIDATION_SCOPES:
+            raise ValueError(f"validation must be one of {VALIDATION_SCOPES}, got {self.validation!r}")
 
     @property
     def torch_device(self) -> str:
@@ -507,7 +514,7 @@ def finetune_unit(
         config.bundle,
         calibration_sets=training,
         validation_sets={site: s["validation"] for site, s in splits.items()}
-        if unit.method == RANDOM_INIT
+        if unit.method == RANDOM_INIT or config.validation == "all"
         else None,
     )
     steps_per_round = config.finetune_steps // config.finetune_checkpoints
@@ -694,7 +701,8 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
 
     Only ``methods`` and ``seeds`` may differ: a method added later runs as its own column, and
     seeds added later run as more seeds of every column, with the same configuration (the saved
-    configuration then lists every method and seed run so far).
+    configuration then lists every method and seed run so far). A setting missing from the saved
+    configuration (added to the bench after that run) counts as its default.
 
     Raises:
         ValueError: ``out`` holds rows of another configuration; the message names what differs.
@@ -703,7 +711,8 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
     if not saved.exists():
         return
     previous, current = json.loads(saved.read_text()), json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in current if k not in GROWING and previous.get(k) != current[k])
+    defaults = json.loads(json.dumps(asdict(BenchConfig())))  # a setting added after the run was saved
+    changed = sorted(k for k in current if k not in GROWING and previous.get(k, defaults[k]) != current[k])
     if changed:
         raise ValueError(
             f"{out} holds a run with other settings ({', '.join(changed)}); "
