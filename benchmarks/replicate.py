@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     check_comparable(runs, free=("methods",))
     result = compare(*runs.values())
     names = tuple(args.names or (str(p) for p in args.runs))
-    command = "python benchmarks/replicate.py " + " ".join(
+    command = "python benchmarks/replicate.py " + shlex.join(
         [*(str(p) for p in args.runs), *(["--names", *names] if args.names else []), "--out", str(args.out)]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
