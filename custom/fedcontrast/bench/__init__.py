@@ -50,7 +50,7 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as error:
         raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"lr": 3e-3}}\', got {text!r}')
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"lr\": 3e-3}}', got {text!r}")
     return value
 
 
