@@ -29,37 +29,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data_per_site import check_comparable
+
 from fedcontrast.bench.environment import run_environment
-from fedcontrast.bench.protocol import RANDOM_INIT, load_rows
-from fedcontrast.bench.report import format_difference, headline_rows, normalise_rows
+from fedcontrast.bench.protocol import RANDOM_INIT
+from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
 from fedcontrast.bench.stats import paired_differences, summarise
 
 #: Settings the variants may differ in.
 FREE = ("pretrain_overrides", "seeds", "methods")
 
 
-def load_variant(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(bench_config.json, rows)`` of one run folder."""
-    config_file, rows_file = folder / "bench_config.json", folder / "rows.jsonl"
-    if not config_file.is_file() or not rows_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a bench run folder (no bench_config.json or rows.jsonl)")
-    return json.loads(config_file.read_text()), load_rows(rows_file)
-
-
 def check_variants(configs: dict[Path, dict[str, Any]], method: str) -> None:
-    """Refuse folders whose settings differ in more than :data:`FREE`, that lack the method or
-    random init, or that were not scored on validation; names the folder."""
-    (first_path, first), *rest = configs.items()
+    """Refuse folders that lack the method or random init, that were not scored on validation,
+    or whose settings differ in more than :data:`FREE`; names the folder."""
     for path, config in configs.items():
         if not {RANDOM_INIT, method} <= set(config["methods"]):
             raise ValueError(f"{path}: the run holds {config['methods']}, not random init and {method}")
         if config.get("validation") != "all":
             raise ValueError(f"{path}: run without --validation all, so {method} has no validation rows")
-    for path, config in rest:
-        keys = set(first) | set(config)
-        differ = sorted(k for k in keys if k not in FREE and first.get(k) != config.get(k))
-        if differ:
-            raise ValueError(f"{first_path} and {path} differ in {', '.join(differ)}: not one sweep")
+    check_comparable({path: {"config": config} for path, config in configs.items()}, free=FREE)
 
 
 def differences(
@@ -88,7 +77,7 @@ def label(overrides: dict[str, Any]) -> str:
 
 def sweep(folders: list[Path], method: str, n_labeled: int, n_boot: int) -> dict[str, Any]:
     """Every variant's validation and test differences, and the choice (see the module docstring)."""
-    loaded = {folder: load_variant(folder) for folder in folders}
+    loaded = {folder: merge_runs([folder])[:2] for folder in folders}
     check_variants({folder: config for folder, (config, _) in loaded.items()}, method)
     common = set.intersection(*(set(config["seeds"]) for config, _ in loaded.values()))
     variants = []

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from data_per_site import check_comparable, load_run
 
+from fedcontrast.bench.report import headline_rows, normalise_rows
+
 #: Cell key fields of the report's ``summary.paired_differences``.
 CELL = ("finetune", "readout", "method", "n_labeled")
 #: Row key fields: one scored model.
@@ -33,13 +35,8 @@ ROW = ("method", "finetune", "readout", "n_labeled", "seed", "site")
 
 
 def final_rows(run: dict[str, Any]) -> dict[tuple, float]:
-    """Row key -> mean Dice of the final-checkpoint test rows (the report's ``final_steps``)."""
-    final = run["summary"]["final_steps"]
-    return {
-        tuple(r[k] for k in ROW): r["dice_mean"]
-        for r in run["rows"]
-        if r["eval_split"] == "test" and r["finetune_steps"] == final.get(f"{r['finetune']}/{r['readout']}")
-    }
+    """Row key -> mean Dice of the run's final-checkpoint test rows."""
+    return {tuple(r[k] for k in ROW): r["dice_mean"] for r in headline_rows(normalise_rows(run["rows"]))}
 
 
 def verdict(cell: dict[str, Any]) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "pretrain_sweep.py"
+sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling data_per_site
 spec = importlib.util.spec_from_file_location("pretrain_sweep", SCRIPT)
 pretrain_sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pretrain_sweep)
