@@ -7,10 +7,16 @@ FCLOpt+PTNU+DP) and ``supervised`` fine-tuning through the bundle. After one war
 synchronisation on both ends); samples/s = samples the trainer reports (slices/slabs for
 pre-training, volume patches for fine-tuning) / seconds. Pre-training uses ``amp`` as given
 (default bf16, which is off on the CPU); the bundle's fine-tuning uses AMP exactly on CUDA.
+``scoring`` times the bench's :class:`~fedcontrast.bench.evaluate.BundleScorer` on the same
+device: BatchNorm re-estimation on one training volume, then inference and Dice/HD95 on two
+(seconds per scored volume, the fine-tuned model's).
 
-    python benchmarks/throughput.py [--device cuda] [--tiny] [--out benchmarks/results/throughput.json]
+    python benchmarks/throughput.py [--device cuda] [--profile cpu|gpu] [--tiny]
+        [--out benchmarks/results/throughput.json]
 
-``--tiny`` shrinks network and data to what the test suite runs on a CPU in seconds.
+``--profile`` takes the network, the phantom size and the pre-training batch of that bench
+profile (``fedcontrast.bench.protocol.PROFILES``; default cpu). ``--tiny`` shrinks network and
+data to what the test suite runs on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -27,19 +33,20 @@ from typing import Any
 import torch
 
 from fedcontrast.bench.environment import environment
-from fedcontrast.bench.protocol import SMALL_BUNDLE
+from fedcontrast.bench.evaluate import BundleScorer
+from fedcontrast.bench.protocol import PROFILES, BenchConfig
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc
 from fedcontrast.data.splits import write_site_splits
+from fedcontrast.methods.base import message_to_state_dict
 from fedcontrast.methods.device import resolve_device
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.supervised import supervised_entries
 from fedcontrast.methods.volumes import pretraining_entries
 from fedcontrast.nets.presets import network_preset
 
-#: The bench's network (``fedcontrast.bench.protocol.BenchConfig``: 2D) and a tiny one for tests.
-BUNDLE = SMALL_BUNDLE
+#: A tiny network for tests.
 TINY = {"spatial_dims": 2, **network_preset("tiny", roi_size=[32, 32], patch_size=[32, 32, 8])}
 TINY_PRETRAIN = {"head_hidden": 16, "predictor_hidden": 16, "embedding_dim": 16, "features_per_partition": 2}
 
@@ -52,11 +59,12 @@ def synchronize(device: torch.device) -> None:
 
 def time_rounds(
     method: str, config: dict[str, Any], entries: list[dict], device: torch.device, rounds: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """Build ``method``'s trainer on ``entries``, run one warm-up round, time ``rounds`` more.
 
     The site talks to the method's own server strategy (as alone in a federation), so every
-    round gets what the protocol sends; only ``local_round`` is timed.
+    round gets what the protocol sends; only ``local_round`` is timed. Returns the timing and
+    the last round's update.
     """
     spec = get_method(method)
     strategy = spec.strategy(config, spec.trainer.initial_message(config))
@@ -73,17 +81,45 @@ def time_rounds(
             samples += update.num_samples
         strategy.aggregate({"site-1": update}, round_num)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {
+    timing = {
         "samples_per_s": samples / seconds,
         "seconds_per_round": seconds / rounds,
         "samples_per_round": samples / rounds,
         "peak_gpu_mb": peak,
+    }
+    return timing, update
+
+
+def time_scoring(
+    bundle: dict[str, Any],
+    labelled: list[dict],
+    state: dict[str, torch.Tensor],
+    device: torch.device,
+    rounds: int,
+) -> dict[str, Any]:
+    """Seconds per scored volume of the bench's scorer on ``device``: BatchNorm re-estimated on the
+    first labelled volume, then the first two scored (one warm-up call, ``rounds`` timed)."""
+    volumes = [{"image": e["image"], "label": e["label"]} for e in labelled]
+    scorer = BundleScorer(
+        {"site-1": volumes[:2]}, bundle, calibration_sets={"site-1": volumes[:1]}, device=device
+    )
+    scorer.score(state, "site-1")
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        scorer.score(state, "site-1")
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / rounds
+    return {
+        "seconds_per_volume": seconds / len(scorer.volumes["site-1"]),
+        "volumes": len(scorer.volumes["site-1"]),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu", help="bench profile's sizes")
     parser.add_argument("--amp", default="bf16", help="pre-training autocast: bf16, fp16 or off")
     parser.add_argument(
         "--methods",
@@ -93,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--patients", type=int, default=6, help="phantom patients of the site")
-    parser.add_argument("--batch-size", type=int, default=4, help="pre-training volumes per batch")
+    parser.add_argument(
+        "--batch-size", type=int, help="pre-training volumes per batch (default: the profile's)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--tiny", action="store_true", help="tiny network and data (tests)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
@@ -102,11 +140,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle = TINY if args.tiny else BUNDLE
+    profile = BenchConfig(**{k: v for k, v in PROFILES[args.profile].items() if k != "device"})
+    bundle = TINY if args.tiny else profile.bundle
+    size = "small" if args.tiny else profile.size
     patients = 2 if args.tiny else args.patients
     pretrain = {
         "bundle": bundle,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or profile.batch_size,
         "amp": args.amp,
         "seed": 0,
         **(TINY_PRETRAIN if args.tiny else {}),
@@ -114,17 +154,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     finetune = {"bundle": bundle, "local_epochs": 1, "seed": 0, "num_workers": 0}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        synthesize_dataset(root / "data", sites=1, patients_per_site=patients, seed=0, size="small")
+        synthesize_dataset(root / "data", sites=1, patients_per_site=patients, seed=0, size=size)
         write_site_splits(read_acdc(root / "data"), LABELS, root / "splits", patients, 0, seed=0)
         datalist = load_site_datalist(root / "splits" / "site-1.json")
         results: dict[str, Any] = {"pretraining": {}, "finetuning": {}}
         for method in args.methods:
             entries = pretraining_entries(datalist)
-            results["pretraining"][method] = time_rounds(method, pretrain, entries, device, args.rounds)
+            results["pretraining"][method], _ = time_rounds(method, pretrain, entries, device, args.rounds)
         labelled = supervised_entries(datalist)
         finetune["workdir"] = str(root / "work")
-        timed = time_rounds("supervised", finetune, labelled, device, args.rounds)
+        timed, update = time_rounds("supervised", finetune, labelled, device, args.rounds)
         results["finetuning"]["supervised"] = timed
+        state = message_to_state_dict(update.message)
+        results["scoring"] = time_scoring(bundle, labelled, state, device, args.rounds)
     result = {
         "what": "samples per second of one site's trainers (one warm-up round, then timed rounds)",
         "device": str(device),
@@ -132,7 +174,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "amp": {"pretraining": args.amp if device.type == "cuda" else "off (CPU)", "finetuning": "bundle"},
         "torch_threads": torch.get_num_threads(),
         "load_average_1_5_15min": {"start": load_at_start, "end": os.getloadavg(), "cpus": os.cpu_count()},
-        "config": {"bundle": bundle, "patients": patients, "rounds": args.rounds, "pretraining": pretrain},
+        "config": {
+            "profile": args.profile,
+            "size": size,
+            "bundle": bundle,
+            "patients": patients,
+            "rounds": args.rounds,
+            "pretraining": pretrain,
+        },
         "environment": environment(),
         **results,
     }

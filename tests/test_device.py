@@ -93,3 +93,4 @@ def test_throughput_benchmark_runs_at_a_tiny_size(tmp_path):
         (timing,) = result[section].values()
         assert timing["samples_per_s"] > 0 and timing["samples_per_round"] > 0
     assert result["amp"]["pretraining"] == "off (CPU)" and result["gpu"] == "none: CPU run"
+    assert result["scoring"]["volumes"] == 2 and result["scoring"]["seconds_per_volume"] > 0

@@ -69,6 +69,8 @@ class BundleScorer:
         calibration_sets: site -> the site's labelled *training* entries; when given, the
             BatchNorm statistics are re-estimated on them before every score at that site.
         validation_sets: site -> labelled entries scored as ``split="validation"``.
+        device: where the network runs (BatchNorm re-estimation and inference); the metrics
+            are computed on the CPU, so scores do not depend on it beyond floating-point noise.
     """
 
     def __init__(
@@ -78,9 +80,11 @@ class BundleScorer:
         bundle_dir: str | None = None,
         calibration_sets: Mapping[str, list[dict]] | None = None,
         validation_sets: Mapping[str, list[dict]] | None = None,
+        device: str | torch.device = "cpu",
     ):
         parser = bundle_parser(bundle_dir, "train", overrides)
-        self.network: torch.nn.Module = parser.get_parsed_content("network_def").eval()
+        self.device = torch.device(device)
+        self.network: torch.nn.Module = parser.get_parsed_content("network_def").to(self.device).eval()
         self.inferer = parser.get_parsed_content("inferer")
         preprocessing = parser.get_parsed_content("preprocessing")
 
@@ -98,7 +102,9 @@ class BundleScorer:
 
         self.splits = {"test": load(test_sets), "validation": load(validation_sets)}
         self.volumes = self.splits["test"]
-        self.calibration = {site: [v["image"] for v in vols] for site, vols in load(calibration_sets).items()}
+        self.calibration = {
+            site: [v["image"].to(self.device) for v in vols] for site, vols in load(calibration_sets).items()
+        }
         self.class_names: list[str] = list(parser.get_parsed_content("class_names"))
         self.num_classes = int(parser.get_parsed_content("num_classes"))
 
@@ -114,8 +120,8 @@ class BundleScorer:
     def predict(self, image: torch.Tensor) -> torch.Tensor:
         """Class indices ``(1, 1, X, Y, Z)`` of a preprocessed image ``(1, X, Y, Z)`` (loaded model)."""
         with untracked_meta():
-            logits = self.inferer(image[None].float(), self.network)
-            return logits.argmax(dim=1, keepdim=True)
+            logits = self.inferer(image[None].float().to(self.device), self.network)
+            return logits.argmax(dim=1, keepdim=True).cpu()
 
     def score(self, state_dict: Mapping[str, torch.Tensor], site: str, split: str = "test") -> dict[str, Any]:
         """Mean over ``site``'s ``split`` volumes: ``{"dice": {class: d}, "dice_mean", "hd95_mean"}``.

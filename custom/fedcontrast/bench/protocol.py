@@ -520,6 +520,7 @@ def finetune_unit(
         validation_sets={site: s["validation"] for site, s in splits.items()}
         if unit.method == RANDOM_INIT or config.validation == "all"
         else None,
+        device=config.torch_device,
     )
     steps_per_round = config.finetune_steps // config.finetune_checkpoints
     scores: list[dict[str, Any]] = []
