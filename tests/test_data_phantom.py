@@ -14,6 +14,7 @@ from fedcontrast.data.phantom import (
     Difficulty,
     draw_patient,
     draw_scanner,
+    plan_stack,
     render,
     synthesize_dataset,
 )
@@ -154,3 +155,22 @@ def test_difficulty_widens_variability_and_keeps_standard():
     assert np.all(draw_patient(0, 1, 1).body["tissue_gain"] == 1.0)
     with pytest.raises(DataValidationError, match="difficulty 'nope'"):
         synthesize_dataset("unused", difficulty="nope")
+
+
+def test_planned_stack_runs_from_above_the_base_to_the_apex(tmp_path):
+    level = DIFFICULTIES["realistic_planned"]
+    scanner = draw_scanner("s", 1, 0, "small", difficulty=level)
+    for number in range(1, 6):
+        patient = draw_patient(0, 1, number, level)
+        planned, moved = plan_stack(scanner, patient)
+        n, spacing = planned.n_slices, planned.spacing[2]
+        assert 5 <= n <= 16 and abs((n - 1) * spacing - 1.05 * patient.heart["length"]) < 1e-6
+        assert planned.matrix == scanner.matrix and moved.group == patient.group
+        _, label = render(planned, moved, "ED")
+        lv = (label == 3).sum(axis=(0, 1))
+        assert label.shape[2] == n and lv[0] == 0 and lv[-1] == 0 and lv[1:-1].min() > 0
+    summary = synthesize_dataset(tmp_path / "d", sites=1, patients_per_site=2, difficulty="realistic_planned")
+    assert summary["difficulty"] == "realistic_planned"
+    image = nib.load(next((tmp_path / "d").glob("site-1/patient001/*frame01.nii.gz")))
+    spacing = plan_stack(scanner, draw_patient(0, 1, 1, level))[0].spacing[2]
+    assert image.header.get_zooms()[2] == pytest.approx(spacing, rel=1e-5)

@@ -31,7 +31,10 @@ orientation, size, shape and pathology ranges, per-patient tissue contrast and b
 field, stronger site noise and partial-volume blur, so that one labelled volume per site
 no longer describes the whole population. Random init's measured federated fine-tuning
 curve on it (against the published one) is in ``benchmarks/results/phantom_difficulty.json``,
-written by ``benchmarks/phantom_difficulty.py``.
+written by ``benchmarks/phantom_difficulty.py``. ``"realistic_planned"`` is
+``"realistic"`` with each patient's stack planned from just above the base to the apex
+(:func:`plan_stack`: per-patient slice count and spacing, as a technician plans a cine
+stack), so that a slice's place in its stack tells where it lies on the long axis.
 
 Everything is drawn from ``numpy.random.SeedSequence`` streams keyed by
 ``(seed, site, patient)``, so a patient's volumes do not depend on how many
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +128,10 @@ class Difficulty:
         bias: range of the site's bias-field log-amplitude.
         noise: range of the site's Rician noise (relative to blood).
         blur: ranges of the site's partial-volume blur (in-plane voxels, through-plane slices).
+        planned_stack: plan each patient's short-axis stack as on a scanner (:func:`plan_stack`):
+            from just above the base to the apex, so a slice's place in the stack says where it
+            lies on the long axis. Otherwise every stack has the site's slice spacing and count
+            and starts at a random height on the heart (``base_offset``).
     """
 
     heart_shift_mm: float = 12.0
@@ -139,6 +146,7 @@ class Difficulty:
     bias: tuple[float, float] = (0.15, 0.45)
     noise: tuple[float, float] = (0.03, 0.08)
     blur: tuple[tuple[float, float], tuple[float, float]] = ((0.4, 1.0), (0.15, 0.4))
+    planned_stack: bool = False
 
 
 #: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's (candidate "A" of
@@ -160,6 +168,8 @@ DIFFICULTIES: dict[str, Difficulty] = {
         blur=((0.6, 1.3), (0.3, 0.6)),
     ),
 }
+#: ``realistic`` with stacks planned base to apex (the partition-signal ablation of issue 10).
+DIFFICULTIES["realistic_planned"] = replace(DIFFICULTIES["realistic"], planned_stack=True)
 
 
 def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
@@ -517,6 +527,22 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     return np.rint(image).astype(np.int16), label
 
 
+def plan_stack(scanner: Scanner, patient: Patient) -> tuple[Scanner, Patient]:
+    """The scanner and patient of a short-axis stack planned base to apex, as a technician plans it.
+
+    The first slice lies 5% of the LV's ED length above its base (in the atria), the last at the
+    apex; the slice count is the one that keeps the spacing nearest the site's slice thickness
+    (between 5 and :data:`MAX_SLICES`), and the spacing fits the stack to the heart exactly.
+    In-plane geometry, thickness-independent blur and every random draw are unchanged.
+    """
+    length = patient.heart["length"]
+    span = 1.05 * length
+    n_slices = int(np.clip(round(span / scanner.spacing[2]) + 1, 5, MAX_SLICES))
+    spacing = span / (n_slices - 1)
+    planned = replace(scanner, n_slices=n_slices, spacing=(*scanner.spacing[:2], float(spacing)))
+    return planned, replace(patient, heart={**patient.heart, "base_offset": 0.05 * length})
+
+
 def affine(scanner: Scanner) -> np.ndarray:
     """The 4x4 voxel-to-world matrix (mm) of a scanner's volumes: spacing on the diagonal, centred."""
     (nx, ny), spacing = scanner.matrix, scanner.spacing
@@ -632,7 +658,8 @@ def synthesize_dataset(
             first = (k - 1) * patients_per_site + 1
             for number in range(first, first + patients_per_site):
                 patient = draw_patient(seed, k, number, level)
-                write_patient(work / name, f"patient{number:03d}", scanner, patient)
+                stack = plan_stack(scanner, patient) if level.planned_stack else (scanner, patient)
+                write_patient(work / name, f"patient{number:03d}", *stack)
             summary["sites"][name] = {
                 "patients": [f"patient{n:03d}" for n in range(first, first + patients_per_site)],
                 "sequence": sequence,
@@ -642,6 +669,8 @@ def synthesize_dataset(
                 "bias": round(scanner.bias, 3),
                 "noise": round(scanner.noise, 3),
             }
+            if level.planned_stack:
+                summary["sites"][name]["stack"] = "planned per patient: slice count and spacing vary"
         write_json(work / SUMMARY_FILE, summary)
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
