@@ -13,8 +13,9 @@
 # One worker process by default (--workers N after LIMIT_S overrides it): on one H200, 15
 # workers sharing the GPU and its 16 CPU cores finished no unit in 400 s (benchmarks/results/gpu/).
 # Needs fedcontrast installed with a CUDA build of torch (README, "GPU"); PYTHON names the
-# interpreter (default python3). Tested on the CPU at a tiny size with:
-#   benchmarks/gpu_label_efficiency.sh /tmp/gpu-tiny 300 --size small \
+# interpreter (default python3), THROUGHPUT_ARGS the throughput options (default
+# "--profile gpu --patients 24"). Tested on the CPU at a tiny size with:
+#   THROUGHPUT_ARGS="--tiny --rounds 1" benchmarks/gpu_label_efficiency.sh /tmp/gpu-tiny 300 --size small \
 #   --sites 2 --patients-per-site 5 --budgets 1 --seeds 0 --methods random_init fcl \
 #   --pretrain-steps 2 --pretrain-rounds 1 --finetune-steps 2 --finetune-checkpoints 1
 set -uo pipefail
@@ -29,7 +30,8 @@ import platform, torch
 print(platform.platform(), "python", platform.python_version(), "torch", torch.__version__)
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
-timeout 120 "$py" "$here/throughput.py" --profile gpu --patients 24 --out "$out/throughput_gpu.json" > "$out/throughput.log" 2>&1
+# shellcheck disable=SC2086  # THROUGHPUT_ARGS is a list of options
+timeout 120 "$py" "$here/throughput.py" ${THROUGHPUT_ARGS:---profile gpu --patients 24} --out "$out/throughput_gpu.json" > "$out/throughput.log" 2>&1
 echo "throughput exit status $?"
 timeout "$limit" "$py" -m fedcontrast.cli bench --profile gpu --workers 1 --out "$out/run" --report "$out/run" "$@"
 echo "bench exit status $? (124: stopped at the time limit; the run folder resumes)"
