@@ -9,7 +9,14 @@ import pytest
 from conftest import inline_pool
 
 from fedcontrast.bench import protocol
-from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, completed_units, finetune_units
+from fedcontrast.bench.protocol import (
+    PROFILES,
+    SMALL_BUNDLE,
+    BenchConfig,
+    FinetuneUnit,
+    completed_units,
+    finetune_units,
+)
 from fedcontrast.bench.report import (
     RESULT_KEYS,
     ordering_sentences,
@@ -87,15 +94,24 @@ def test_command_line_options_override_the_profile():
             '{"lr": 3e-3, "augment": {"rotate_deg": 30}}',
             "--validation",
             "all",
+            "--bundle-overrides",
+            '{"init_filters": 16}',
         ]
     )
     config = config_from_args(args)
+    assert config.bundle == {**PROFILES["cpu"].get("bundle", SMALL_BUNDLE), "init_filters": 16}
     assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
     assert config.finetune_lr == 1e-2 and config.validation == "all"
     assert config.pretrain_config(0)["lr"] == 3e-3 and config.pretrain_config(0)["augment"] == {
         "rotate_deg": 30
     }
-    for wrong in (["--difficulty", "impossible"], ["--pretrain-overrides", "[1]"], ["--validation", "some"]):
+    wrong_options = (
+        ["--difficulty", "impossible"],
+        ["--pretrain-overrides", "[1]"],
+        ["--bundle-overrides", "16"],
+        ["--validation", "some"],
+    )
+    for wrong in wrong_options:
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", *wrong])
 

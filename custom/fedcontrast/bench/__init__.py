@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from fedcontrast.bench.protocol import (
     PROFILES,
     READOUTS,
+    SMALL_BUNDLE,
     VALIDATION_SCOPES,
     BenchConfig,
     check_method,
@@ -44,7 +45,7 @@ OVERRIDES = (
 
 
 def json_object(text: str) -> dict:
-    """``text`` parsed as a JSON object (the type of ``--pretrain-overrides``)."""
+    """``text`` parsed as a JSON object (the type of ``--pretrain-overrides`` and ``--bundle-overrides``)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -90,6 +91,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="JSON merged over every pre-training method's config, e.g. '{\"lr\": 3e-3}'",
     )
     parser.add_argument(
+        "--bundle-overrides",
+        type=json_object,
+        help="JSON merged over the profile's bundle settings (the network every method trains), "
+        "e.g. '{\"init_filters\": 16}'",
+    )
+    parser.add_argument(
         "--validation",
         choices=VALIDATION_SCOPES,
         help="methods also scored on the validation patients (default random_init; all: to tune on them)",
@@ -114,6 +121,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The profile's settings with the command line's options over them."""
     settings = dict(PROFILES["quick" if args.quick else args.profile])
     settings.update({name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None})
+    if args.bundle_overrides:
+        settings["bundle"] = {**settings.get("bundle", SMALL_BUNDLE), **args.bundle_overrides}
     return BenchConfig(**settings)
 
 
