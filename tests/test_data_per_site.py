@@ -68,3 +68,12 @@ def test_runs_that_differ_in_another_setting_are_refused(tmp_path):
         data_per_site.main([str(a), str(b), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match=r"no results\.json"):
         data_per_site.main([str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_a_setting_missing_from_an_older_run_counts_as_its_default(tmp_path):
+    older = {"config": {"seeds": [0], "finetune_lr": 3e-3}}  # saved before `validation` existed
+    newer = {"config": {"seeds": [1], "finetune_lr": 3e-3, "validation": "random_init"}}
+    data_per_site.check_comparable({tmp_path / "older": older, tmp_path / "newer": newer})
+    tuned = {"config": {**newer["config"], "validation": "all"}}
+    with pytest.raises(ValueError, match="differ in validation"):
+        data_per_site.check_comparable({tmp_path / "older": older, tmp_path / "tuned": tuned})
