@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedcontrast.bench.protocol import BenchConfig
+from fedcontrast.bench.protocol import with_defaults
 from fedcontrast.bench.report import errorbar, pyplot, save_figure
 
 #: Settings the runs may differ in; any other difference makes them incomparable.
@@ -42,12 +41,10 @@ def check_comparable(runs: dict[Path, dict[str, Any]], free: tuple[str, ...] = F
     A setting missing from a run's configuration (added to the bench after that run) counts as
     its default, as when a run folder is resumed.
     """
-    defaults = json.loads(json.dumps(asdict(BenchConfig())))
     (first_path, first), *rest = runs.items()
     for path, run in rest:
-        keys = set(first["config"]) | set(run["config"])
-        a, b = ({**defaults, **r["config"]} for r in (first, run))
-        differ = sorted(k for k in keys if k not in free and a.get(k) != b.get(k))
+        a, b = with_defaults(first["config"]), with_defaults(run["config"])
+        differ = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
         if differ:
             raise ValueError(f"{first_path} and {path} differ in {', '.join(differ)}: not one ablation")
 

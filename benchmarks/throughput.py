@@ -99,9 +99,8 @@ def time_scoring(
 ) -> dict[str, Any]:
     """Seconds per scored volume of the bench's scorer on ``device``: BatchNorm re-estimated on the
     first labelled volume, then the first two scored (one warm-up call, ``rounds`` timed)."""
-    volumes = [{"image": e["image"], "label": e["label"]} for e in labelled]
     scorer = BundleScorer(
-        {"site-1": volumes[:2]}, bundle, calibration_sets={"site-1": volumes[:1]}, device=device
+        {"site-1": labelled[:2]}, bundle, calibration_sets={"site-1": labelled[:1]}, device=device
     )
     scorer.score(state, "site-1")
     synchronize(device)
@@ -140,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
-    profile = BenchConfig(**{k: v for k, v in PROFILES[args.profile].items() if k != "device"})
+    profile = BenchConfig(**PROFILES[args.profile])
     bundle = TINY if args.tiny else profile.bundle
     size = "small" if args.tiny else profile.size
     patients = 2 if args.tiny else args.patients

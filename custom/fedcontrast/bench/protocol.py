@@ -701,6 +701,12 @@ def finetune_units(config: BenchConfig) -> list[FinetuneUnit]:
     return sorted(units, key=lambda u: (u.n_labeled, method_tier(u.method)))
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved settings (JSON) with each setting added to the bench after it was saved at
+    its default, so runs saved before and after a setting existed compare as equal."""
+    return {**json.loads(json.dumps(asdict(BenchConfig()))), **saved}
+
+
 def check_resumable(config: BenchConfig, out: Path) -> None:
     """Refuse to continue a run folder whose configuration differs from ``config``.
 
@@ -715,9 +721,9 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
     saved = out / "bench_config.json"
     if not saved.exists():
         return
-    previous, current = json.loads(saved.read_text()), json.loads(json.dumps(asdict(config)))
-    defaults = json.loads(json.dumps(asdict(BenchConfig())))  # a setting added after the run was saved
-    changed = sorted(k for k in current if k not in GROWING and previous.get(k, defaults[k]) != current[k])
+    previous = with_defaults(json.loads(saved.read_text()))
+    current = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in current if k not in GROWING and previous[k] != current[k])
     if changed:
         raise ValueError(
             f"{out} holds a run with other settings ({', '.join(changed)}); "
