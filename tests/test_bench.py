@@ -314,6 +314,38 @@ def test_subset_reports_hold_only_their_methods_and_budgets(tmp_path, config, ro
     assert "fcl: 0.80x the bytes of federated BYOL" in report
 
 
+def test_supervised_ceiling_pretrains_with_the_pretraining_volumes_labels(tmp_path, monkeypatch):
+    """The ceiling column trains ``supervised`` on training + unlabelled volumes, labels attached."""
+    seen = {}
+
+    class StopRunError(Exception):
+        pass
+
+    def fake_run(method, config, entries, rounds, **kwargs):
+        seen.update(method=method, config=config, entries=entries, rounds=rounds)
+        raise StopRunError
+
+    monkeypatch.setattr(protocol, "run_in_process", fake_run)
+    datalist = {
+        "site": "site-1",
+        "training": [{"image": "a.nii.gz", "label": "a_gt.nii.gz", "patient": "p1"}],
+        "unlabeled": [{"image": "b.nii.gz", "patient": "p2"}],
+        "test": [{"image": "t.nii.gz", "label": "t_gt.nii.gz"}],
+    }
+    labels = {"a.nii.gz": "a_gt.nii.gz", "b.nii.gz": "b_gt.nii.gz", "t.nii.gz": "t_gt.nii.gz"}
+    config = BenchConfig(pretrain_steps=8, pretrain_rounds=2, batch_size=4, finetune_batch_samples=8)
+    with pytest.raises(StopRunError):
+        protocol.pretrain_unit(config, protocol.SUPERVISED_CEILING, 3, {"site-1": datalist}, tmp_path, labels)
+    assert seen["method"] == "supervised" and seen["rounds"] == 2
+    labelled = [{"image": "a.nii.gz", "label": "a_gt.nii.gz"}, {"image": "b.nii.gz", "label": "b_gt.nii.gz"}]
+    assert seen["entries"] == {"site-1": labelled}  # no test volume
+    assert seen["config"]["local_steps"] == 4 and seen["config"]["batch_size"] == 4
+    assert seen["config"]["bundle"]["samples_per_volume"] == 2 and seen["config"]["seed"] == 3
+    with pytest.raises(ValueError, match=r"b\.nii\.gz"):
+        protocol.ceiling_entries(datalist, {"a.nii.gz": "a_gt.nii.gz"})
+    protocol.check_method(protocol.SUPERVISED_CEILING)  # a bench column, though not a registered method
+
+
 def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
     """`fedcontrast bench --quick` for two methods: real pre-training, fine-tuning and scoring."""
     from fedcontrast.cli import main as fedcontrast_cli

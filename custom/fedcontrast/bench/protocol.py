@@ -32,6 +32,15 @@ runs in the same run when it is not saved yet, even when the base is not a colum
 its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
 ``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
 
+The **supervised ceiling** column ``supervised_ceiling`` is a diagnostic, not a method a
+hospital can run: its pre-training unit trains the bundle network with the ``supervised``
+method (federated, FedAvg) on every pre-training volume *with its label*, for the same
+optimiser steps and rounds as the contrastive methods (fine-tuning's learning rate and batch
+shape), and hands over its encoder like any pre-training. What an encoder pre-trained with all
+those labels adds over random init bounds what any pre-training of the encoder can add on the
+run's data, network and fine-tuning protocol. It needs a dataset whose pre-training volumes
+are labelled (the phantom's all are).
+
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
 fine-tuning from their average. Units run on :func:`unit_pool`'s reused workers, and the
@@ -74,6 +83,8 @@ from fedcontrast.nets.presets import network_preset
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT = "random_init"
+#: The supervised-ceiling column (see the module docstring).
+SUPERVISED_CEILING = "supervised_ceiling"
 #: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
 DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
@@ -217,6 +228,20 @@ class BenchConfig:
             **self.pretrain_overrides,
         }
 
+    def ceiling_config(self, seed: int) -> dict[str, Any]:
+        """The ``supervised`` configuration of the supervised ceiling's pre-training for ``seed``:
+        the pre-training's steps and rounds, fine-tuning's learning rate and step of
+        ``finetune_batch_samples`` slices from ``batch_size`` volumes."""
+        volumes = min(self.batch_size, self.finetune_batch_samples)
+        return {
+            "bundle": {**self.bundle, "samples_per_volume": self.finetune_batch_samples // volumes},
+            "local_steps": self.pretrain_steps // self.pretrain_rounds,
+            "lr": self.finetune_lr,
+            "batch_size": volumes,
+            "seed": seed,
+            "num_workers": 0,
+        }
+
     def finetune_config(self, unit: FinetuneUnit, encoder: str, decoder: str = "") -> dict[str, Any]:
         """The ``supervised`` configuration of ``unit``, starting from ``encoder`` ("" for none), or
         from the decoder-stage checkpoint ``decoder`` (its encoder and decoder blocks).
@@ -256,7 +281,7 @@ def check_method(method: str) -> None:
         ValueError: an unknown name (from the registry), or a decoder column whose base is not a
             pre-training method.
     """
-    if method == RANDOM_INIT:
+    if method in (RANDOM_INIT, SUPERVISED_CEILING):
         return
     spec = get_method(base_method(method))
     if is_decoder_column(method) and not spec.pretraining:
@@ -340,21 +365,61 @@ def pretraining_curve(history: list[dict[str, Any]], steps_per_round: int) -> li
     ]
 
 
-def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, out: Path) -> dict[str, Any]:
+def image_labels(dataset: Path, fmt: str, cache_dir: Path) -> dict[str, str]:
+    """``{image path: label path}`` of every labelled volume of ``dataset`` (the supervised ceiling's
+    labels for the pre-training volumes, whose split entries carry none)."""
+    from fedcontrast.data.readers import read_dataset
+
+    entries, _ = read_dataset(dataset, fmt, cache_dir=cache_dir, allow_unlabeled=fmt == "acdc")
+    return {e["image"]: e["label"] for e in entries if "label" in e}
+
+
+def ceiling_entries(datalist: dict[str, Any], labels: dict[str, str]) -> list[dict[str, str]]:
+    """A site's pre-training volumes (:func:`~fedcontrast.methods.volumes.pretraining_entries`) with
+    their labels, for the supervised ceiling.
+
+    Raises:
+        ValueError: a pre-training volume has no label (named): the ceiling needs them all.
+    """
+    from fedcontrast.methods.volumes import pretraining_entries
+
+    missing = [e["image"] for e in pretraining_entries(datalist) if e["image"] not in labels]
+    if missing:
+        raise ValueError(
+            f"site {datalist.get('site')}: {SUPERVISED_CEILING} needs every pre-training volume labelled; "
+            f"{len(missing)} are not, e.g. {missing[0]}"
+        )
+    return [{"image": e["image"], "label": labels[e["image"]]} for e in pretraining_entries(datalist)]
+
+
+def pretrain_unit(
+    config: BenchConfig,
+    method: str,
+    seed: int,
+    datalists: dict,
+    out: Path,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run one pre-training; save its encoder(s) under ``out``; return its record (bytes, wall, rounds).
 
     ``pretrain_overrides`` keys ``feature_clip`` and ``feature_noise`` (C and Z, default 0: off)
     clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
     filter does (:class:`~fedcontrast.methods.privacy.FeaturePrivacy`, seeded by ``seed``).
+    The supervised ceiling (``method`` :data:`SUPERVISED_CEILING`) trains on the pre-training
+    volumes with their ``labels`` (:func:`image_labels`) instead.
     """
     from fedcontrast.methods.privacy import feature_privacy_from_config
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
-    entries = {site: pretraining_entries(d) for site, d in datalists.items()}
-    cfg = config.pretrain_config(seed)
+    if method == SUPERVISED_CEILING:
+        run_method, cfg = "supervised", config.ceiling_config(seed)
+        entries = {site: ceiling_entries(d, labels or {}) for site, d in datalists.items()}
+    else:
+        run_method, cfg = method, config.pretrain_config(seed)
+        entries = {site: pretraining_entries(d) for site, d in datalists.items()}
     result = run_in_process(
-        method,
+        run_method,
         cfg,
         entries,
         config.pretrain_rounds,
@@ -363,7 +428,7 @@ def pretrain_unit(config: BenchConfig, method: str, seed: int, datalists: dict, 
     )
     options = encoder_options(None, cfg["bundle"])
     out.mkdir(parents=True, exist_ok=True)
-    if get_method(method).federated:
+    if get_method(run_method).federated:
         save_encoder(encoder_state(message_to_state_dict(result.global_message)), out / "global.pt", options)
     else:
         for site, state in result.encoders.items():
@@ -760,6 +825,9 @@ def run_benchmark(
     }
     saved.write_text(json.dumps({**asdict(config), **grown}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
+    labels = None
+    if SUPERVISED_CEILING in config.methods:
+        labels = image_labels(dataset or out / "data", fmt, out / "frames")
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
     waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
@@ -810,7 +878,8 @@ def run_benchmark(
             if is_decoder_column(m):
                 args = (config, m, s, splits[smallest], folder(base_method(m), s), folder(m, s))
                 return decoder_unit, args, f"decoder stage {m} seed {s}"
-            return pretrain_unit, (config, m, s, splits[smallest], folder(m, s)), f"pre-training {m} seed {s}"
+            args = (config, m, s, splits[smallest], folder(m, s), labels)
+            return pretrain_unit, args, f"pre-training {m} seed {s}"
         return None
 
     total, finished, start = len(pending) + len(waiting), 0, time.perf_counter()
