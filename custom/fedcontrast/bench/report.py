@@ -48,6 +48,9 @@ READOUTS = ("finetune", "probe")
 READOUT_TITLES = {"finetune": "full fine-tuning", "probe": "frozen-encoder probe (decoder only)"}
 #: The project's target (issue 10): method minus random init at budget N, in every mode.
 TARGET = {"method": "fcl", "n_labeled": 1, "difference": 0.05, "readout": "finetune", "modes": MODES}
+#: The bench's supervised-ceiling column (``fedcontrast.bench.protocol.SUPERVISED_CEILING``: encoder
+#: pre-trained with every pre-training volume's label), the bound the target method is read against.
+CEILING = "supervised_ceiling"
 #: Random init has reached its plateau when its validation Dice gains less than this over the
 #: second half of the fine-tuning budget.
 PLATEAU_TOLERANCE = 0.01
@@ -454,6 +457,38 @@ def verdict_line(verdict: dict[str, Any]) -> str:
         f"+{target['difference']:.2f} with the 95% interval above 0, in "
         f"{' and '.join(target['modes'])} fine-tuning: {'met' if verdict['met'] else 'not met'}** "
         f"({'; '.join(parts)})."
+    )
+
+
+def ceiling_share(differences: dict[tuple[str, str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (mode, readout) at the target budget, the target method's and the supervised ceiling's
+    differences from random init and their ratio (``share``: None where the ceiling's mean is not
+    above 0); [] when the run has no :data:`CEILING` column."""
+    shares = []
+    for (mode, readout, method, n), ceiling in sorted(differences.items()):
+        target = differences.get((mode, readout, TARGET["method"], n))
+        if method != CEILING or n != TARGET["n_labeled"] or not target or not ceiling["n_pairs"]:
+            continue
+        share = target["mean"] / ceiling["mean"] if ceiling["mean"] > 0 else None
+        shares.append(
+            {"finetune": mode, "readout": readout, "method": target, "ceiling": ceiling, "share": share}
+        )
+    return shares
+
+
+def ceiling_paragraph(shares: list[dict[str, Any]]) -> str:
+    """The report's sentence on how much of the supervised ceiling the target method reaches."""
+    name = TARGET["method"].upper()
+    parts = [
+        f"{s['finetune']} {READOUT_TITLES.get(s['readout'], s['readout'])}: {name} "
+        f"{format_difference(s['method'])} of the ceiling's {format_difference(s['ceiling'])}"
+        + (f" ({s['share']:.0%})" if s["share"] is not None else "")
+        for s in shares
+    ]
+    return (
+        f"Against the supervised ceiling (`{CEILING}`: the encoder pre-trained with every pre-training "
+        "volume's label, the same steps; a bound on what pre-training the encoder can add here, not a "
+        f"method), {name} minus random init at N={TARGET['n_labeled']}: " + "; ".join(parts) + "."
     )
 
 
@@ -1066,6 +1101,7 @@ def write_report(
     comparisons = comparison_cells(final, methods, n_boot)
     values = value_cells(final, n_boot=n_boot)
     verdict = target_verdict(differences)
+    shares = ceiling_share(differences)
     plateau = plateau_rows(rows)
     n_curve = min(budgets) if budgets else 1
     test_curves = learning_curves(rows, n_curve, "test")
@@ -1092,6 +1128,7 @@ def write_report(
                 for k, v in sorted(comparisons.items(), key=repr)
             ],
             "target": verdict,
+            "ceiling_share": shares,
             "random_init_plateau": plateau,
             "pretraining": curves,
             "provenance": provenance or {},
@@ -1124,6 +1161,7 @@ def write_report(
     parts = [
         "# Label efficiency of the pre-training methods (SPEC §7 protocol)\n",
         verdict_line(verdict) + "\n",
+        *([ceiling_paragraph(shares) + "\n"] if shares else []),
         f"{len(sites)} sites, seeds {seeds}, N = {', '.join(map(str, budgets))} labelled volumes per site, "
         f"methods {', '.join(methods)}. Dice is the mean over {', '.join(classes)} on each site's held-out "
         "test patients, scored at the last checkpoint of the fine-tuning budget.\n",
