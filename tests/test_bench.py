@@ -19,6 +19,8 @@ from fedcontrast.bench.protocol import (
 )
 from fedcontrast.bench.report import (
     RESULT_KEYS,
+    ceiling_paragraph,
+    ceiling_share,
     ordering_sentences,
     table,
     write_communication,
@@ -344,6 +346,27 @@ def test_supervised_ceiling_pretrains_with_the_pretraining_volumes_labels(tmp_pa
     with pytest.raises(ValueError, match=r"b\.nii\.gz"):
         protocol.ceiling_entries(datalist, {"a.nii.gz": "a_gt.nii.gz"})
     protocol.check_method(protocol.SUPERVISED_CEILING)  # a bench column, though not a registered method
+
+
+def test_the_target_method_is_read_as_a_share_of_the_supervised_ceiling():
+    def summary(mean: float) -> dict:
+        return {"mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "n_pairs": 20}
+
+    differences = {
+        ("local", "finetune", "fcl", 1): summary(0.02),
+        ("local", "finetune", "supervised_ceiling", 1): summary(0.08),
+        ("local", "finetune", "supervised_ceiling", 2): summary(0.05),  # not the target budget
+        ("federated", "probe", "fcl", 1): summary(0.03),
+        ("federated", "probe", "supervised_ceiling", 1): summary(-0.01),  # no gain: no share
+        ("federated", "finetune", "supervised_ceiling", 1): summary(0.1),  # no FCL cell
+    }
+    shares = ceiling_share(differences)
+    assert [(s["finetune"], s["readout"]) for s in shares] == [("federated", "probe"), ("local", "finetune")]
+    assert shares[0]["share"] is None and shares[1]["share"] == pytest.approx(0.25)
+    paragraph = ceiling_paragraph(shares)
+    assert "FCL +0.020 [0.010, 0.030] of the ceiling's +0.080 [0.070, 0.090] (25%)" in paragraph
+    assert "ceiling's -0.010 [-0.020, 0.000]; local" in paragraph  # no share without a gain
+    assert ceiling_share({k: v for k, v in differences.items() if k[2] == "fcl"}) == []
 
 
 def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
