@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import BenchConfig
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.methods.diagnostics import partition_accuracy
-from fedcontrast.methods.partitions import PartitionSampler
+from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler
 from fedcontrast.methods.volumes import load_volumes, pretraining_entries
 from fedcontrast.nets.bundle import build_network, read_encoder
 
@@ -51,6 +52,38 @@ def standardised_pixels(images: torch.Tensor) -> torch.Tensor:
     return (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)
 
 
+def run_config(run: Path) -> BenchConfig:
+    """The configuration a bench run folder saved."""
+    saved = json.loads((run / "bench_config.json").read_text())
+    return BenchConfig(**{f.name: saved[f.name] for f in fields(BenchConfig) if f.name in saved})
+
+
+def load_encoders(config: BenchConfig, specs: list[str], seed: int) -> dict[str, torch.nn.Module]:
+    """``{"random encoder": ..., NAME: ...}``: the bench network's encoder initialised by ``seed``,
+    then each ``NAME=PATH`` encoder file loaded into the same network."""
+    torch.manual_seed(seed)
+    encoders = {"random encoder": build_network(None, config.bundle).encoder}
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        encoder = build_network(None, config.bundle).encoder
+        encoder.load_state_dict(read_encoder(path)[0])
+        encoders[name] = encoder
+    return encoders
+
+
+def site_batches(
+    run: Path, config: BenchConfig, partitions: int, seed: int
+) -> Iterator[tuple[str, PartitionBatch, int]]:
+    """Per site of ``run``: its name, one unaugmented slice per partition of every pre-training
+    volume (the pre-training sampler's batch) and the number of volumes."""
+    sampler = PartitionSampler(partitions, 2, 1)
+    split_dir = run / "splits" / f"N{min(config.budgets)}"
+    for path in sorted(split_dir.glob("site-*.json")):
+        volumes = load_volumes(pretraining_entries(load_site_datalist(path)), None, config.bundle)
+        batch = sampler.sample(volumes, list(range(len(volumes))), 0, np.random.default_rng(seed))
+        yield path.stem, batch, len(volumes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a fedcontrast bench run folder")
@@ -60,29 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    saved = json.loads((args.run / "bench_config.json").read_text())
-    config = BenchConfig(**{f.name: saved[f.name] for f in fields(BenchConfig) if f.name in saved})
-    torch.manual_seed(args.seed)
-    encoders = {"random encoder": build_network(None, config.bundle).encoder}
-    for spec in args.encoders:
-        name, path = spec.split("=", 1)
-        encoder = build_network(None, config.bundle).encoder
-        encoder.load_state_dict(read_encoder(path)[0])
-        encoders[name] = encoder
-    sampler = PartitionSampler(args.partitions, 2, 1)
+    config = run_config(args.run)
+    encoders = load_encoders(config, args.encoders, args.seed)
     results: dict[str, dict[str, float]] = {}
-    split_dir = args.run / "splits" / f"N{min(config.budgets)}"
-    for path in sorted(split_dir.glob("site-*.json")):
-        volumes = load_volumes(pretraining_entries(load_site_datalist(path)), None, config.bundle)
-        batch = sampler.sample(volumes, list(range(len(volumes))), 0, np.random.default_rng(args.seed))
+    for site, batch, volumes in site_batches(args.run, config, args.partitions, args.seed):
         features = {"pixels": standardised_pixels(batch.images)}
         features.update({name: pooled_features(e, batch.images) for name, e in encoders.items()})
-        results[path.stem] = {
+        results[site] = {
             name: partition_accuracy(torch.nn.functional.normalize(z, dim=1), batch.partitions, batch.volumes)
             for name, z in features.items()
         }
-        results[path.stem]["volumes"] = len(volumes)
-        print(path.stem, results[path.stem], flush=True)
+        results[site]["volumes"] = volumes
+        print(site, results[site], flush=True)
     names = [n for n in next(iter(results.values())) if n != "volumes"]
     document = {
         "benchmark": "partition_signal",
