@@ -12,6 +12,11 @@ sampler as pre-training, unaugmented), for:
   initialisation for the run seed, average-pooled;
 - each pre-trained encoder file given (``NAME=PATH``), the same way.
 
+It also measures how much the same features tell the *site* a slice comes from (``site_accuracy``:
+the same leave-one-volume-out nearest-mean rule over every site's slices, chance 1/sites): a
+contrastive task whose negatives come from other sites (FCL's feature exchange) can be solved by
+the site's appearance alone.
+
     python benchmarks/partition_signal.py --run workspace/le-cpu \
         --encoders fcl=workspace/le-cpu/pretrain/fcl_s0/global.pt \
         --out benchmarks/results/label_efficiency_ablations/partition_signal.json
@@ -96,16 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     config = run_config(args.run)
     encoders = load_encoders(config, args.encoders, args.seed)
     results: dict[str, dict[str, float]] = {}
+    by_site: list[dict[str, torch.Tensor]] = []
+    site_volumes: list[torch.Tensor] = []
     for site, batch, volumes in site_batches(args.run, config, args.partitions, args.seed):
         features = {"pixels": standardised_pixels(batch.images)}
         features.update({name: pooled_features(e, batch.images) for name, e in encoders.items()})
+        features = {name: torch.nn.functional.normalize(z, dim=1) for name, z in features.items()}
         results[site] = {
-            name: partition_accuracy(torch.nn.functional.normalize(z, dim=1), batch.partitions, batch.volumes)
-            for name, z in features.items()
+            n: partition_accuracy(z, batch.partitions, batch.volumes) for n, z in features.items()
         }
         results[site]["volumes"] = volumes
+        by_site.append(features)
+        site_volumes.append(batch.volumes + sum(len(v.unique()) for v in site_volumes))
         print(site, results[site], flush=True)
     names = [n for n in next(iter(results.values())) if n != "volumes"]
+    site_labels = torch.cat([torch.full_like(v, i) for i, v in enumerate(site_volumes)])
+    all_volumes = torch.cat(site_volumes)
+    site_accuracy = {
+        n: partition_accuracy(torch.cat([f[n] for f in by_site]), site_labels, all_volumes) for n in names
+    }
     document = {
         "benchmark": "partition_signal",
         "command": "python " + " ".join(sys.argv),
@@ -114,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(),
         "sites": results,
         "mean": {n: float(np.mean([r[n] for r in results.values()])) for n in names},
+        "site_accuracy": site_accuracy,
+        "site_chance": 1 / len(results),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1))
-    print(json.dumps(document["mean"]))
+    print(json.dumps(document["mean"]), "site accuracy:", json.dumps(site_accuracy))
     return 0
 
 
