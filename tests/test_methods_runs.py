@@ -157,3 +157,22 @@ def test_lr_factor_warms_up_then_follows_the_cosine():
     assert [lr_factor(s, 10, 2) for s in (0, 1)] == [0.5, 1.0]
     assert math.isclose(lr_factor(6, 10, 2), 0.5) and lr_factor(10, 10, 2) == 0.0
     assert lr_factor(5, 0, 0) == 1.0
+
+
+def test_pretraining_starts_from_an_initial_encoder_file_with_seeded_heads(tmp_path):
+    from fedcontrast.nets.bundle import encoder_options, save_encoder
+
+    seeded = message_to_state_dict(FCLTrainer.initial_message(CONFIG), "weights")
+    other = message_to_state_dict(FCLTrainer.initial_message({**CONFIG, "seed": 4}), "weights")
+    options = encoder_options(None, TINY_BUNDLE)
+    save_encoder(strip(other, "encoder."), tmp_path / "encoder_s3.pt", options)  # CONFIG's seed is 3
+
+    started = FCLTrainer.initial_message({**CONFIG, "initial_encoder": str(tmp_path / "encoder_s{seed}.pt")})
+    started = message_to_state_dict(started, "weights")
+    assert started.keys() == seeded.keys()
+    for key, value in started.items():
+        assert torch.equal(value, other[key] if key.startswith("encoder.") else seeded[key]), key
+
+    save_encoder(strip(other, "encoder."), tmp_path / "other_grid.pt", {**options, "inplane_spacing": 9.0})
+    with pytest.raises(ValueError, match="inplane_spacing"):
+        FCLTrainer.initial_message({**CONFIG, "initial_encoder": str(tmp_path / "other_grid.pt")})

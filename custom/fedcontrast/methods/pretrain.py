@@ -15,6 +15,10 @@ dicts key by key):
 - ``bundle``: bundle config overrides, one dict for the network and the preprocessing
   (any id of the train config, e.g. ``{"init_filters": 8, "roi_size": [64, 64]}``);
 - ``seed``: seeds the head/network initialisation, the sampling and the augmentation;
+- ``initial_encoder``: an encoder file (:func:`~fedcontrast.nets.bundle.save_encoder`) the
+  round-0 encoder starts from instead of its seeded initialisation ("" for none; the heads stay
+  seeded); ``{seed}`` in the path is replaced by ``seed``. Refused when the file was written
+  for other encoder options (voxel grid, network widths);
 - ``device``: torch device; None uses the device the trainer was built with (a CUDA device
   this machine lacks is an error, :func:`~fedcontrast.methods.device.resolve_device`);
 - ``amp``: ``"bf16"`` (default), ``"fp16"`` or ``"off"``: the precision of the training step's
@@ -62,12 +66,14 @@ from fedcontrast.methods.diagnostics import alignment, partition_accuracy, unifo
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.partitions import PartitionBatch, PartitionSampler, site_tag
 from fedcontrast.methods.volumes import load_volumes
+from fedcontrast.nets.bundle import encoder_options, load_pretrained_encoder
 from fedcontrast.nets.encoder import build_encoder_with_head
 
 DEFAULTS: dict[str, Any] = {
     "bundle_dir": None,
     "bundle": {},
     "seed": 0,
+    "initial_encoder": "",
     "device": None,
     "local_epochs": 1,
     "local_steps": 0,
@@ -211,11 +217,16 @@ class ContrastivePretrainer(SiteTrainer):
 
     @classmethod
     def initial_message(cls, config: Mapping[str, Any]) -> Message:
-        """Round-0 global weights, deterministic for ``config["seed"]`` (the global RNG is left as it was)."""
+        """Round-0 global weights, deterministic for ``config["seed"]`` (the global RNG is left as it
+        was), the encoder loaded from ``initial_encoder`` when one is given."""
         cfg = merge_config(cls.DEFAULTS, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
             model = cls.build_model(cfg)
+        if cfg["initial_encoder"]:
+            path = str(cfg["initial_encoder"]).format(seed=cfg["seed"])
+            options = encoder_options(cfg["bundle_dir"], cfg["bundle"])
+            load_pretrained_encoder(model, path, options, cfg["bundle_dir"])
         return pack("weights", cls.exchanged_state(model))
 
     @classmethod
