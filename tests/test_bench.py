@@ -23,6 +23,8 @@ from fedcontrast.bench.report import (
     ceiling_share,
     ordering_sentences,
     table,
+    target_verdict,
+    verdict_line,
     write_communication,
     write_fcl_vs_baselines,
     write_report,
@@ -367,6 +369,17 @@ def test_the_target_method_is_read_as_a_share_of_the_supervised_ceiling():
     assert "FCL +0.020 [0.010, 0.030] of the ceiling's +0.080 [0.070, 0.090] (25%)" in paragraph
     assert "ceiling's -0.010 [-0.020, 0.000]; local" in paragraph  # no share without a gain
     assert ceiling_share({k: v for k, v in differences.items() if k[2] == "fcl"}) == []
+
+
+def test_a_run_pretrained_from_an_encoder_file_does_not_meet_the_target():
+    cell = {"mean": 0.1, "ci_low": 0.06, "ci_high": 0.14, "seed_ci_low": 0.06, "seed_ci_high": 0.14}
+    cell.update(n_pairs=20, n_seeds=5)
+    differences = {(mode, "finetune", "fcl", 1): cell for mode in ("local", "federated")}
+    assert target_verdict(differences)["met"]
+    verdict = target_verdict(differences, "ceiling_s{seed}.pt")
+    assert not verdict["met"]
+    line = verdict_line(verdict)
+    assert "not applicable**" in line and "ceiling_s{seed}.pt" in line and "not from scratch" in line
 
 
 def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):

@@ -423,16 +423,26 @@ def value_cells(
     return {key: values_summary(group, value, n_boot) for key, group in cells(rows).items()}
 
 
-def target_verdict(differences: dict[tuple[str, str, str, int], dict[str, Any]]) -> dict[str, Any]:
-    """Whether :data:`TARGET` is met, per mode and overall, from the headline differences."""
+def target_verdict(
+    differences: dict[tuple[str, str, str, int], dict[str, Any]], initial_encoder: str = ""
+) -> dict[str, Any]:
+    """Whether :data:`TARGET` is met, per mode and overall, from the headline differences.
+
+    A run whose pre-training started from an encoder file (``initial_encoder`` in its
+    ``pretrain_overrides``) does not measure the method from scratch: its verdict is not met,
+    with ``not_applicable`` naming the file.
+    """
     per_mode = {}
     for mode in TARGET["modes"]:
         summary = differences.get((mode, TARGET["readout"], TARGET["method"], TARGET["n_labeled"]))
         per_mode[mode] = {
             "summary": summary,
-            "met": bool(summary and meets_target(summary, TARGET["difference"])),
+            "met": bool(summary and meets_target(summary, TARGET["difference"])) and not initial_encoder,
         }
-    return {"target": dict(TARGET), "per_mode": per_mode, "met": all(v["met"] for v in per_mode.values())}
+    verdict = {"target": dict(TARGET), "per_mode": per_mode, "met": all(v["met"] for v in per_mode.values())}
+    if initial_encoder:
+        verdict["not_applicable"] = f"pre-training started from the encoder file {initial_encoder}"
+    return verdict
 
 
 def verdict_line(verdict: dict[str, Any]) -> str:
@@ -452,11 +462,18 @@ def verdict_line(verdict: dict[str, Any]) -> str:
                     else "(one seed)"
                 )
             )
+    outcome = "not applicable" if "not_applicable" in verdict else "met" if verdict["met"] else "not met"
+    reason = (
+        f"; {verdict['not_applicable']} (`initial_encoder`), not from scratch, so these differences "
+        "do not measure the method"
+        if "not_applicable" in verdict
+        else ""
+    )
     return (
         f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
         f"+{target['difference']:.2f} with the 95% interval above 0, in "
-        f"{' and '.join(target['modes'])} fine-tuning: {'met' if verdict['met'] else 'not met'}** "
-        f"({'; '.join(parts)})."
+        f"{' and '.join(target['modes'])} fine-tuning: {outcome}** "
+        f"({'; '.join(parts)}{reason})."
     )
 
 
@@ -1100,7 +1117,7 @@ def write_report(
     differences = difference_cells(final, methods, n_boot)
     comparisons = comparison_cells(final, methods, n_boot)
     values = value_cells(final, n_boot=n_boot)
-    verdict = target_verdict(differences)
+    verdict = target_verdict(differences, settings.get("pretrain_overrides", {}).get("initial_encoder", ""))
     shares = ceiling_share(differences)
     plateau = plateau_rows(rows)
     n_curve = min(budgets) if budgets else 1

@@ -1,0 +1,113 @@
+"""One column minus another across two run folders whose fine-tuning is the same (issue 10).
+
+A run folder refuses other pre-training settings, so a column pre-trained differently (e.g.
+``--pretrain-overrides '{"initial_encoder": ...}'``) lives in its own folder. Where both
+folders' random init rows are identical to the last digit (same machine, data, split, decoder
+initialisation and fine-tuning), a column of one folder and a column of the other are paired
+like two columns of one folder: per (mode, readout, N), the mean of ``A minus B`` over the
+(seed, site) pairs with the report's 95% bootstrap intervals
+(:func:`fedcontrast.bench.stats.summarise`).
+
+    python benchmarks/column_difference.py RUN_A/results.json fcl RUN_B/results.json supervised_ceiling \
+        --out benchmarks/results/label_efficiency_ablations/fcl_from_ceiling/fcl_minus_ceiling
+
+Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
+pre-training (``--free``), or whose random init rows differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from data_per_site import check_comparable, load_run
+
+from fedcontrast.bench.report import format_difference, headline_rows, normalise_rows
+from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
+
+#: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
+FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "pretrain_rounds")
+CELL = ("finetune", "readout", "n_labeled")
+
+
+def final_rows(run: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The run's final-checkpoint test rows of ``method``."""
+    return [r for r in headline_rows(normalise_rows(run["rows"])) if r["method"] == method]
+
+
+def check_same_random_init(a: dict[str, Any], b: dict[str, Any]) -> int:
+    """Number of random init rows both runs hold; refuses any that differ (the pairing would not hold)."""
+    rows_a = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(a, "random_init")}
+    rows_b = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(b, "random_init")}
+    common = set(rows_a) & set(rows_b)
+    differ = [k for k in common if rows_a[k] != rows_b[k]]
+    if not common or differ:
+        raise ValueError(
+            f"random init's rows differ in {len(differ)} of {len(common)} common rows: the runs' "
+            "fine-tuning is not the same, so their columns cannot be paired"
+        )
+    return len(common)
+
+
+def column_difference(a: dict[str, Any], method_a: str, b: dict[str, Any], method_b: str) -> list[dict]:
+    """Per (mode, readout, N) both hold: :func:`summarise` of ``method_a`` (run ``a``) minus
+    ``method_b`` (run ``b``)."""
+    tag_a, tag_b = f"A:{method_a}", f"B:{method_b}"
+    rows = [{**r, "method": tag_a} for r in final_rows(a, method_a)]
+    rows += [{**r, "method": tag_b} for r in final_rows(b, method_b)]
+    pairs = paired_differences(rows, tag_a, tag_b)
+    cells = sorted({tuple(p[k] for k in CELL) for p in pairs})
+    return [
+        {**dict(zip(CELL, cell)), **summarise([p for p in pairs if tuple(p[k] for k in CELL) == cell])}
+        for cell in cells
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("method_a")
+    parser.add_argument("run_b", type=Path)
+    parser.add_argument("method_b")
+    parser.add_argument("--free", nargs="*", default=list(FREE), help="settings the runs may differ in")
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
+    args = parser.parse_args(argv)
+    a, b = load_run(args.run_a), load_run(args.run_b)
+    check_comparable({args.run_a: a, args.run_b: b}, tuple(args.free))
+    shared = check_same_random_init(a, b)
+    cells = column_difference(a, args.method_a, b, args.method_b)
+    if not cells:
+        raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
+    document = {
+        "benchmark": "column_difference",
+        "command": "python " + shlex.join(sys.argv),
+        "a": {"run": str(args.run_a), "method": args.method_a},
+        "b": {"run": str(args.run_b), "method": args.method_b},
+        "identical_random_init_rows": shared,
+        "cells": cells,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
+    lines = [
+        f"# {args.method_a} (`{args.run_a}`) minus {args.method_b} (`{args.run_b}`)\n",
+        f"Written by `{document['command']}`. Random init's {shared} final test rows are identical in both "
+        "runs, so the columns pair like two columns of one run (95% bootstrap over seeds x sites).\n",
+        "| mode | readout | N | difference | (seed, site) pairs |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['finetune']} | {c['readout']} | {c['n_labeled']} | {format_difference(c)} "
+            f"| {c['n_pairs']} |"
+            for c in cells
+        ),
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

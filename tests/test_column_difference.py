@@ -1,0 +1,64 @@
+"""Pairing a column of one run with a column of another: only where random init's rows are
+identical (the fine-tuning is the same), on the (seed, site) pairs both hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling data_per_site
+spec = importlib.util.spec_from_file_location("column_difference", BENCHMARKS / "column_difference.py")
+column_difference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(column_difference)
+
+
+def row(method: str, seed: int, site: str, dice: float, steps: int = 96) -> dict:
+    return {
+        "method": method,
+        "finetune": "federated",
+        "readout": "probe",
+        "n_labeled": 1,
+        "seed": seed,
+        "site": site,
+        "dice_mean": dice,
+        "finetune_steps": steps,
+        "eval_split": "test",
+    }
+
+
+def run(folder: Path, method: str, scores: dict, random_init: float = 0.4, **config) -> Path:
+    rows = [row("random_init", s, site, random_init + s / 100) for s, site in scores]
+    rows += [row(method, s, site, dice) for (s, site), dice in scores.items()]
+    rows += [row(method, s, site, 0.0, steps=48) for s, site in scores]  # an earlier checkpoint
+    document = {"config": {"methods": ["random_init", method], "finetune_lr": 3e-3} | config, "rows": rows}
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(document))
+    return folder
+
+
+def test_a_column_of_one_run_minus_a_column_of_another(tmp_path, capsys):
+    a = run(tmp_path / "a", "fcl", {(0, "site-1"): 0.50, (0, "site-2"): 0.60, (1, "site-1"): 0.70})
+    b = run(tmp_path / "b", "ceiling", {(0, "site-1"): 0.55, (0, "site-2"): 0.70, (1, "site-1"): 0.70})
+    out = tmp_path / "diff"
+    assert column_difference.main([str(a), "fcl", str(b), "ceiling", "--out", str(out)]) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert document["identical_random_init_rows"] == 3
+    (cell,) = document["cells"]
+    assert (cell["finetune"], cell["readout"], cell["n_labeled"]) == ("federated", "probe", 1)
+    assert cell["mean"] == pytest.approx((-0.05 - 0.10 + 0.0) / 3) and cell["n_pairs"] == 3
+    assert "| federated | probe | 1 | -0.050 [" in out.with_suffix(".md").read_text()
+
+
+def test_runs_whose_random_init_or_fine_tuning_differ_are_refused(tmp_path):
+    a = run(tmp_path / "a", "fcl", {(0, "site-1"): 0.5})
+    b = run(tmp_path / "b", "ceiling", {(0, "site-1"): 0.6}, random_init=0.41)
+    with pytest.raises(ValueError, match="random init's rows differ in 1 of 1"):
+        column_difference.main([str(a), "fcl", str(b), "ceiling", "--out", str(tmp_path / "d")])
+    c = run(tmp_path / "c", "ceiling", {(0, "site-1"): 0.6}, finetune_lr=1e-3)
+    with pytest.raises(ValueError, match="finetune_lr"):
+        column_difference.main([str(a), "fcl", str(c), "ceiling", "--out", str(tmp_path / "d")])
