@@ -434,3 +434,38 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     document = json.loads((out / "results.json").read_text())
     assert {r["seed"] for r in document["rows"]} == {0, 1}
     assert "seeds [0, 1]" in (out / "report.md").read_text()
+
+
+def test_supervised_ceiling_end_to_end_hands_its_trained_encoder_to_fine_tuning(tmp_path, monkeypatch):
+    """The quick profile with the ceiling column, units in this process: real supervised
+    pre-training on labelled pre-training volumes, an encoder that moved, rows like any column."""
+    import torch
+
+    from fedcontrast.methods import supervised
+    from fedcontrast.methods.base import message_to_state_dict
+    from fedcontrast.nets.bundle import encoder_state, read_encoder
+
+    inline_pool(monkeypatch)
+    loaded = []
+    original = supervised.load_pretrained_encoder
+
+    def spy(network, path, *args):
+        loaded.append(str(path))
+        return original(network, path, *args)
+
+    monkeypatch.setattr(supervised, "load_pretrained_encoder", spy)
+    methods = ["random_init", protocol.SUPERVISED_CEILING]
+    config = BenchConfig(**{**PROFILES["quick"], "readouts": ["probe"]}, methods=methods)
+    rows = protocol.run_benchmark(config, tmp_path, workers=1)
+    folder = tmp_path / "pretrain" / "supervised_ceiling_s0"
+    record = json.loads((folder / "record.json").read_text())
+    assert all(site["bytes_by_kind"]["weights_up"] > 0 for site in record["sites"].values())
+    start = supervised.SupervisedBundleTrainer.initial_message(config.ceiling_config(0))
+    initial = encoder_state(message_to_state_dict(start))
+    trained = read_encoder(folder / "global.pt")[0]
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(initial[k], v) for k, v in trained.items() if v.is_floating_point())
+    assert loaded == [str(folder / "global.pt")]  # the one probe unit of the column
+    ceiling = [r for r in rows if r["method"] == protocol.SUPERVISED_CEILING]
+    assert {(r["finetune"], r["readout"]) for r in ceiling} == {("federated", "probe")}
+    assert all(0.0 <= r["dice_mean"] <= 1.0 for r in ceiling)
