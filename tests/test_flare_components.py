@@ -25,7 +25,7 @@ from fedcontrast.flare.controller import (
 )
 from fedcontrast.flare.executor import MethodExecutor, site_entries
 from fedcontrast.flare.filters import FeaturePrivacyFilter, privatize_features
-from fedcontrast.flare.jobs import build_job, export_job
+from fedcontrast.flare.jobs import build_job, export_job, resolve_server_files
 from fedcontrast.flare.ledger import RunLedger
 from fedcontrast.flare.messages import (
     NUM_SAMPLES,
@@ -87,6 +87,15 @@ def test_a_key_without_a_kind_is_refused():
 
 
 # ---- datalist resolution at a site ----------------------------------------------------------
+
+
+def test_files_the_server_reads_are_made_absolute_against_the_callers_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {"initial_encoder": "out/encoder_s{seed}.pt", "bundle": {"roi_size": [32, 32]}, "lr": 1e-3}
+    resolved = resolve_server_files(config)
+    assert resolved["initial_encoder"] == str(tmp_path.resolve() / "out" / "encoder_s{seed}.pt")
+    assert resolved["bundle"] == config["bundle"] and resolved["lr"] == config["lr"]
+    assert resolve_server_files({"initial_encoder": ""}) == {"initial_encoder": ""}
 
 
 def test_datalist_resolution_order(tmp_path):

@@ -443,6 +443,17 @@ def read_config(value: str | None) -> dict[str, Any]:
     return config
 
 
+#: Configuration keys naming a file the server reads (resolved against the folder the job is built from).
+SERVER_FILE_KEYS = ("initial_encoder",)
+
+
+def resolve_server_files(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the :data:`SERVER_FILE_KEYS` it sets made absolute: the simulator's server runs
+    in its workspace, so a path relative to the caller's folder would not be found there. A path
+    that must name a file on a deployed server should be given as that server sees it."""
+    return {k: str(Path(v).resolve()) if k in SERVER_FILE_KEYS and v else v for k, v in config.items()}
+
+
 def datalist_template(datalist_dir: Path | None) -> str:
     """``<dir>/{site}.json`` as an absolute path, or "" when no folder is given."""
     return str(datalist_dir.resolve() / f"{SITE_PLACEHOLDER}.json") if datalist_dir else ""
@@ -479,9 +490,10 @@ def run_from_args(
         options: further :func:`build_job` keyword arguments.
     """
     name = name or method
+    settings = {"local_epochs": args.local_epochs, "seed": args.seed, **config, **read_config(args.config)}
     job = build_job(
         method,
-        {"local_epochs": args.local_epochs, "seed": args.seed, **config, **read_config(args.config)},
+        resolve_server_files(settings),
         num_rounds=args.rounds,
         num_sites=args.sites,
         datalist=datalist_template(args.datalist_dir),
