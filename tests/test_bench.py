@@ -350,6 +350,20 @@ def test_supervised_ceiling_pretrains_with_the_pretraining_volumes_labels(tmp_pa
     protocol.check_method(protocol.SUPERVISED_CEILING)  # a bench column, though not a registered method
 
 
+def test_supervised_ceiling_refuses_an_unlabelled_pretraining_volume_before_any_work(tmp_path, monkeypatch):
+    submitted = inline_pool(monkeypatch)
+    datalist = {"site": "site-1", "training": [{"image": "a.nii.gz", "label": "a_gt.nii.gz"}]}
+    datalist["unlabeled"] = [{"image": "b.nii.gz"}]
+    monkeypatch.setattr(protocol, "prepare_splits", lambda config, out, *a: {1: {"site-1": datalist}})
+    monkeypatch.setattr(protocol, "image_labels", lambda *a: {"a.nii.gz": "a_gt.nii.gz"})
+    config = BenchConfig(budgets=[1], seeds=[0], methods=["random_init", protocol.SUPERVISED_CEILING])
+    with pytest.raises(
+        ValueError, match=r"site-1: supervised_ceiling needs every pre-training volume .* b\.nii\.gz"
+    ):
+        protocol.run_benchmark(config, tmp_path, workers=1)
+    assert submitted == []
+
+
 def test_the_target_method_is_read_as_a_share_of_the_supervised_ceiling():
     def summary(mean: float) -> dict:
         return {"mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "n_pairs": 20}

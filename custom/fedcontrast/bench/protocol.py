@@ -828,6 +828,8 @@ def run_benchmark(
     labels = None
     if SUPERVISED_CEILING in config.methods:
         labels = image_labels(dataset or out / "data", fmt, out / "frames")
+        for datalist in splits[min(config.budgets)].values():
+            ceiling_entries(datalist, labels)  # an unlabelled pre-training volume is refused before any work
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
     waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
