@@ -18,17 +18,15 @@ random encoder has.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from partition_signal import load_encoders, run_config, site_batches
+from partition_signal import encoder_parser, load_encoder, load_encoders, run_config, site_batches
 
 from fedcontrast.bench.environment import environment
-from fedcontrast.nets.bundle import build_network, read_encoder
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -48,19 +46,13 @@ def stage_features(encoder: torch.nn.Module, images: torch.Tensor) -> list[torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a fedcontrast bench run folder")
+    parser = encoder_parser(__doc__.split("\n")[0])
     parser.add_argument("--reference", type=Path, required=True, help="the encoder file compared with")
-    parser.add_argument("--encoders", nargs="*", default=[], metavar="NAME=PATH")
-    parser.add_argument("--seed", type=int, default=0, help="the random encoder's initialisation seed")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = run_config(args.run)
     encoders = load_encoders(config, args.encoders, args.seed)
-    reference = build_network(None, config.bundle).encoder
-    reference.load_state_dict(read_encoder(args.reference)[0])
+    reference = load_encoder(config, args.reference)
     results: dict[str, dict[str, list[float]]] = {}
     for site, batch, _ in site_batches(args.run, config, args.partitions, args.seed):
         target = stage_features(reference, batch.images)

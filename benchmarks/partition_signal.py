@@ -63,17 +63,33 @@ def run_config(run: Path) -> BenchConfig:
     return BenchConfig(**{f.name: saved[f.name] for f in fields(BenchConfig) if f.name in saved})
 
 
+def load_encoder(config: BenchConfig, path: str | Path) -> torch.nn.Module:
+    """The bench network's encoder with the encoder file ``path`` loaded."""
+    encoder = build_network(None, config.bundle).encoder
+    encoder.load_state_dict(read_encoder(path)[0])
+    return encoder
+
+
 def load_encoders(config: BenchConfig, specs: list[str], seed: int) -> dict[str, torch.nn.Module]:
     """``{"random encoder": ..., NAME: ...}``: the bench network's encoder initialised by ``seed``,
-    then each ``NAME=PATH`` encoder file loaded into the same network."""
+    then each ``NAME=PATH`` encoder file (:func:`load_encoder`)."""
     torch.manual_seed(seed)
     encoders = {"random encoder": build_network(None, config.bundle).encoder}
     for spec in specs:
         name, path = spec.split("=", 1)
-        encoder = build_network(None, config.bundle).encoder
-        encoder.load_state_dict(read_encoder(path)[0])
-        encoders[name] = encoder
+        encoders[name] = load_encoder(config, path)
     return encoders
+
+
+def encoder_parser(description: str) -> argparse.ArgumentParser:
+    """Options shared by the encoder diagnostics: run folder, encoders, seed, partitions, output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, required=True, help="a fedcontrast bench run folder")
+    parser.add_argument("--encoders", nargs="*", default=[], metavar="NAME=PATH")
+    parser.add_argument("--seed", type=int, default=0, help="the random encoder's initialisation seed")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
 
 
 def site_batches(
@@ -90,13 +106,7 @@ def site_batches(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="a fedcontrast bench run folder")
-    parser.add_argument("--encoders", nargs="*", default=[], metavar="NAME=PATH")
-    parser.add_argument("--seed", type=int, default=0, help="the random encoder's initialisation seed")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = encoder_parser(__doc__.split("\n")[0]).parse_args(argv)
     torch.set_num_threads(1)
     config = run_config(args.run)
     encoders = load_encoders(config, args.encoders, args.seed)
