@@ -14,7 +14,9 @@ paired on seed, site and split (:mod:`fedcontrast.bench.stats`), per fine-tuning
 validation and on the test patients. **The choice reads validation rows only**: the variant
 with the highest mean over the modes of its validation difference, on the seeds every variant
 ran. Test differences are reported beside it, on all the seeds a variant ran (the chosen one
-may have been given more seeds after the choice). Writes ``<out>.json`` and ``<out>.md``:
+may have been given more seeds after the choice). Runs made with ``--readouts finetune probe``
+also get the frozen-encoder probe's differences (validation and test) reported beside the
+choice; the choice does not read them. Writes ``<out>.json`` and ``<out>.md``:
 
     python benchmarks/pretrain_sweep.py workspace/sweep/* --method fcl --n 1 \\
         --out benchmarks/results/pretrain_sweep
@@ -52,15 +54,20 @@ def check_variants(configs: dict[Path, dict[str, Any]], method: str) -> None:
 
 
 def differences(
-    rows: list[dict[str, Any]], method: str, n_labeled: int, split: str, seeds: set[int] | None, n_boot: int
+    rows: list[dict[str, Any]],
+    method: str,
+    n_labeled: int,
+    split: str,
+    seeds: set[int] | None,
+    n_boot: int,
+    readout: str = "finetune",
 ) -> dict[str, dict[str, Any]]:
-    """Fine-tuning mode -> summary of method minus random init (final checkpoint, full fine-tuning)."""
+    """Fine-tuning mode -> summary of method minus random init at the final checkpoint, for one
+    readout (full fine-tuning or the frozen-encoder probe); modes without rows are left out."""
     final = [
         r
         for r in headline_rows(normalise_rows(rows), split)
-        if r["n_labeled"] == n_labeled
-        and r["readout"] == "finetune"
-        and (seeds is None or r["seed"] in seeds)
+        if r["n_labeled"] == n_labeled and r["readout"] == readout and (seeds is None or r["seed"] in seeds)
     ]
     out = {}
     for mode in ("local", "federated"):
@@ -92,6 +99,10 @@ def sweep(folders: list[Path], method: str, n_labeled: int, n_boot: int) -> dict
                 "validation": validation,
                 "score": sum(means) / len(means) if means else float("nan"),
                 "test": differences(rows, method, n_labeled, "test", None, n_boot),
+                "probe": {
+                    split: differences(rows, method, n_labeled, split, seeds, n_boot, readout="probe")
+                    for split, seeds in (("validation", common), ("test", None))
+                },
                 "environment": run_environment([folder]),
             }
         )
@@ -105,35 +116,45 @@ def sweep(folders: list[Path], method: str, n_labeled: int, n_boot: int) -> dict
     }
 
 
+def probe_modes(result: dict[str, Any]) -> list[str]:
+    """The fine-tuning modes any variant has frozen-encoder probe rows for."""
+    return sorted({mode for v in result["variants"] for cells in v["probe"].values() for mode in cells})
+
+
+def with_seeds(cells: dict[str, dict[str, Any]], mode: str) -> str:
+    """A test cell: the difference and how many seeds it pools, or a dash where it is missing."""
+    if mode not in cells:
+        return "—"
+    return f"{format_difference(cells[mode])} ({cells[mode]['n_seeds']} seeds)"
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
-    """The sweep as a markdown page: the command, the rule, one row per variant."""
+    """The sweep as a markdown page: the command, the rule, one row per variant (the probe's
+    columns, where the runs have them, are reported beside the rule, not read by it)."""
     method, n = result["method"], result["n_labeled"]
+    probes = probe_modes(result)
+    header = ["variant", "validation, local", "validation, federated", "score"]
+    header += ["test, local", "test, federated"]
+    header += [f"probe ({mode}), {split}" for mode in probes for split in ("validation", "test")]
     lines = [
         f"# {method}'s pre-training settings, chosen on validation (N = {n})\n",
         f"Written by `{command}`.\n",
-        f"{method} minus random init at N = {n}, full fine-tuning, final checkpoint, paired on seed, site "
+        f"{method} minus random init at N = {n}, final checkpoint, paired on seed, site "
         "and split; 95% bootstrap interval over the (seed, site) pairs. The choice is the highest mean "
-        f"over local and federated fine-tuning of the **validation** difference, on seeds "
-        f"{result['choice_seeds']} (every variant's); the test columns were not read for it.\n",
+        f"over local and federated full fine-tuning of the **validation** difference, on seeds "
+        f"{result['choice_seeds']} (every variant's); the test and probe columns were not read for it.\n",
         f"**Chosen: `{result['chosen']}`.**\n",
-        "| variant | validation, local | validation, federated | score | test, local | test, federated |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for v in sorted(result["variants"], key=lambda v: -v["score"]):
-        cells = [
-            format_difference(v[split].get(mode))
-            for split in ("validation",)
-            for mode in ("local", "federated")
-        ]
-        tests = [
-            f"{format_difference(v['test'].get(mode))} ({v['test'][mode]['n_seeds']} seeds)"
-            if mode in v["test"]
-            else "—"
-            for mode in ("local", "federated")
-        ]
-        lines.append(
-            f"| `{v['variant']}` | {cells[0]} | {cells[1]} | {v['score']:+.3f} | {tests[0]} | {tests[1]} |"
-        )
+        cells = [f"`{v['variant']}`"]
+        cells += [format_difference(v["validation"].get(mode)) for mode in ("local", "federated")]
+        cells += [f"{v['score']:+.3f}"] + [with_seeds(v["test"], mode) for mode in ("local", "federated")]
+        for mode in probes:
+            probe = v["probe"]
+            cells += [format_difference(probe["validation"].get(mode)), with_seeds(probe["test"], mode)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,33 +17,45 @@ pretrain_sweep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pretrain_sweep)
 
 SITES = ("site-1", "site-2")
+SPLITS = ("validation", "test")
 
 
-def variant(folder: Path, overrides: dict, gains: dict, seeds=(0, 1), validation: str = "all") -> Path:
+def variant(
+    folder: Path,
+    overrides: dict,
+    gains: dict,
+    seeds=(0, 1),
+    validation: str = "all",
+    probe_gains: dict | None = None,
+) -> Path:
     """A run folder: random init scores 0.4 everywhere; fcl adds ``gains[(split, mode)]``
-    (and 0.1 more on seed 2, so a seed only one variant ran would change its mean)."""
+    (and 0.1 more on seed 2, so a seed only one variant ran would change its mean), and
+    ``probe_gains[split]`` in the federated frozen-encoder probe where that is given."""
+    cells = [
+        ("finetune", mode, split, gains[split, mode]) for mode in ("local", "federated") for split in SPLITS
+    ]
+    cells += [("probe", "federated", split, gain) for split, gain in (probe_gains or {}).items()]
     rows = []
     for seed in seeds:
         for site in SITES:
-            for mode in ("local", "federated"):
-                for split in ("validation", "test"):
-                    for steps in (48, 96):  # only the final checkpoint counts
-                        gain = gains[split, mode] + 0.1 * (seed == 2) if steps == 96 else 0.5
-                        for method, dice in (("random_init", 0.4), ("fcl", 0.4 + gain)):
-                            rows.append(
-                                {
-                                    "method": method,
-                                    "finetune": mode,
-                                    "n_labeled": 1,
-                                    "seed": seed,
-                                    "site": site,
-                                    "dice_mean": dice,
-                                    "readout": "finetune",
-                                    "eval_split": split,
-                                    "finetune_steps": steps,
-                                    "unit": f"{method}|{seed}|{mode}|1|finetune",
-                                }
-                            )
+            for readout, mode, split, cell_gain in cells:
+                for steps in (48, 96):  # only the final checkpoint counts
+                    gain = cell_gain + 0.1 * (seed == 2) if steps == 96 else 0.5
+                    for method, dice in (("random_init", 0.4), ("fcl", 0.4 + gain)):
+                        rows.append(
+                            {
+                                "method": method,
+                                "finetune": mode,
+                                "n_labeled": 1,
+                                "seed": seed,
+                                "site": site,
+                                "dice_mean": dice,
+                                "readout": readout,
+                                "eval_split": split,
+                                "finetune_steps": steps,
+                                "unit": f"{method}|{seed}|{mode}|1|{readout}",
+                            }
+                        )
     folder.mkdir(parents=True)
     config = {
         "methods": ["random_init", "fcl"],
@@ -92,6 +104,28 @@ def test_the_choice_reads_validation_only_on_the_common_seeds(tmp_path):
     assert test['{"lr":0.003}']["mean"] == pytest.approx((0.2 * 4 + 0.3 * 2) / 6)
     text = out.with_suffix(".md").read_text()
     assert "**Chosen: `defaults`.**" in text and "--n-boot 200" in text
+    assert "| probe" not in text  # no run has probe rows, so no probe columns
+
+
+def test_the_probe_is_reported_beside_the_choice_and_not_read_by_it(tmp_path):
+    fine = {("validation", "local"): 0.02, ("validation", "federated"): 0.02}
+    fine |= {("test", mode): 0.0 for mode in ("local", "federated")}
+    plain = variant(tmp_path / "a", {}, fine, probe_gains={"validation": -0.1, "test": -0.2})
+    better_probe = {**fine, ("validation", "local"): 0.0}
+    other = variant(
+        tmp_path / "b", {"temperature": 0.5}, better_probe, probe_gains={"validation": 0.3, "test": 0.25}
+    )
+    out = tmp_path / "out" / "sweep"
+    pretrain_sweep.main([str(plain), str(other), "--n-boot", "200", "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["chosen"] == "defaults"  # the probe's +0.3 on validation does not choose
+    probe = {v["variant"]: v["probe"] for v in result["variants"]}
+    assert set(probe["defaults"]["validation"]) == {"federated"}
+    assert probe["defaults"]["test"]["federated"]["mean"] == pytest.approx(-0.2)
+    assert probe['{"temperature":0.5}']["validation"]["federated"]["mean"] == pytest.approx(0.3)
+    text = out.with_suffix(".md").read_text()
+    assert "probe (federated), validation | probe (federated), test |" in text
+    assert "+0.250" in text and "(2 seeds)" in text
 
 
 def test_folders_that_are_not_one_sweep_are_refused(tmp_path):
