@@ -9,7 +9,10 @@ pre-training, volume patches for fine-tuning) / seconds. Pre-training uses ``amp
 (default bf16, which is off on the CPU); the bundle's fine-tuning uses AMP exactly on CUDA.
 ``scoring`` times the bench's :class:`~fedcontrast.bench.evaluate.BundleScorer` on the same
 device: BatchNorm re-estimation on one training volume, then inference and Dice/HD95 on two
-(seconds per scored volume, the fine-tuned model's).
+(seconds per scored volume, the fine-tuned model's). ``data_seconds_per_step`` of fine-tuning
+times the bundle's train data loader alone for the same rounds (its transforms run on the CPU in
+the training process, ``num_workers`` 0 as in the bench): the share of a fine-tuning step that
+moving the augmentation to the device or to loader workers could save.
 
     python benchmarks/throughput.py [--device cuda] [--profile cpu|gpu] [--tiny]
         [--out benchmarks/results/throughput.json]
@@ -42,7 +45,7 @@ from fedcontrast.data.splits import write_site_splits
 from fedcontrast.methods.base import message_to_state_dict
 from fedcontrast.methods.device import resolve_device
 from fedcontrast.methods.registry import get_method
-from fedcontrast.methods.supervised import supervised_entries
+from fedcontrast.methods.supervised import SupervisedBundleTrainer, supervised_entries, untracked_meta
 from fedcontrast.methods.volumes import pretraining_entries
 from fedcontrast.nets.presets import network_preset
 
@@ -59,12 +62,12 @@ def synchronize(device: torch.device) -> None:
 
 def time_rounds(
     method: str, config: dict[str, Any], entries: list[dict], device: torch.device, rounds: int
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], Any, Any]:
     """Build ``method``'s trainer on ``entries``, run one warm-up round, time ``rounds`` more.
 
     The site talks to the method's own server strategy (as alone in a federation), so every
-    round gets what the protocol sends; only ``local_round`` is timed. Returns the timing and
-    the last round's update.
+    round gets what the protocol sends; only ``local_round`` is timed. Returns the timing, the
+    last round's update and the trainer.
     """
     spec = get_method(method)
     strategy = spec.strategy(config, spec.trainer.initial_message(config))
@@ -87,7 +90,24 @@ def time_rounds(
         "samples_per_round": samples / rounds,
         "peak_gpu_mb": peak,
     }
-    return timing, update
+    return timing, update, trainer
+
+
+def time_data_loading(trainer: SupervisedBundleTrainer, rounds: int) -> dict[str, float]:
+    """Seconds per batch of the fine-tuning trainer's data loader alone (its transforms, no
+    network): one warm-up pass, then ``rounds`` passes, as :func:`time_rounds` runs them."""
+    loader = trainer.workflow.parser.get_parsed_content("train#dataloader")
+    batches = 0
+    with untracked_meta():
+        for _ in loader:
+            pass
+        start = time.perf_counter()
+        for _ in range(rounds):
+            batches += sum(1 for _ in loader)
+    return {
+        "data_seconds_per_step": (time.perf_counter() - start) / batches,
+        "steps_per_round": batches / rounds,
+    }
 
 
 def time_scoring(
@@ -159,11 +179,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {"pretraining": {}, "finetuning": {}}
         for method in args.methods:
             entries = pretraining_entries(datalist)
-            results["pretraining"][method], _ = time_rounds(method, pretrain, entries, device, args.rounds)
+            results["pretraining"][method], _, _ = time_rounds(method, pretrain, entries, device, args.rounds)
         labelled = supervised_entries(datalist)
         finetune["workdir"] = str(root / "work")
-        timed, update = time_rounds("supervised", finetune, labelled, device, args.rounds)
-        results["finetuning"]["supervised"] = timed
+        timed, update, trainer = time_rounds("supervised", finetune, labelled, device, args.rounds)
+        data = time_data_loading(trainer, args.rounds)
+        step = timed["seconds_per_round"] / data["steps_per_round"]
+        results["finetuning"]["supervised"] = {**timed, "seconds_per_step": step, **data}
         state = message_to_state_dict(update.message)
         results["scoring"] = time_scoring(bundle, labelled, state, device, args.rounds)
     result = {

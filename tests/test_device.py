@@ -92,5 +92,7 @@ def test_throughput_benchmark_runs_at_a_tiny_size(tmp_path):
     for section in ("pretraining", "finetuning"):
         (timing,) = result[section].values()
         assert timing["samples_per_s"] > 0 and timing["samples_per_round"] > 0
+    data = result["finetuning"]["supervised"]
+    assert data["steps_per_round"] >= 1 and 0 < data["data_seconds_per_step"] < data["seconds_per_step"]
     assert result["amp"]["pretraining"] == "off (CPU)" and result["gpu"] == "none: CPU run"
     assert result["scoring"]["volumes"] == 2 and result["scoring"]["seconds_per_volume"] > 0
