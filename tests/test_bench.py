@@ -428,10 +428,23 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     )
     assert {r["readout"] for r in final} == {"finetune", "probe"}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in document["rows"])
+    # cross-site generalisation: each local full fine-tuning unit's site models, at the last
+    # checkpoint, scored at every other site
+    sites = sorted({r["site"] for r in final})
+    cross = [r for r in document["rows"] if r["eval_split"] == "cross_site"]
+    assert sorted((r["method"], r["n_labeled"], r["trained_site"], r["site"]) for r in cross) == sorted(
+        (m, n, a, b) for m in ("random_init", "fcl") for n in (1, 2) for a in sites for b in sites if a != b
+    )
+    assert all(
+        r["finetune"] == "local" and r["readout"] == "finetune" and r["finetune_steps"] == 4 for r in cross
+    )
+    assert "trained_site" not in final[0]
     fcl = [r for r in document["rows"] if r["method"] == "fcl"]
     assert all(r["pretrain_bytes_up"] > 0 and r["bytes_by_kind"]["features_up"] > 0 for r in fcl)
     report = (out / "report.md").read_text()
     assert "every unit of the grid completed" in report and "| fcl |" in report
+    assert "## Cross-site generalisation, local fine-tuning (SPEC §7)" in report
+    assert {c["method"] for c in document["summary"]["cross_site"]["paired_differences"]} == {"fcl"}
     assert all((out / f"{plot}.png").stat().st_size > 0 for plot in ("dice_vs_n", "bytes", "examples"))
 
     rows_before = (out / "rows.jsonl").read_text()

@@ -64,6 +64,33 @@ def test_scoring_reestimates_batchnorm_on_training_volumes_only(site_splits, mon
     assert not any(x is image for x in seen for image in held_out)
 
 
+def test_a_model_is_scored_elsewhere_with_its_own_sites_batchnorm(site_splits, monkeypatch):
+    # Cross-site generalisation (SPEC §7): site-1's model on every other site's test volumes, with
+    # the statistics of site-1's training volumes, the same scores as loading it there by hand.
+    from fedcontrast.data.datalist import load_site_datalist
+
+    sites = {s: load_site_datalist(site_splits / f"{s}.json") for s in ("site-1", "site-2")}
+    bundle = {"spatial_dims": 2, **network_preset("tiny", roi_size=[32, 32])}
+    scorer = BundleScorer(
+        {s: d["test"] for s, d in sites.items()},
+        bundle,
+        calibration_sets={s: d["training"] for s, d in sites.items()},
+    )
+    state = {k: v.clone() for k, v in scorer.network.state_dict().items()}
+    scorer.load(state, "site-1")
+    expected = scorer.evaluate("site-2")
+    seen = []
+    original = evaluate.reestimate_batchnorm
+    monkeypatch.setattr(
+        evaluate,
+        "reestimate_batchnorm",
+        lambda net, images, inferer: seen.append(images) or original(net, images, inferer),
+    )
+    scores = scorer.score_elsewhere(state, "site-1")
+    assert list(scores) == ["site-2"] and scores["site-2"] == expected
+    assert seen == [scorer.calibration["site-1"]]  # calibrated once, at the site that trained it
+
+
 def test_every_budget_gets_the_same_steps_and_the_probe_freezes_the_encoder(site_splits):
     from fedcontrast.data.datalist import load_site_datalist
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from fedcontrast.bench.report import (
+    CROSS_SITE,
+    cross_site_rows,
     curves_table,
     difference_cells,
     format_difference,
@@ -305,3 +307,52 @@ def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "nothing"])
     with pytest.raises(ValueError, match="no rows to report"):
         write_report([], base, tmp_path / "a", tmp_path / "empty")
+
+
+def test_cross_site_rows_average_the_other_sites_and_pair_on_the_training_site():
+    """Three sites, one seed, N = 1: each model's Dice elsewhere is the mean over the two other
+    sites; the difference against random init pairs the models of the same training site."""
+    dice = {  # (method, trained at, tested at) -> Dice
+        ("random_init", "a", "b"): 0.2, ("random_init", "a", "c"): 0.4,
+        ("random_init", "b", "a"): 0.5, ("random_init", "b", "c"): 0.3,
+        ("random_init", "c", "a"): 0.1, ("random_init", "c", "b"): 0.3,
+        ("fcl", "a", "b"): 0.5, ("fcl", "a", "c"): 0.5,
+        ("fcl", "b", "a"): 0.4, ("fcl", "b", "c"): 0.4,
+        ("fcl", "c", "a"): 0.2, ("fcl", "c", "b"): 0.2,
+    }  # fmt: skip
+    base = {"seed": 0, "finetune": "local", "readout": "finetune", "n_labeled": 1}
+    rows = [
+        {
+            **base,
+            "method": m,
+            "trained_site": a,
+            "site": b,
+            "finetune_steps": 96,
+            "eval_split": CROSS_SITE,
+            "dice_mean": d,
+        }
+        for (m, a, b), d in dice.items()
+    ]
+    rows.append(
+        {**base, "method": "fcl", "site": "a", "finetune_steps": 96, "eval_split": "test", "dice_mean": 0.9}
+    )
+    rows.append(  # an earlier checkpoint is not the model scored
+        {
+            **base,
+            "method": "fcl",
+            "trained_site": "a",
+            "site": "b",
+            "finetune_steps": 48,
+            "eval_split": CROSS_SITE,
+            "dice_mean": 0.0,
+        }
+    )
+    models = {(r["method"], r["site"]): r for r in cross_site_rows(rows)}
+    assert set(models) == {(m, s) for m in ("random_init", "fcl") for s in "abc"}
+    assert models["random_init", "a"]["dice_mean"] == pytest.approx(0.3)
+    assert models["fcl", "c"]["dice_mean"] == pytest.approx(0.2) and models["fcl", "c"]["tested_sites"] == 2
+    cell = difference_cells(list(models.values()), ["random_init", "fcl"], n_boot=200)[
+        "local", "finetune", "fcl", 1
+    ]
+    # per training site: a 0.5 - 0.3, b 0.4 - 0.4, c 0.2 - 0.2
+    assert cell["mean"] == pytest.approx(0.2 / 3) and cell["n_pairs"] == 3

@@ -124,11 +124,28 @@ class BundleScorer:
             return logits.argmax(dim=1, keepdim=True).cpu()
 
     def score(self, state_dict: Mapping[str, torch.Tensor], site: str, split: str = "test") -> dict[str, Any]:
-        """Mean over ``site``'s ``split`` volumes: ``{"dice": {class: d}, "dice_mean", "hd95_mean"}``.
+        """Mean over ``site``'s ``split`` volumes: ``{"dice": {class: d}, "dice_mean", "hd95_mean"}``,
+        with the BatchNorm statistics re-estimated on ``site``'s training volumes.
 
         A class absent from both prediction and label is left out of the means (NaN-safe).
         """
         self.load(state_dict, site)
+        return self.evaluate(site, split)
+
+    def score_elsewhere(
+        self, state_dict: Mapping[str, torch.Tensor], trained_site: str
+    ) -> dict[str, dict[str, Any]]:
+        """Cross-site generalisation (SPEC §7): every *other* site's test scores of the model that
+        ``trained_site`` fine-tuned, as that site deploys it (BatchNorm statistics re-estimated on
+        ``trained_site``'s training volumes; the tested site lends nothing but its test volumes).
+
+        Returns: tested site -> the :meth:`score` dict.
+        """
+        self.load(state_dict, trained_site)
+        return {site: self.evaluate(site, "test") for site in self.volumes if site != trained_site}
+
+    def evaluate(self, site: str, split: str = "test") -> dict[str, Any]:
+        """:meth:`score` of the model loaded last, on ``site``'s ``split`` volumes."""
         dice, hd95 = [], []
         for volume in self.splits[split][site]:
             with untracked_meta():

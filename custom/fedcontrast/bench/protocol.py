@@ -20,7 +20,10 @@ Work is split into units:
   scores the report reads), every site's model is scored on the site's held-out test patients
   (and, for random init, its validation patients: the plateau curve that sets the budget) with
   :class:`~fedcontrast.bench.evaluate.BundleScorer`, BatchNorm statistics re-estimated on the
-  site's labelled training volumes first.
+  site's labelled training volumes first. Each site's model of a local, full fine-tuning unit is
+  also scored at the last checkpoint on every *other* site's test patients (cross-site
+  generalisation, SPEC §7: rows with ``eval_split`` :data:`CROSS_SITE` and ``trained_site``),
+  as the site that trained it deploys it (its own BatchNorm statistics).
 
 A **decoder column** ``<base>+decoder`` (``base`` any registered pre-training method, e.g.
 ``fcl+decoder``) is the three-stage pipeline global -> local -> fine-tune (SPEC §4): its
@@ -74,6 +77,7 @@ import numpy as np
 import torch
 
 from fedcontrast.bench.environment import record_call
+from fedcontrast.bench.report import CROSS_SITE
 from fedcontrast.methods.base import KINDS, Message, message_to_state_dict
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
@@ -570,7 +574,9 @@ def finetune_unit(
 
     Returns one row per (site, scored checkpoint, evaluation split): the RESULTS_FORMAT keys plus
     ``unit``, ``readout``, ``finetune_steps`` (steps done when scored) and ``eval_split``
-    (``test``; random init also ``validation``). The first seed at the smallest budget also
+    (``test``; random init also ``validation``); a local full fine-tuning unit adds, at the last
+    checkpoint, one :data:`CROSS_SITE` row per (trained site, other site) with ``trained_site``
+    (its bytes and times are the trained site's). The first seed at the smallest budget also
     saves an example (image, truth, prediction) of the first site's first test volume to
     ``examples_dir/<method>_<mode>.npz``.
     """
@@ -592,21 +598,35 @@ def finetune_unit(
     models: dict[str, dict[str, torch.Tensor]] = {}
 
     curve = unit.method == RANDOM_INIT or unit.n_labeled == min(config.budgets)
+    cross_site = unit.mode == "local" and unit.readout == "finetune" and len(training) > 1
 
     def score(round_num: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
         models.update(states)
-        if not curve and round_num + 1 < config.finetune_checkpoints:
+        last = round_num + 1 == config.finetune_checkpoints
+        if not curve and not last:
             return
+        steps = (round_num + 1) * steps_per_round
         for site, state in states.items():
             for split in ("test", "validation"):
                 if scorer.splits[split]:
                     scores.append(
                         {
                             "site": site,
-                            "finetune_steps": (round_num + 1) * steps_per_round,
+                            "finetune_steps": steps,
                             "eval_split": split,
                             **scorer.score(state, site, split),
                         }
+                    )
+            if cross_site and last:
+                for tested, result in scorer.score_elsewhere(state, site).items():
+                    scores.append(
+                        {
+                            "site": tested,
+                            "trained_site": site,
+                            "finetune_steps": steps,
+                            "eval_split": CROSS_SITE,
+                        }
+                        | result
                     )
 
     start = time.perf_counter()
@@ -649,7 +669,8 @@ def finetune_unit(
     wall = time.perf_counter() - start
     rows = []
     for entry in scores:
-        bytes_ = record["sites"][entry["site"]] if record else _site_bytes([], entry["site"])
+        own = entry.get("trained_site", entry["site"])
+        bytes_ = record["sites"][own] if record else _site_bytes([], own)
         rows.append(
             {
                 "unit": unit.key,

@@ -5,7 +5,9 @@ Every JSON file follows the project's results format: ``dataset``, ``config``,
 budget, seed, site) plus ``readout`` (``"finetune"``: the whole network fine-tuned;
 ``"probe"``: the decoder trained on a frozen encoder), ``finetune_steps`` (optimiser steps at
 which it was scored: a unit scores several checkpoints, the last is the budget) and
-``eval_split`` (``"test"`` or ``"validation"``).
+``eval_split`` (``"test"``, ``"validation"``, or :data:`CROSS_SITE`: a site's locally fine-tuned
+model scored on another site's test patients, the row's ``site``; those rows also hold
+``trained_site``).
 
 What the label-efficiency report shows, all computed from the rows:
 
@@ -15,6 +17,7 @@ What the label-efficiency report shows, all computed from the rows:
 - Dice tables, mean ± std across seeds of the per-seed site mean;
 - random init's validation curve (the plateau that fixes the fine-tuning budget);
 - Dice against fine-tuning steps at the smallest budget, pre-training curves, bytes;
+- cross-site generalisation of local fine-tuning (SPEC §7, :func:`cross_site_rows`);
 - the verdict on the project's target (:data:`TARGET`).
 
 A cell that holds fewer seeds than the run (an unfinished run) says so: ``(k of n seeds)``.
@@ -46,6 +49,9 @@ MODES = ("local", "federated")
 #: Readouts in report order; rows without ``readout`` are full fine-tuning (the old protocol).
 READOUTS = ("finetune", "probe")
 READOUT_TITLES = {"finetune": "full fine-tuning", "probe": "frozen-encoder probe (decoder only)"}
+#: ``eval_split`` of a row that scores one site's locally fine-tuned model on another site's test
+#: patients (the row's ``site``; the model's site is its ``trained_site``).
+CROSS_SITE = "cross_site"
 #: The project's target (issue 10): method minus random init at budget N, in every mode.
 TARGET = {"method": "fcl", "n_labeled": 1, "difference": 0.05, "readout": "finetune", "modes": MODES}
 #: The bench's supervised-ceiling column (``fedcontrast.bench.protocol.SUPERVISED_CEILING``: encoder
@@ -229,7 +235,17 @@ def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dic
 
 
 def _row_key(row: Row) -> tuple:
-    keys = ("method", "seed", "site", "finetune", "n_labeled", "readout", "finetune_steps", "eval_split")
+    keys = (
+        "method",
+        "seed",
+        "site",
+        "trained_site",
+        "finetune",
+        "n_labeled",
+        "readout",
+        "finetune_steps",
+        "eval_split",
+    )
     return tuple(row.get(k) for k in keys)
 
 
@@ -280,7 +296,11 @@ def result_document(rows: list[Row], config: Any, run_dir: Path | Sequence[Path]
         "dataset": dataset_info(config, first),
         "config": config_dict(config),
         "environment": run_environment(_run_dirs(run_dir)),
-        "rows": [{k: row.get(k) for k in RESULT_KEYS} for row in rows],
+        "rows": [
+            {k: row.get(k) for k in RESULT_KEYS}
+            | ({"trained_site": row["trained_site"]} if "trained_site" in row else {})
+            for row in rows
+        ],
     }
 
 
@@ -322,8 +342,9 @@ def document_rows(rows: Iterable[Row], n_curve: int) -> list[Row]:
     """The rows a results file keeps: enough to redraw every table and figure of the report.
 
     Test rows at the final checkpoint, every checkpoint on test at ``n_curve`` labelled volumes
-    (the learning curves) and random init's validation rows (its plateau). The run folder's
-    ``rows.jsonl`` keeps the rest (other methods' validation rows, intermediate checkpoints).
+    (the learning curves), random init's validation rows (its plateau) and the cross-site rows.
+    The run folder's ``rows.jsonl`` keeps the rest (other methods' validation rows, intermediate
+    checkpoints).
     """
     rows = list(rows)
     budget = final_steps(rows)
@@ -337,7 +358,40 @@ def document_rows(rows: Iterable[Row], n_curve: int) -> list[Row]:
             )
         )
         or (r["method"] == RANDOM_INIT and r["eval_split"] == "validation")
+        or r["eval_split"] == CROSS_SITE
     ]
+
+
+def cross_site_rows(rows: Iterable[Row]) -> list[Row]:
+    """Cross-site generalisation (SPEC §7) as one row per locally fine-tuned model.
+
+    Each model (method, seed, N, the site that trained it), at the final checkpoint, gets the mean
+    of its Dice over the other sites' test patients (:data:`CROSS_SITE` rows). The row's ``site``
+    is the site that trained it, so it pairs with random init's model of the same seed, site and
+    decoder initialisation exactly like a headline row; ``tested_sites`` counts the sites averaged.
+    """
+    rows = list(rows)
+    budget = final_steps(rows)
+    grouped: dict[tuple, list[float]] = defaultdict(list)
+    keys = ("method", "seed", "trained_site", "finetune", "readout", "n_labeled", "finetune_steps")
+    for row in rows:
+        if row["eval_split"] == CROSS_SITE and row["finetune_steps"] == budget.get(
+            (row["finetune"], row["readout"])
+        ):
+            grouped[tuple(row[k] for k in keys)].append(row["dice_mean"])
+    out = []
+    for key, dice in grouped.items():
+        model = dict(zip(keys, key))
+        model["site"] = model.pop("trained_site")
+        out.append(
+            {
+                **model,
+                "eval_split": CROSS_SITE,
+                "dice_mean": float(np.nanmean(dice)),
+                "tested_sites": len(dice),
+            }
+        )
+    return out
 
 
 def cells(rows: Iterable[Row]) -> dict[tuple[str, str, str, int], list[Row]]:
@@ -375,6 +429,26 @@ def comparison_cells(
             for pair in paired_differences(rows, method, baseline):
                 grouped[method, baseline, pair["finetune"], pair["readout"], pair["n_labeled"]].append(pair)
     return {key: summarise(pairs, n_boot=n_boot) for key, pairs in grouped.items()}
+
+
+def cross_site_section(
+    differences: dict[tuple[str, str, str, int], dict[str, Any]],
+    values: dict[tuple[str, str, str, int], dict[str, Any]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    seeds: int,
+) -> list[str]:
+    """Markdown lines of the cross-site generalisation section (:func:`cross_site_rows`' cells)."""
+    key = ("local", "finetune")
+    return [
+        "Each site's locally fine-tuned model (full fine-tuning, last checkpoint), with the BatchNorm "
+        "statistics of its own training volumes, scored on every other site's test patients; its mean "
+        "Dice over them is one value per (seed, site that trained it).\n",
+        "\n### Method minus random init, paired on seed and training site (95% bootstrap)\n",
+        grid_table(differences, key, methods, budgets, with_seed_count(format_difference, seeds)),
+        "\n### Mean Dice on the other sites, mean ± std across seeds\n",
+        grid_table(values, key, methods, budgets, with_seed_count(format_value, seeds)),
+    ]
 
 
 def _seed_count(seeds: int) -> str:
@@ -1126,6 +1200,9 @@ def write_report(
     records = load_pretrain_records(run_dirs, [m for m in methods if m != RANDOM_INIT])
     curves = pretrain_curves(records)
     full = [r for r in final if r["readout"] == "finetune"]
+    cross = cross_site_rows(rows)
+    cross_differences = difference_cells(cross, methods, n_boot)
+    cross_values = value_cells(cross, n_boot=n_boot)
 
     kept = document_rows(rows, n_curve)
     document = result_document(kept, config, run_dirs)
@@ -1144,6 +1221,16 @@ def write_report(
                 {"method": k[0], "baseline": k[1], "finetune": k[2], "readout": k[3], "n_labeled": k[4], **v}
                 for k, v in sorted(comparisons.items(), key=repr)
             ],
+            "cross_site": {
+                "paired_differences": [
+                    {"method": k[2], "n_labeled": k[3], **v}
+                    for k, v in sorted(cross_differences.items(), key=repr)
+                ],
+                "dice": [
+                    {"method": k[2], "n_labeled": k[3], **v}
+                    for k, v in sorted(cross_values.items(), key=repr)
+                ],
+            },
             "target": verdict,
             "ceiling_share": shares,
             "random_init_plateau": plateau,
@@ -1274,6 +1361,9 @@ def write_report(
                 value_cell,
             ),
         ]
+    if cross_values:
+        parts.append("\n## Cross-site generalisation, local fine-tuning (SPEC §7)\n")
+        parts += cross_site_section(cross_differences, cross_values, methods, budgets, len(seeds))
     parts.append(f"\n## Dice against fine-tuning steps, N={n_curve} (test split, full fine-tuning)\n")
     for mode in MODES:
         shown = [m for m in methods if (mode, m) in test_curves]
