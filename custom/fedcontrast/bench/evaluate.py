@@ -142,6 +142,10 @@ class BundleScorer:
         Returns: tested site -> the :meth:`score` dict.
         """
         self.load(state_dict, trained_site)
+        return self.evaluate_elsewhere(trained_site)
+
+    def evaluate_elsewhere(self, trained_site: str) -> dict[str, dict[str, Any]]:
+        """:meth:`score_elsewhere` of the model loaded last (loaded for ``trained_site``)."""
         return {site: self.evaluate(site, "test") for site in self.volumes if site != trained_site}
 
     def evaluate(self, site: str, split: str = "test") -> dict[str, Any]:

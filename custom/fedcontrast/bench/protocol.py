@@ -607,6 +607,7 @@ def finetune_unit(
             return
         steps = (round_num + 1) * steps_per_round
         for site, state in states.items():
+            scorer.load(state, site)  # BatchNorm re-estimated once per model, for every split below
             for split in ("test", "validation"):
                 if scorer.splits[split]:
                     scores.append(
@@ -614,11 +615,11 @@ def finetune_unit(
                             "site": site,
                             "finetune_steps": steps,
                             "eval_split": split,
-                            **scorer.score(state, site, split),
+                            **scorer.evaluate(site, split),
                         }
                     )
             if cross_site and last:
-                for tested, result in scorer.score_elsewhere(state, site).items():
+                for tested, result in scorer.evaluate_elsewhere(site).items():
                     scores.append(
                         {
                             "site": tested,

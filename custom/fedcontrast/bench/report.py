@@ -431,6 +431,14 @@ def comparison_cells(
     return {key: summarise(pairs, n_boot=n_boot) for key, pairs in grouped.items()}
 
 
+def cell_records(cells: dict[tuple[str, str, str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results.json`` entries of (mode, readout, method, N) cells: the key's fields plus the summary."""
+    return [
+        {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
+        for k, v in sorted(cells.items(), key=repr)
+    ]
+
+
 def cross_site_section(
     differences: dict[tuple[str, str, str, int], dict[str, Any]],
     values: dict[tuple[str, str, str, int], dict[str, Any]],
@@ -1209,27 +1217,15 @@ def write_report(
     document["summary"] = _json_safe(
         {
             "final_steps": steps,
-            "paired_differences": [
-                {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
-                for k, v in sorted(differences.items(), key=repr)
-            ],
-            "dice": [
-                {"finetune": k[0], "readout": k[1], "method": k[2], "n_labeled": k[3], **v}
-                for k, v in sorted(values.items(), key=repr)
-            ],
+            "paired_differences": cell_records(differences),
+            "dice": cell_records(values),
             "comparisons": [
                 {"method": k[0], "baseline": k[1], "finetune": k[2], "readout": k[3], "n_labeled": k[4], **v}
                 for k, v in sorted(comparisons.items(), key=repr)
             ],
             "cross_site": {
-                "paired_differences": [
-                    {"method": k[2], "n_labeled": k[3], **v}
-                    for k, v in sorted(cross_differences.items(), key=repr)
-                ],
-                "dice": [
-                    {"method": k[2], "n_labeled": k[3], **v}
-                    for k, v in sorted(cross_values.items(), key=repr)
-                ],
+                "paired_differences": cell_records(cross_differences),
+                "dice": cell_records(cross_values),
             },
             "target": verdict,
             "ceiling_share": shares,
