@@ -1,5 +1,6 @@
 """Local contrastive decoder pre-training (SPEC §4): region grid, L^R / L^D masks, the frozen
-encoder, the self-describing checkpoint and its strict loading by fine-tuning; FedRotation."""
+encoder, the self-describing checkpoint and its strict loading by fine-tuning; FedRotation; FedDense
+(the same loss on the encoder's deepest map)."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 
 from fedcontrast.flare.jobs import build_job, export_job
 from fedcontrast.methods.base import message_to_state_dict
+from fedcontrast.methods.feddense import DenseEncoderTrainer
 from fedcontrast.methods.fedrotation import rotate_batch
 from fedcontrast.methods.local_decoder import DECODER_FILE, DecoderFedAvg, DecoderPretrainer, pretrain_decoder
 from fedcontrast.methods.losses import local_contrastive_loss, local_contrastive_masks
@@ -327,6 +329,38 @@ def test_fedrotation_averages_the_encoder(datalists):
     assert {k.split(".")[0] for k in weights} == {"encoder", "head"}
     assert weights["head.mlp.3.weight"].shape[0] == 4  # Linear, BatchNorm, ReLU, Linear
     key = "encoder.conv_init.weight"
+    expected = (
+        result.encoders["site-1"]["conv_init.weight"] + result.encoders["site-2"]["conv_init.weight"]
+    ) / 2
+    assert torch.allclose(weights[key], expected, atol=1e-6)
+
+
+# ---- FedDense: the local loss on the encoder ----
+
+
+def test_feddense_embeds_regions_of_the_deepest_encoder_map():
+    tiny = {**CONFIG, "grid": 2, "embedding_dim": 8}
+    model = DenseEncoderTrainer.build_model(DenseEncoderTrainer.DEFAULTS | tiny)
+    out = model(torch.randn(3, 1, 32, 32, 2))  # 3D slabs: slice-wise, slab-major rows
+    assert out.shape == (3 * 2, 4, 8) and torch.allclose(out.norm(dim=-1), torch.ones(6, 4))
+    deepest = model.encoder(torch.randn(3, 1, 32, 32, 2))[-1]
+    assert model.head.convs[0].in_channels == deepest.shape[1]
+
+
+def test_feddense_trains_and_averages_the_encoder_on_intensity_only_views(datalists):
+    spec = get_method("feddense")
+    assert spec.federated and spec.pretraining and "feddense" in available_methods(True)
+    with pytest.raises(ValueError, match="intensity-only views"):
+        DenseEncoderTrainer({**CONFIG, "augment": {"rot90_prob": 0.5}}, datalists["site-1"], "site-1")
+    config = {**CONFIG, "grid": 2, "loss_strategy": "L^D"}
+    initial = message_to_state_dict(DenseEncoderTrainer.initial_message(config))
+    result = run_in_process("feddense", config, datalists, rounds=1)
+    assert all(math.isfinite(r["metrics"]["loss"]) for r in result.history)
+    assert all(r["bytes_up"]["weights"] > 0 and r["bytes_up"]["features"] == 0 for r in result.history)
+    weights = message_to_state_dict(result.global_message)
+    assert weights.keys() == initial.keys() and {k.split(".")[0] for k in weights} == {"encoder", "head"}
+    key = "encoder.conv_init.weight"
+    assert not torch.equal(weights[key], initial[key])  # the encoder itself learns
     expected = (
         result.encoders["site-1"]["conv_init.weight"] + result.encoders["site-2"]["conv_init.weight"]
     ) / 2

@@ -18,6 +18,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "fedrotation",
     "local_decoder",
     "fedmoco",
+    "feddense",
 )
 
 for _name in _METHOD_MODULES:

@@ -89,17 +89,22 @@ INTENSITY_ONLY: dict[str, Any] = {
     "contrast": 0.3,
 }
 
-DEFAULTS: dict[str, Any] = {
+#: The keys of every trainer of the local (region) loss: this stage's and ``feddense``'s.
+REGION_DEFAULTS: dict[str, Any] = {
     **PRETRAIN_DEFAULTS,
-    "probe_volumes": 0,  # the per-round diagnostics read global embeddings; this stage has region maps
-    "pretrained_encoder": "",
-    "encoder_method": "",
-    "decoder_levels": None,
+    "probe_volumes": 0,  # the per-round diagnostics read global embeddings; these are region maps
     "loss_strategy": "L^R",
     "local_negatives": "image",
     "grid": 4,
     "window": 3,
     "augment": INTENSITY_ONLY,
+}
+
+DEFAULTS: dict[str, Any] = {
+    **REGION_DEFAULTS,
+    "pretrained_encoder": "",
+    "encoder_method": "",
+    "decoder_levels": None,
 }
 
 
@@ -120,7 +125,40 @@ def check_intensity_only(augment: Mapping[str, Any]) -> None:
         )
 
 
-class DecoderPretrainer(ContrastivePretrainer):
+class RegionContrastivePretrainer(ContrastivePretrainer):
+    """Base of the trainers of the local (region) loss: a model that maps images to region
+    embeddings ``(B[*T], R, D)``, trained on two intensity-only views of each partition batch
+    with :func:`~fedcontrast.methods.losses.local_contrastive_loss`.
+
+    Raises:
+        ValueError: a spatial augmentation option, or an unknown ``loss_strategy`` / ``local_negatives``.
+    """
+
+    DEFAULTS = REGION_DEFAULTS
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        cfg = merge_config(self.DEFAULTS, config)
+        check_choice(cfg, "loss_strategy", LOCAL_STRATEGIES)
+        check_choice(cfg, "local_negatives", LOCAL_NEGATIVES)
+        check_intensity_only(cfg["augment"])
+        super().__init__(cfg, datalist, site, device)
+
+    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
+        """The local contrastive loss of the regions of both views of the batch."""
+        embeddings = self.model(self.two_views(batch))  # (2 * B * T, R, D)
+        per_sample = embeddings.shape[0] // (2 * len(batch))  # T slices a slab (1 in 2D)
+        loss = local_contrastive_loss(
+            embeddings,
+            batch.volumes.repeat_interleave(per_sample).to(self.device),
+            batch.partitions.repeat_interleave(per_sample).to(self.device),
+            str(self.config["loss_strategy"]),
+            float(self.config["temperature"]),
+            str(self.config["local_negatives"]),
+        )
+        return {"loss": loss}
+
+
+class DecoderPretrainer(RegionContrastivePretrainer):
     """Local contrastive pre-training of the decoder blocks at one site (see the module docstring).
 
     Raises:
@@ -132,9 +170,6 @@ class DecoderPretrainer(ContrastivePretrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         cfg = merge_config(self.DEFAULTS, config)
-        check_choice(cfg, "loss_strategy", LOCAL_STRATEGIES)
-        check_choice(cfg, "local_negatives", LOCAL_NEGATIVES)
-        check_intensity_only(cfg["augment"])
         path = encoder_path(cfg, site)
         if not path:
             raise ValueError(f"{site}: local_decoder needs pretrained_encoder (the frozen encoder's file)")
@@ -173,20 +208,6 @@ class DecoderPretrainer(ContrastivePretrainer):
     def decoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The decoder blocks' state (network keys ``up_layers.*``), CPU copies."""
         return self.model.decoder_state_dict()
-
-    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
-        """The local contrastive loss of the regions of both views of the batch."""
-        embeddings = self.model(self.two_views(batch))  # (2 * B * T, R, D)
-        per_sample = embeddings.shape[0] // (2 * len(batch))  # T slices a slab (1 in 2D)
-        loss = local_contrastive_loss(
-            embeddings,
-            batch.volumes.repeat_interleave(per_sample).to(self.device),
-            batch.partitions.repeat_interleave(per_sample).to(self.device),
-            str(self.config["loss_strategy"]),
-            float(self.config["temperature"]),
-            str(self.config["local_negatives"]),
-        )
-        return {"loss": loss}
 
     @classmethod
     def checkpoint(cls, weights: Message, config: Mapping[str, Any], site: str | None) -> dict[str, Any]:

@@ -195,10 +195,7 @@ class DecoderWithLocalHead(DecoderTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W[, T])`` images -> ``(B[*T], grid*grid, embedding_dim)`` unit-norm embeddings."""
-        feature_map = super().forward(x)
-        if feature_map.ndim == 5:  # (B, C, h, w, T) -> (B*T, C, h, w), slab-major
-            feature_map = feature_map.permute(0, 4, 1, 2, 3).flatten(0, 1)
-        return self.local_head(feature_map)
+        return self.local_head(super().forward(x))
 
     def exchanged_state_dict(self) -> dict[str, torch.Tensor]:
         """What the decoder stage trains and exchanges: the decoder blocks and ``local_head.*``."""

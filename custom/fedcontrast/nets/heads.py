@@ -148,11 +148,12 @@ class LocalProjectionHead(nn.Module):
 
     Two 1x1 convolutions with the map's channel count (BatchNorm + ReLU after the first
     only), then the :func:`region_grid` windows, each flattened and mapped by one shared
-    linear layer to ``out_channels``, L2-normalised. Works on 2D maps; a 3D slab map is
-    treated slice by slice (the caller folds the slab axis into the batch).
+    linear layer to ``out_channels``, L2-normalised. A 3D slab map ``(B, C, h, w, T)`` is
+    embedded slice by slice (windows in-plane): its output has ``B * T`` rows, slab-major
+    (row ``b * T + t``).
 
     Args:
-        in_channels: channels of the decoder feature map.
+        in_channels: channels of the feature map (a decoder level's, or the encoder's deepest).
         grid: regions per side (``grid * grid`` regions).
         window: side of each region's window in feature-map pixels.
         out_channels: embedding dimension.
@@ -171,6 +172,8 @@ class LocalProjectionHead(nn.Module):
         self.linear = nn.Linear(in_channels * window * window, out_channels)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` decoder map -> ``(B, grid * grid, out_channels)`` unit-norm region embeddings."""
+        """``(B, C, H, W[, T])`` map -> ``(B[*T], grid * grid, out_channels)`` unit-norm region embeddings."""
+        if feature_map.ndim == 5:  # (B, C, h, w, T) -> (B*T, C, h, w), slab-major
+            feature_map = feature_map.permute(0, 4, 1, 2, 3).flatten(0, 1)
         regions = extract_regions(self.convs(feature_map), self.grid, self.window)
         return F.normalize(self.linear(regions), dim=-1)
