@@ -3,13 +3,14 @@ encoder, the self-describing checkpoint and its strict loading by fine-tuning; F
 (the same loss on the encoder's deepest map)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedcontrast.flare.jobs import build_job, export_job
 from fedcontrast.methods.base import message_to_state_dict
-from fedcontrast.methods.feddense import DenseEncoderTrainer
+from fedcontrast.methods.feddense import DenseEncoderTrainer, turn
 from fedcontrast.methods.fedrotation import rotate_batch
 from fedcontrast.methods.local_decoder import DECODER_FILE, DecoderFedAvg, DecoderPretrainer, pretrain_decoder
 from fedcontrast.methods.losses import local_contrastive_loss, local_contrastive_masks
@@ -365,3 +366,33 @@ def test_feddense_trains_and_averages_the_encoder_on_intensity_only_views(datali
         result.encoders["site-1"]["conv_init.weight"] + result.encoders["site-2"]["conv_init.weight"]
     ) / 2
     assert torch.allclose(weights[key], expected, atol=1e-6)
+
+
+def test_turn_applies_each_symmetry_of_the_square_and_undoes_it():
+    image = torch.arange(4.0).reshape(1, 1, 2, 2)  # [[0, 1], [2, 3]]
+    batch = image.repeat(8, 1, 1, 1)
+    turned = turn(batch, torch.arange(8))
+    assert turned[0, 0].tolist() == [[0, 1], [2, 3]]
+    assert turned[1, 0].tolist() == [[1, 3], [0, 2]]  # a quarter turn counter-clockwise
+    assert turned[4, 0].tolist() == [[1, 0], [3, 2]]  # a flip along W
+    assert turned[5, 0].tolist() == [[3, 1], [2, 0]]  # a quarter turn, then the flip
+    assert len({tuple(t.flatten().tolist()) for t in turned}) == 8  # all eight differ
+    slabs = torch.randn(8, 2, 4, 4, 3)
+    assert torch.equal(turn(turn(slabs, torch.arange(8)), torch.arange(8), inverse=True), slabs)
+    with pytest.raises(ValueError, match="square"):
+        turn(torch.zeros(1, 1, 2, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_feddense_turned_views_compare_the_same_places(datalists):
+    config = {**CONFIG, "grid": 2, "turned_views": True}
+    trainer = DenseEncoderTrainer(config, datalists["site-1"], "site-1")
+    batch = next(trainer.batches())
+    # an encoder whose deepest map is its input: turning the view and its map back must give
+    # view 1's "regions" (here every pixel) exactly when the two views are the same image
+    trainer.two_views = lambda b: torch.cat([b.images, b.images])
+    seen = []
+    trainer.model = SimpleNamespace(encoder=lambda x: seen.append(x) or [x], head=lambda m: m.flatten(2))
+    embeddings = trainer.region_embeddings(batch)
+    half = embeddings.shape[0] // 2
+    assert not torch.equal(seen[0][:half], seen[0][half:])  # the encoder saw view 2 turned
+    assert torch.equal(embeddings[:half], embeddings[half:])

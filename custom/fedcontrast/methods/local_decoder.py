@@ -143,9 +143,14 @@ class RegionContrastivePretrainer(ContrastivePretrainer):
         check_intensity_only(cfg["augment"])
         super().__init__(cfg, datalist, site, device)
 
+    def region_embeddings(self, batch: PartitionBatch) -> torch.Tensor:
+        """``(2 * B * T, R, D)`` region embeddings of both views of the batch, view 1 first; region
+        ``r`` of a sample is the same place in both views."""
+        return self.model(self.two_views(batch))
+
     def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
         """The local contrastive loss of the regions of both views of the batch."""
-        embeddings = self.model(self.two_views(batch))  # (2 * B * T, R, D)
+        embeddings = self.region_embeddings(batch)  # (2 * B * T, R, D)
         per_sample = embeddings.shape[0] // (2 * len(batch))  # T slices a slab (1 in 2D)
         loss = local_contrastive_loss(
             embeddings,
