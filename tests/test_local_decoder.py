@@ -346,6 +346,10 @@ def test_feddense_embeds_regions_of_the_deepest_encoder_map():
     assert out.shape == (3 * 2, 4, 8) and torch.allclose(out.norm(dim=-1), torch.ones(6, 4))
     deepest = model.encoder(torch.randn(3, 1, 32, 32, 2))[-1]
     assert model.head.convs[0].in_channels == deepest.shape[1]
+    above = DenseEncoderTrainer.build_model(DenseEncoderTrainer.DEFAULTS | tiny | {"feature_stage": -2})
+    maps = above.encoder(torch.randn(3, 1, 32, 32, 2))
+    assert above.head.convs[0].in_channels == maps[-2].shape[1] != maps[-1].shape[1]
+    assert above(torch.randn(3, 1, 32, 32, 2)).shape == (3 * maps[-2].shape[-1], 4, 8)
 
 
 def test_feddense_trains_and_averages_the_encoder_on_intensity_only_views(datalists):
@@ -391,7 +395,9 @@ def test_feddense_turned_views_compare_the_same_places(datalists):
     # view 1's "regions" (here every pixel) exactly when the two views are the same image
     trainer.two_views = lambda b: torch.cat([b.images, b.images])
     seen = []
-    trainer.model = SimpleNamespace(encoder=lambda x: seen.append(x) or [x], head=lambda m: m.flatten(2))
+    trainer.model = SimpleNamespace(
+        encoder=lambda x: seen.append(x) or [x], head=lambda m: m.flatten(2), stage=-1
+    )
     embeddings = trainer.region_embeddings(batch)
     half = embeddings.shape[0] // 2
     assert not torch.equal(seen[0][:half], seen[0][half:])  # the encoder saw view 2 turned

@@ -2,7 +2,7 @@
 
 Every other pre-training method poses its pretext task on *pooled* slice embeddings (the
 projection or classification head starts with a global average pool, SPEC §0). FedDense
-keeps the spatial map instead: the encoder's deepest feature map goes through the local
+keeps the spatial map instead: the encoder's deepest feature map (or ``feature_stage``) goes through the local
 projection g2 of SPEC §4 (:class:`~fedcontrast.nets.heads.LocalProjectionHead`: two 1x1
 convs, one embedding per region of a ``grid x grid`` grid of ``window x window`` windows) and
 the encoder *and* g2 are trained with the local loss on two intensity-only views of each
@@ -15,7 +15,7 @@ so that the two pretext families differ in the pooling only. The server averages
 
 With ``turned_views`` the views also differ by a random in-plane symmetry of the square
 (quarter turn, then a flip; one of 8 per sample, :func:`turn`): view 2 is turned before the
-encoder and its deepest map turned back before the windows are cut, so a window still faces
+encoder and its map turned back before the windows are cut, so a window still faces
 the same place of the slice in both views, but its position in the encoder's map no longer
 identifies it (zero padding lets a network tell where a window is, which alone solves the
 intensity-only task).
@@ -27,7 +27,8 @@ take FCL's.
 
 Configuration (:data:`DEFAULTS`): the common pre-training keys of
 :mod:`~fedcontrast.methods.pretrain` (``head_hidden`` is unused: g2 keeps the map's width),
-``turned_views`` (False) and the decoder stage's ``loss_strategy``, ``local_negatives``,
+``turned_views`` (False), ``feature_stage`` (-1: which encoder map the regions are cut
+from, -2 the one above the deepest) and the decoder stage's ``loss_strategy``, ``local_negatives``,
 ``grid``, ``window`` and intensity-only ``augment`` (the augmentation's own spatial options
 are refused: it does not say how it moved a view, so regions could not be matched). The
 deepest map must hold the region grid: the bench network's is 12 x 12 on its 48 x 48 slices.
@@ -46,10 +47,10 @@ from fedcontrast.methods.local_decoder import REGION_DEFAULTS, RegionContrastive
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.bundle import build_network
-from fedcontrast.nets.encoder import EncoderWithHead, deepest_channels
+from fedcontrast.nets.encoder import EncoderWithHead, stage_channels
 from fedcontrast.nets.heads import LocalProjectionHead
 
-DEFAULTS: dict[str, Any] = {**REGION_DEFAULTS, "turned_views": False}
+DEFAULTS: dict[str, Any] = {**REGION_DEFAULTS, "turned_views": False, "feature_stage": -1}
 
 #: The in-plane symmetries of a square: 4 quarter turns, each with and without a flip.
 SYMMETRIES = 8
@@ -82,18 +83,19 @@ def turn(images: torch.Tensor, symmetries: torch.Tensor, inverse: bool = False) 
 
 
 class DenseEncoderTrainer(RegionContrastivePretrainer):
-    """The local loss on the encoder's deepest map at one site (see the module docstring)."""
+    """The local loss on one encoder map at one site (see the module docstring)."""
 
     DEFAULTS = DEFAULTS
 
     @classmethod
     def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
-        """The bundle encoder with g2 on its deepest map (keys ``encoder.*``, ``head.*``):
+        """The bundle encoder with g2 on its ``feature_stage`` map (keys ``encoder.*``, ``head.*``):
         images ``(B, C, H, W[, T])`` -> ``(B[*T'], grid * grid, embedding_dim)`` unit-norm embeddings."""
         encoder = build_network(config["bundle_dir"], config["bundle"]).encoder
         grid, window, dim = int(config["grid"]), int(config["window"]), int(config["embedding_dim"])
-        head = LocalProjectionHead(deepest_channels(encoder), grid, window, dim)
-        return EncoderWithHead(encoder, head)
+        stage = int(config["feature_stage"])
+        head = LocalProjectionHead(stage_channels(encoder, stage), grid, window, dim)
+        return EncoderWithHead(encoder, head, stage)
 
     def region_embeddings(self, batch: PartitionBatch) -> torch.Tensor:
         """Both views' region embeddings; with ``turned_views``, view 2 turned and its map turned back."""
@@ -102,7 +104,7 @@ class DenseEncoderTrainer(RegionContrastivePretrainer):
         views = self.two_views(batch)
         n = views.shape[0] // 2
         symmetries = torch.from_numpy(self.rng.integers(0, SYMMETRIES, n))
-        maps = self.model.encoder(torch.cat([views[:n], turn(views[n:], symmetries)]))[-1]
+        maps = self.model.encoder(torch.cat([views[:n], turn(views[n:], symmetries)]))[self.model.stage]
         return self.model.head(torch.cat([maps[:n], turn(maps[n:], symmetries, inverse=True)]))
 
 

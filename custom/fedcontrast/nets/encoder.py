@@ -27,22 +27,31 @@ def deepest_channels(encoder: nn.Module) -> int:
 
     The encoder doubles its width at every level: ``init_filters * 2 ** (levels - 1)``.
     """
-    return int(encoder.init_filters) * 2 ** (len(encoder.blocks_down) - 1)
+    return stage_channels(encoder, -1)
+
+
+def stage_channels(encoder: nn.Module, stage: int) -> int:
+    """Channels of the feature map ``encoder(x)[stage]`` of a MONAI ``SegResEncoder`` (``init_filters``
+    doubled at every level; ``stage`` indexes the list of maps, -1 the deepest)."""
+    levels = len(encoder.blocks_down)
+    return int(encoder.init_filters) * 2 ** (stage % levels)
 
 
 class EncoderWithHead(nn.Module):
-    """Encoder f and projection head g: ``x -> g(f(x)[-1])``.
+    """Encoder f and projection head g: ``x -> g(f(x)[stage])``.
 
     Args:
         encoder: the segmentation network's encoder; ``encoder(x)`` returns a list of
             feature maps, the last the deepest.
-        head: maps the deepest feature map to an embedding.
+        head: maps the stage's feature map to an embedding.
+        stage: which of the encoder's maps the head reads (-1, the deepest, by default).
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, stage: int = -1):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.stage = stage
 
     @property
     def spatial_dims(self) -> int:
@@ -51,7 +60,7 @@ class EncoderWithHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W[, T])`` images -> ``(B, dim)`` embeddings."""
-        return self.head(self.encoder(x)[-1])
+        return self.head(self.encoder(x)[self.stage])
 
 
 def build_encoder_with_head(
