@@ -2,10 +2,11 @@
 
 Every other pre-training method poses its pretext task on *pooled* slice embeddings (the
 projection or classification head starts with a global average pool, SPEC §0). FedDense
-keeps the spatial map instead: the encoder's deepest feature map (or ``feature_stage``) goes through the local
-projection g2 of SPEC §4 (:class:`~fedcontrast.nets.heads.LocalProjectionHead`: two 1x1
-convs, one embedding per region of a ``grid x grid`` grid of ``window x window`` windows) and
-the encoder *and* g2 are trained with the local loss on two intensity-only views of each
+keeps the spatial map instead: the encoder's deepest feature map (or the ``feature_stage``
+one) goes through the local projection g2 of SPEC §4
+(:class:`~fedcontrast.nets.heads.LocalProjectionHead`: two 1x1 convs, one embedding per
+region of a ``grid x grid`` grid of ``window x window`` windows) and the encoder *and* g2
+are trained with the local loss on two intensity-only views of each
 partition batch (``"L^R"``: positive = the same region in the other view; ``"L^D"``: plus the
 same region of same-partition slices of other volumes; negatives = the other regions). It is
 the decoder stage's loss (:mod:`~fedcontrast.methods.local_decoder`) moved onto the encoder,
@@ -31,7 +32,8 @@ Configuration (:data:`DEFAULTS`): the common pre-training keys of
 from, -2 the one above the deepest) and the decoder stage's ``loss_strategy``, ``local_negatives``,
 ``grid``, ``window`` and intensity-only ``augment`` (the augmentation's own spatial options
 are refused: it does not say how it moved a view, so regions could not be matched). The
-deepest map must hold the region grid: the bench network's is 12 x 12 on its 48 x 48 slices.
+chosen map must hold the region grid: the bench network's deepest is 12 x 12 on its 48 x 48
+slices, the one above it 24 x 24.
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class LocalProjectionHead(nn.Module):
     (row ``b * T + t``).
 
     Args:
-        in_channels: channels of the feature map (a decoder level's, or the encoder's deepest).
+        in_channels: channels of the feature map (a decoder level's, or an encoder stage's).
         grid: regions per side (``grid * grid`` regions).
         window: side of each region's window in feature-map pixels.
         out_channels: embedding dimension.
