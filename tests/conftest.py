@@ -11,6 +11,10 @@ from typing import Any
 import pytest
 import torch
 
+#: The benchmark scripts import their siblings (``partition_signal``, ``data_per_site``), so
+#: their folder is on the path and their tests import them by name.
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _single_thread_torch():

@@ -3,18 +3,11 @@ identical (the fine-tuning is the same), on the (seed, site) pairs both hold."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import column_difference
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling data_per_site
-spec = importlib.util.spec_from_file_location("column_difference", BENCHMARKS / "column_difference.py")
-column_difference = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(column_difference)
 
 
 def row(method: str, seed: int, site: str, dice: float, steps: int = 96) -> dict:

@@ -3,16 +3,11 @@ patients per site, and refuses runs that differ in anything else."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+import data_per_site
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "data_per_site.py"
-spec = importlib.util.spec_from_file_location("data_per_site", SCRIPT)
-data_per_site = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(data_per_site)
 
 
 def results(folder: Path, patients: int, mean: float, **config) -> Path:

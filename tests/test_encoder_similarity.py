@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import encoder_similarity
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling partition_signal
-spec = importlib.util.spec_from_file_location("encoder_similarity", BENCHMARKS / "encoder_similarity.py")
-encoder_similarity = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(encoder_similarity)
 
 
 def test_linear_cka_is_one_up_to_rotation_scale_and_shift_and_matches_a_hand_computed_case():

@@ -3,18 +3,11 @@ last checkpoint, picks the best, and refuses runs that differ in anything but th
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import finetune_lr
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling data_per_site
-spec = importlib.util.spec_from_file_location("finetune_lr", BENCHMARKS / "finetune_lr.py")
-finetune_lr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(finetune_lr)
 
 
 def results(folder: Path, lr: float, local: list[float], federated: list[float], **config) -> Path:

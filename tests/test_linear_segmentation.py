@@ -3,18 +3,9 @@ uninformative features, one feature row per pixel."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import linear_segmentation
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling partition_signal
-spec = importlib.util.spec_from_file_location("linear_segmentation", BENCHMARKS / "linear_segmentation.py")
-linear_segmentation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(linear_segmentation)
 
 
 def test_mean_dice_by_hand():
