@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice
 from partition_signal import encoder_parser, load_encoders, run_config
 from torch.nn import functional as F
 
@@ -90,13 +91,10 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, classes: int) -> tor
 
 
 def mean_dice(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
-    """Mean Dice over the foreground classes ``1 .. classes-1`` (a class absent from both counts 1)."""
-    scores = []
-    for c in range(1, classes):
-        p, t = predicted == c, labels == c
-        total = int(p.sum() + t.sum())
-        scores.append(1.0 if total == 0 else 2.0 * float((p & t).sum()) / total)
-    return float(np.mean(scores))
+    """Mean Dice over the foreground classes ``1 .. classes-1`` of ``(n,)`` pixel labels (MONAI's
+    ``compute_dice``; a class absent from both counts 1)."""
+    one_hot = [F.one_hot(x.long(), classes).T[None].float() for x in (predicted, labels)]  # (1, C, n)
+    return float(compute_dice(*one_hot, include_background=False, ignore_empty=False).mean())
 
 
 def leave_one_patient_out(
