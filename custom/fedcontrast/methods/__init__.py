@@ -19,6 +19,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "local_decoder",
     "fedmoco",
     "feddense",
+    "fedrestore",
 )
 
 for _name in _METHOD_MODULES:
