@@ -36,7 +36,9 @@ def test_shuffle_blocks_reorders_pixels_inside_the_chosen_blocks_only():
     keys = torch.tensor([[[3.0, 2.0, 1.0, 0.0]] * 4])  # reverse each chosen block
     out = shuffle_blocks(x, 2, chosen, keys)
     assert torch.equal(out[:, :, 4], x[:, :, 4])
-    assert torch.equal(out[:, :, :2, 2:], x[:, :, :2, 2:]) and torch.equal(out[:, :, 2:4, :2], x[:, :, 2:4, :2])
+    assert torch.equal(out[:, :, :2, 2:], x[:, :, :2, 2:]) and torch.equal(
+        out[:, :, 2:4, :2], x[:, :, 2:4, :2]
+    )
     for rows, cols in ((slice(0, 2), slice(0, 2)), (slice(2, 4), slice(2, 4))):
         block, moved = x[0, :, rows, cols], out[0, :, rows, cols]
         assert torch.equal(moved, block.flip(1, 2))  # reversed row-major order = a half turn

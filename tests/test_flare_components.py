@@ -281,6 +281,11 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
     assert save_models(encoder_only, tmp_path / "enc", {"bundle": TINY}, pretraining=True) == [
         tmp_path / "enc" / ENCODER_FILE
     ]
+    # a network with other outputs (FedRestore's one restored channel) is not a segmentation model
+    restoration = pack("weights", build_network(overrides={**TINY, "num_classes": 1}).state_dict())
+    assert save_models(restoration, tmp_path / "restore", {"bundle": TINY}, pretraining=True) == [
+        tmp_path / "restore" / ENCODER_FILE
+    ]
 
 
 # ---- job export -----------------------------------------------------------------------------

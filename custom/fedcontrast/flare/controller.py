@@ -17,7 +17,7 @@ all updated after every round:
   ``metrics.json`` holds, for the site ``"server"``, every round's timing (:func:`round_timing`)
   and the strategy's own round metrics;
 - federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
-  dict of the bundle network, written when they cover the whole network (the bundle's
+  dict of the bundle network, written when they cover the whole network with its shapes (the bundle's
   ``evaluate``/``inference`` load it with ``--ckpt_path``), and ``model_bundle/``, a copy of
   the bundle that runs it by itself (its configs hold the job's ``bundle`` overrides, its
   ``metadata.json`` names the label set's output channels); for a pre-training method
@@ -109,10 +109,11 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
     out_dir.mkdir(parents=True, exist_ok=True)
     state = message_to_state_dict(weights, "weights")
     bundle_dir, overrides = config.get("bundle_dir"), config.get("bundle", {})
-    network_keys = build_network(bundle_dir, overrides).state_dict().keys()
+    network = build_network(bundle_dir, overrides).state_dict()
     written = []
-    if network_keys <= state.keys():
-        torch.save({k: state[k] for k in network_keys}, out_dir / MODEL_FILE)
+    # the whole segmentation network, shapes included (a restoration network has other outputs)
+    if all(k in state and state[k].shape == v.shape for k, v in network.items()):
+        torch.save({k: state[k] for k in network}, out_dir / MODEL_FILE)
         written.append(out_dir / MODEL_FILE)
         written.append(export_bundle(out_dir / MODEL_FILE, out_dir / MODEL_BUNDLE_DIR, overrides, bundle_dir))
     if pretraining:
