@@ -136,7 +136,8 @@ class RestorationCorruption:
     """Random Models Genesis corruptions of a batch, each applied per sample with its probability:
     an intensity curve, local pixel shuffling, then in-painting (up to ``inpaint_boxes`` boxes)
     or out-painting (all but one box) with noise uniform on the sample's range. Every slice of a
-    slab is corrupted alike. Random parameters come from a seeded CPU generator.
+    slab is shuffled and painted in the same places. Random parameters come from a seeded CPU
+    generator (a few numbers per sample), the noise field from a generator on the batch's device.
 
     Args:
         seed: seed of the corruptions.
@@ -148,7 +149,9 @@ class RestorationCorruption:
         if unknown:
             raise ValueError(f"unknown corruption options {sorted(unknown)}")
         self.options = {**CORRUPTION_DEFAULTS, **dict(options or {})}
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._noise: dict[torch.device, torch.Generator] = {}  # the noise field's, one per device
 
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator)
@@ -177,23 +180,31 @@ class RestorationCorruption:
         mask = torch.where(outpaint, ~box_mask(height, width, kept), box_mask(height, width, inner))
         return mask & self._happens(n, "paint_prob")[:, None, None]
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Corrupted copies of ``(B, C, H, W[, T])`` samples: same shape and device, float32."""
-        x = images.float()
-        n, height, width = x.shape[0], x.shape[2], x.shape[3]
-        knots = self._rand(n, 2, 3).sort(dim=-1).values
-        curved = intensity_curve(x, knots, self._rand(n) < 0.5)
-        x = torch.where(self._happens(n, "curve_prob").to(x.device).view(-1, *[1] * (x.ndim - 1)), curved, x)
-        block = int(self.options["shuffle_block"])
-        blocks = (height // block) * (width // block)
-        chosen = (self._rand(n, blocks) < float(self.options["shuffle_fraction"])) & self._happens(
-            n, "shuffle_prob"
-        )[:, None]
-        x = shuffle_blocks(x, block, chosen, self._rand(n, blocks, block * block))
+    def _curve(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        curved = intensity_curve(x, self._rand(n, 2, 3).sort(dim=-1).values, self._rand(n) < 0.5)
+        applied = self._happens(n, "curve_prob").to(x.device).view(-1, *[1] * (x.ndim - 1))
+        return torch.where(applied, curved, x)
+
+    def _shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        n, block = x.shape[0], int(self.options["shuffle_block"])
+        blocks = (x.shape[2] // block) * (x.shape[3] // block)
+        chosen = self._rand(n, blocks) < float(self.options["shuffle_fraction"])
+        chosen &= self._happens(n, "shuffle_prob")[:, None]
+        return shuffle_blocks(x, block, chosen, self._rand(n, blocks, block * block))
+
+    def _paint(self, x: torch.Tensor) -> torch.Tensor:
+        n, height, width = x.shape[:1] + x.shape[2:4]
+        if x.device not in self._noise:
+            self._noise[x.device] = torch.Generator(device=x.device).manual_seed(self.seed + 1)
         low, span = _sample_range(x)
-        noise = self._rand(*x.shape).to(x.device) * span + low
+        noise = torch.rand(x.shape, generator=self._noise[x.device], device=x.device) * span + low
         mask = self._paint_mask(n, height, width).to(x.device)
         return torch.where(mask.view(n, 1, height, width, *[1] * (x.ndim - 4)), noise, x)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Corrupted copies of ``(B, C, H, W[, T])`` samples: same shape and device, float32."""
+        return self._paint(self._shuffle(self._curve(images.float())))
 
 
 class RestorationTrainer(ContrastivePretrainer):
