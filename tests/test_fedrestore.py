@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fedcontrast.methods.base import message_to_state_dict
+from fedcontrast.methods.base import message_to_state_dict, pack
 from fedcontrast.methods.fedrestore import (
     RestorationCorruption,
     RestorationTrainer,
@@ -16,6 +16,8 @@ from fedcontrast.methods.fedrestore import (
 )
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.decoder import load_pretrained_decoder
 from fedcontrast.nets.presets import network_preset
 
 CONFIG = {"bundle": {**network_preset("tiny"), "roi_size": [32, 32]}, "batch_size": 2, "seed": 5}
@@ -82,3 +84,20 @@ def test_fedrestore_learns_to_restore_and_averages_the_whole_network(phantom_ima
     assert torch.allclose(weights["encoder.conv_init.weight"], sum(encoders) / len(encoders), atol=1e-6)
     model = RestorationTrainer.build_model(RestorationTrainer.DEFAULTS | CONFIG)
     assert model(torch.randn(2, 1, 32, 32, 2)).shape == (2, 1, 32, 32, 2)
+
+
+def test_decoder_handover_writes_a_checkpoint_the_segmentation_network_loads(tmp_path):
+    model = RestorationTrainer.build_model(RestorationTrainer.DEFAULTS | CONFIG)
+    weights = pack("weights", model.state_dict())
+    assert RestorationTrainer.save_checkpoint(weights, tmp_path, CONFIG, None) == []  # off by default
+    (path,) = RestorationTrainer.save_checkpoint(
+        weights, tmp_path, {**CONFIG, "decoder_handover": True}, None
+    )
+    network = build_network(overrides=CONFIG["bundle"])
+    head = {k: v.clone() for k, v in network.state_dict().items() if ".head." in k}
+    loaded = load_pretrained_decoder(network, path)
+    state = network.state_dict()
+    assert loaded and all(k.startswith(("encoder.", "up_layers.")) and ".head." not in k for k in loaded)
+    assert {k for k in state if ".head." not in k} == set(loaded)  # every level's blocks, and the encoder
+    assert all(torch.equal(state[k], model.state_dict()[k]) for k in loaded)
+    assert all(torch.equal(state[k], v) for k, v in head.items())  # the segmentation head stays its own

@@ -34,6 +34,9 @@ base's saved encoders once the base's pre-training unit has finished (the base's
 runs in the same run when it is not saved yet, even when the base is not a column itself);
 its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
 ``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
+A federated pre-training method whose trainer writes a decoder-stage checkpoint of its own
+(``save_checkpoint``: ``fedrestore`` with ``decoder_handover``) is fine-tuned from that
+checkpoint the same way.
 
 The **supervised ceiling** column ``supervised_ceiling`` is a diagnostic, not a method a
 hospital can run: its pre-training unit trains the bundle network with the ``supervised``
@@ -432,8 +435,12 @@ def pretrain_unit(
     )
     options = encoder_options(None, cfg["bundle"])
     out.mkdir(parents=True, exist_ok=True)
-    if get_method(run_method).federated:
+    spec = get_method(run_method)
+    if spec.federated:
         save_encoder(encoder_state(message_to_state_dict(result.global_message)), out / "global.pt", options)
+        saver = getattr(spec.trainer, "save_checkpoint", None)
+        if saver is not None:  # e.g. fedrestore's decoder blocks, with its decoder_handover
+            saver(result.global_message, out, cfg, None)
     else:
         for site, state in result.encoders.items():
             save_encoder(state, out / f"{site}.pt", options)
@@ -630,14 +637,13 @@ def finetune_unit(
                         | result
                     )
 
+    from fedcontrast.methods.local_decoder import DECODER_FILE
+
     start = time.perf_counter()
     device = config.torch_device
-    if is_decoder_column(unit.method):  # the decoder-stage checkpoints: encoder and decoder blocks
-        from fedcontrast.methods.local_decoder import DECODER_FILE
-
-        assert encoders is not None
-        shared = encoders / DECODER_FILE
-
+    shared = encoders / DECODER_FILE if encoders else None
+    if shared is not None and (is_decoder_column(unit.method) or shared.exists()):
+        # decoder-stage checkpoints, a decoder column's or a pre-training's own: encoder and decoder blocks
         def start_from(site: str | None) -> dict[str, Any]:
             own = encoders / site / DECODER_FILE if site else shared
             return config.finetune_config(unit, "", str(own if own.exists() else shared))

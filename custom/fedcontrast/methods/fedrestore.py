@@ -11,31 +11,38 @@ middle stages carry in a network trained with labels (ablations README section 1
 the question this method answers. The server averages every weight (``encoder.*`` and
 ``up_layers.*``, the output head included) weighted by samples seen (the default
 :class:`~fedcontrast.methods.base.ServerStrategy`); only weights leave a site. Fine-tuning
-takes the encoder, as from every pre-training method.
+takes the encoder, as from every pre-training method; with ``decoder_handover`` it takes the
+decoder blocks of every level too, as Models Genesis fine-tunes the whole pre-trained
+network (:meth:`RestorationTrainer.save_checkpoint` writes them as a decoder-stage checkpoint,
+``pretrained_decoder.pt``, which ``supervised``'s ``pretrained_decoder`` loads; the output
+head, one restored channel, never transfers).
 
 It is the project's ablation (issue 10), not a published method.
 
 Configuration (:data:`DEFAULTS`): the common pre-training keys of
 :mod:`~fedcontrast.methods.pretrain` (the heads' and the contrastive keys are unused; no
-per-round embedding diagnostics: the model outputs images) and ``corruption``, overrides of
-:data:`CORRUPTION_DEFAULTS`.
+per-round embedding diagnostics: the model outputs images), ``corruption`` (overrides of
+:data:`CORRUPTION_DEFAULTS`) and ``decoder_handover`` (False).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedcontrast.methods.base import ServerStrategy
+from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict
+from fedcontrast.methods.local_decoder import DECODER_FILE
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer
+from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.bundle import build_network, encoder_state
+from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
 
 #: Corruption options (the ``corruption`` section of the config); probabilities are per sample.
 CORRUPTION_DEFAULTS: dict[str, Any] = {
@@ -55,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "probe_volumes": 0,
     "augment": {"intensity_prob": 0.0, "noise_prob": 0.0},
     "corruption": CORRUPTION_DEFAULTS,
+    "decoder_handover": False,
 }
 
 
@@ -227,6 +235,34 @@ class RestorationTrainer(ContrastivePretrainer):
         corrupted = self.corrupt(target)
         loss = F.mse_loss(self.model(corrupted).float(), target)
         return {"loss": loss, "corrupted_error": F.mse_loss(corrupted, target).detach()}
+
+    @classmethod
+    def save_checkpoint(
+        cls, weights: Message, out_dir: Path, config: Mapping[str, Any], site: str | None
+    ) -> list[Path]:
+        """With ``decoder_handover``, write ``out_dir/pretrained_decoder.pt``: the encoder and the
+        decoder blocks of every level of the final ``weights`` (the controller's and the bench's
+        result hook); otherwise nothing."""
+        cfg = merge_config(cls.DEFAULTS, config)
+        if not cfg["decoder_handover"]:
+            return []
+        state = message_to_state_dict(weights, "weights")
+        network = cls.build_model(cfg)
+        levels = num_levels(network)
+        keys = decoder_block_keys(network, levels)
+        stage = {
+            "stage": "restoration",
+            "method": "fedrestore",
+            "federated": site is None,
+            "site": site or "",
+        }
+        stage |= {"seed": int(cfg["seed"]), "corruption": {**CORRUPTION_DEFAULTS, **cfg["corruption"]}}
+        checkpoint = build_checkpoint(
+            {k: state[k] for k in keys}, levels, encoder_state(state), [stage], cfg["bundle"]
+        )
+        path = Path(out_dir) / DECODER_FILE
+        save_decoder_checkpoint(checkpoint, path)
+        return [path]
 
 
 register(
