@@ -29,13 +29,11 @@ def test_method_names_with_the_decoder_suffix_are_checked():
         check_method("nope+decoder")
 
 
-def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(tmp_path, monkeypatch):
+@pytest.fixture
+def decoder_loads(monkeypatch) -> list[tuple[str, bool, list[str]]]:
+    """``(path, load_encoder, loaded keys)`` of every decoder checkpoint fine-tuning loads."""
     from fedcontrast.methods import supervised
-    from fedcontrast.methods.supervised import SupervisedBundleTrainer
-    from fedcontrast.nets.bundle import read_encoder
-    from fedcontrast.nets.decoder import read_decoder_checkpoint
 
-    submitted = inline_pool(monkeypatch)
     loads = []
     original = supervised.load_pretrained_decoder
 
@@ -45,6 +43,18 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
         return keys
 
     monkeypatch.setattr(supervised, "load_pretrained_decoder", spy)
+    return loads
+
+
+def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
+    tmp_path, monkeypatch, decoder_loads
+):
+    from fedcontrast.methods.supervised import SupervisedBundleTrainer
+    from fedcontrast.nets.bundle import read_encoder
+    from fedcontrast.nets.decoder import read_decoder_checkpoint
+
+    submitted = inline_pool(monkeypatch)
+    loads = decoder_loads
     quick = {**PROFILES["quick"], "readouts": ["finetune"]}
 
     alone = tmp_path / "alone"
@@ -100,3 +110,23 @@ def test_decoder_column_runs_on_its_base_and_leaves_the_base_rows_bit_identical(
     record = json.loads((folder / "record.json").read_text())
     assert {e["stage"] for e in record["curve"]} == {"encoder", "decoder"}
     assert record["wall_s"] > record["stage_wall_s"] > 0
+
+
+def test_a_pretraining_that_writes_its_own_decoder_checkpoint_is_fine_tuned_from_it(
+    tmp_path, monkeypatch, decoder_loads
+):
+    inline_pool(monkeypatch)
+    quick = {**PROFILES["quick"], "readouts": ["finetune"], "methods": ["fedrestore"]}
+    run_benchmark(BenchConfig(**quick), tmp_path / "encoder", workers=1)
+    assert not decoder_loads  # by default fedrestore hands over its encoder only
+    handover = BenchConfig(**quick, pretrain_overrides={"decoder_handover": True})
+    rows = run_benchmark(handover, tmp_path / "network", workers=1)
+    checkpoint_file = tmp_path / "network" / "pretrain" / "fedrestore_s0" / "pretrained_decoder.pt"
+    assert [(path, enc) for path, enc, _ in decoder_loads] == [(str(checkpoint_file), True)] * 3
+    keys = decoder_loads[0][2]
+    assert any(k.startswith("up_layers.1.blocks.") for k in keys)  # every level, the full-resolution one too
+    assert not any(".head." in k for k in keys) and any(k.startswith("encoder.") for k in keys)
+    assert {(r["method"], r["finetune"]) for r in rows} == {
+        ("fedrestore", "local"),
+        ("fedrestore", "federated"),
+    }
