@@ -255,8 +255,9 @@ class RestorationTrainer(ContrastivePretrainer):
             "method": "fedrestore",
             "federated": site is None,
             "site": site or "",
+            "seed": int(cfg["seed"]),
+            "corruption": dict(cfg["corruption"]),
         }
-        stage |= {"seed": int(cfg["seed"]), "corruption": {**CORRUPTION_DEFAULTS, **cfg["corruption"]}}
         checkpoint = build_checkpoint(
             {k: state[k] for k in keys}, levels, encoder_state(state), [stage], cfg["bundle"]
         )
