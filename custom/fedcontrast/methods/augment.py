@@ -52,7 +52,41 @@ AUGMENT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TwoViewAugment:
+def sample_range(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample minimum and span (at least ``eps``) of ``(B, ...)`` samples, shaped to broadcast."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    low = x.flatten(1).amin(1).view(shape)
+    return low, (x.flatten(1).amax(1).view(shape) - low).clamp_min(eps)
+
+
+class SeededBatchTransform:
+    """Base of the random batch transforms: a seeded CPU generator for the few parameters drawn
+    per sample, and one generator per device (seeded ``seed + 1``) for batch-sized noise fields.
+
+    Args:
+        seed: seed of both streams.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._params = torch.Generator().manual_seed(seed)
+        self._noise: dict[torch.device, torch.Generator] = {}
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        """U(0, 1) draws of ``shape`` on the CPU generator."""
+        return torch.rand(shape, generator=self._params)
+
+    def _happens(self, n: int, prob: float) -> torch.Tensor:
+        """``n`` Bernoulli(prob) draws as a bool tensor."""
+        return self._rand(n) < prob
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._noise:
+            self._noise[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._noise[device]
+
+
+class TwoViewAugment(SeededBatchTransform):
     """Random views of a batch of slices or slabs.
 
     Args:
@@ -69,19 +103,13 @@ class TwoViewAugment:
             )
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        super().__init__(seed)
         self.spatial_dims = spatial_dims
         self.options = {**AUGMENT_DEFAULTS, **(options or {})}
-        self.seed = seed
-        self._params = torch.Generator().manual_seed(seed)
-        self._noise: dict[torch.device, torch.Generator] = {}
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         """``n`` draws from U(low, high) on the CPU generator."""
-        return low + (high - low) * torch.rand(n, generator=self._params)
-
-    def _happens(self, n: int, prob: float) -> torch.Tensor:
-        """``n`` Bernoulli(prob) draws as a bool tensor."""
-        return torch.rand(n, generator=self._params) < prob
+        return low + (high - low) * self._rand(n)
 
     def _in_plane_affine(self, n: int, height: int, width: int) -> torch.Tensor:
         """``(n, 2, 3)`` maps from output to input normalised coordinates ``(x: W, y: H)``.
@@ -135,18 +163,12 @@ class TwoViewAugment:
         gamma = per_sample(self._uniform(n, *o["gamma"]), 1.0, o["intensity_prob"])
         sigma = per_sample(self._uniform(n, 0.0, o["noise_std"]), 0.0, o["noise_prob"])
         x = (images + shift) * factor
-        low = x.flatten(1).amin(1).view(shape)
-        span = (x.flatten(1).amax(1).view(shape) - low).clamp_min(1e-7)
+        low, span = sample_range(x, 1e-7)
         x = ((x - low) / span).clamp_min(0) ** gamma * span + low
         noise = torch.randn(
             x.shape, generator=self._noise_generator(x.device), device=x.device, dtype=x.dtype
         )
         return x + sigma * noise
-
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._noise:
-            self._noise[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
-        return self._noise[device]
 
     def view(self, images: torch.Tensor) -> torch.Tensor:
         """One random view of every sample: same shape and device as ``images``, float32."""

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedcontrast.methods.augment import SeededBatchTransform, sample_range
 from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict
 from fedcontrast.methods.local_decoder import DECODER_FILE
 from fedcontrast.methods.partitions import PartitionBatch
@@ -66,15 +67,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _sample_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample minimum and span (at least 1e-6) of ``x``, shaped to broadcast against it."""
-    flat = x.flatten(1)
-    low = flat.min(dim=1).values
-    span = (flat.max(dim=1).values - low).clamp_min(1e-6)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return low.view(shape), span.view(shape)
-
-
 def intensity_curve(x: torch.Tensor, knots: torch.Tensor, decreasing: torch.Tensor) -> torch.Tensor:
     """Remap each sample's intensities along a monotone piecewise-linear curve on its own range.
 
@@ -87,7 +79,7 @@ def intensity_curve(x: torch.Tensor, knots: torch.Tensor, decreasing: torch.Tens
     Returns:
         ``x`` remapped, same shape and range per sample.
     """
-    low, span = _sample_range(x)
+    low, span = sample_range(x, 1e-6)
     u = ((x - low) / span).flatten(1)
     zeros = x.new_zeros(x.shape[0], 2, 1)
     points = torch.cat([zeros, knots.to(x.device), zeros + 1.0], dim=2)  # (B, 2, K + 2)
@@ -140,7 +132,7 @@ def box_mask(height: int, width: int, boxes: torch.Tensor) -> torch.Tensor:
     return inside.any(dim=1)
 
 
-class RestorationCorruption:
+class RestorationCorruption(SeededBatchTransform):
     """Random Models Genesis corruptions of a batch, each applied per sample with its probability:
     an intensity curve, local pixel shuffling, then in-painting (up to ``inpaint_boxes`` boxes)
     or out-painting (all but one box) with noise uniform on the sample's range. Every slice of a
@@ -156,16 +148,12 @@ class RestorationCorruption:
         unknown = set(options or {}) - set(CORRUPTION_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown corruption options {sorted(unknown)}")
+        super().__init__(seed)
         self.options = {**CORRUPTION_DEFAULTS, **dict(options or {})}
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self._noise: dict[torch.device, torch.Generator] = {}  # the noise field's, one per device
 
-    def _rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator)
-
-    def _happens(self, n: int, key: str) -> torch.Tensor:
-        return self._rand(n) < float(self.options[key])
+    def _applied(self, n: int, key: str) -> torch.Tensor:
+        """``n`` draws of whether the corruption with probability option ``key`` happens."""
+        return self._happens(n, float(self.options[key]))
 
     def _boxes(self, n: int, count: int, height: int, width: int, side: tuple[float, float]) -> torch.Tensor:
         """``(n, count, 4)`` boxes with sides in ``side`` fractions of the slice, inside it."""
@@ -184,29 +172,27 @@ class RestorationCorruption:
         used = torch.arange(count)[None, :] <= (self._rand(n) * count).long()[:, None]
         inner[..., 2] *= used  # unused boxes get height 0
         kept = self._boxes(n, 1, height, width, tuple(opts["outpaint_side"]))
-        outpaint = self._happens(n, "outpaint_prob")[:, None, None]
+        outpaint = self._applied(n, "outpaint_prob")[:, None, None]
         mask = torch.where(outpaint, ~box_mask(height, width, kept), box_mask(height, width, inner))
-        return mask & self._happens(n, "paint_prob")[:, None, None]
+        return mask & self._applied(n, "paint_prob")[:, None, None]
 
     def _curve(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         curved = intensity_curve(x, self._rand(n, 2, 3).sort(dim=-1).values, self._rand(n) < 0.5)
-        applied = self._happens(n, "curve_prob").to(x.device).view(-1, *[1] * (x.ndim - 1))
+        applied = self._applied(n, "curve_prob").to(x.device).view(-1, *[1] * (x.ndim - 1))
         return torch.where(applied, curved, x)
 
     def _shuffle(self, x: torch.Tensor) -> torch.Tensor:
         n, block = x.shape[0], int(self.options["shuffle_block"])
         blocks = (x.shape[2] // block) * (x.shape[3] // block)
         chosen = self._rand(n, blocks) < float(self.options["shuffle_fraction"])
-        chosen &= self._happens(n, "shuffle_prob")[:, None]
+        chosen &= self._applied(n, "shuffle_prob")[:, None]
         return shuffle_blocks(x, block, chosen, self._rand(n, blocks, block * block))
 
     def _paint(self, x: torch.Tensor) -> torch.Tensor:
         n, height, width = x.shape[:1] + x.shape[2:4]
-        if x.device not in self._noise:
-            self._noise[x.device] = torch.Generator(device=x.device).manual_seed(self.seed + 1)
-        low, span = _sample_range(x)
-        noise = torch.rand(x.shape, generator=self._noise[x.device], device=x.device) * span + low
+        low, span = sample_range(x, 1e-6)
+        noise = torch.rand(x.shape, generator=self._noise_generator(x.device), device=x.device) * span + low
         mask = self._paint_mask(n, height, width).to(x.device)
         return torch.where(mask.view(n, 1, height, width, *[1] * (x.ndim - 4)), noise, x)
 
