@@ -20,6 +20,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "fedmoco",
     "feddense",
     "fedrestore",
+    "fedpseudoseg",
 )
 
 for _name in _METHOD_MODULES:

@@ -13,9 +13,8 @@ the question this method answers. The server averages every weight (``encoder.*`
 :class:`~fedcontrast.methods.base.ServerStrategy`); only weights leave a site. Fine-tuning
 takes the encoder, as from every pre-training method; with ``decoder_handover`` it takes the
 decoder blocks of every level too, as Models Genesis fine-tunes the whole pre-trained
-network (:meth:`RestorationTrainer.save_checkpoint` writes them as a decoder-stage checkpoint,
-``pretrained_decoder.pt``, which ``supervised``'s ``pretrained_decoder`` loads; the output
-head, one restored channel, never transfers).
+network (:class:`~fedcontrast.methods.whole_network.WholeNetworkPretrainer`; the output head,
+one restored channel, never transfers).
 
 It is the project's ablation (issue 10), not a published method.
 
@@ -28,26 +27,22 @@ per-round embedding diagnostics: the model outputs images), ``corruption`` (over
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from fedcontrast.methods.augment import SeededBatchTransform, sample_range
-from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict
-from fedcontrast.methods.local_decoder import DECODER_FILE
+from fedcontrast.methods.base import ServerStrategy
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.nets.bundle import build_network, encoder_state
-from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
+from fedcontrast.methods.whole_network import WholeNetworkPretrainer
 
 #: Corruption options (the ``corruption`` section of the config); probabilities are per sample.
 CORRUPTION_DEFAULTS: dict[str, Any] = {
-    "curve_prob": 0.9,  # random monotone intensity curve (half of them decreasing)
+    "curve_prob": 0.9,  # random monotone intensity curve
+    "decreasing_prob": 0.5,  # of a curve, that it is decreasing (inverts the contrast)
     "shuffle_prob": 0.5,  # local pixel shuffling
     "shuffle_block": 4,  # side of a shuffled block, pixels
     "shuffle_fraction": 0.3,  # fraction of the blocks shuffled
@@ -178,7 +173,8 @@ class RestorationCorruption(SeededBatchTransform):
 
     def _curve(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
-        curved = intensity_curve(x, self._rand(n, 2, 3).sort(dim=-1).values, self._rand(n) < 0.5)
+        knots = self._rand(n, 2, 3).sort(dim=-1).values
+        curved = intensity_curve(x, knots, self._applied(n, "decreasing_prob"))
         applied = self._applied(n, "curve_prob").to(x.device).view(-1, *[1] * (x.ndim - 1))
         return torch.where(applied, curved, x)
 
@@ -201,19 +197,25 @@ class RestorationCorruption(SeededBatchTransform):
         return self._paint(self._shuffle(self._curve(images.float())))
 
 
-class RestorationTrainer(ContrastivePretrainer):
+class RestorationTrainer(WholeNetworkPretrainer):
     """Image restoration at one site (see the module docstring)."""
 
     DEFAULTS = DEFAULTS
+    METHOD = "fedrestore"
+    STAGE = "restoration"
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         super().__init__(config, datalist, site, device)
         self.corrupt = RestorationCorruption(int(self.rng.integers(2**31)), self.config["corruption"])
 
     @classmethod
-    def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
-        """The bundle network with one output channel (keys ``encoder.*``, ``up_layers.*``)."""
-        return build_network(config["bundle_dir"], {**dict(config["bundle"]), "num_classes": 1})
+    def output_channels(cls, config: Mapping[str, Any]) -> int:
+        """One channel: the restored image."""
+        return 1
+
+    @classmethod
+    def pretext_provenance(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {"corruption": dict(config["corruption"])}
 
     def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
         """Mean squared error of the restored view; ``corrupted_error`` is the corrupted input's own."""
@@ -221,35 +223,6 @@ class RestorationTrainer(ContrastivePretrainer):
         corrupted = self.corrupt(target)
         loss = F.mse_loss(self.model(corrupted).float(), target)
         return {"loss": loss, "corrupted_error": F.mse_loss(corrupted, target).detach()}
-
-    @classmethod
-    def save_checkpoint(
-        cls, weights: Message, out_dir: Path, config: Mapping[str, Any], site: str | None
-    ) -> list[Path]:
-        """With ``decoder_handover``, write ``out_dir/pretrained_decoder.pt``: the encoder and the
-        decoder blocks of every level of the final ``weights`` (the controller's and the bench's
-        result hook); otherwise nothing."""
-        cfg = merge_config(cls.DEFAULTS, config)
-        if not cfg["decoder_handover"]:
-            return []
-        state = message_to_state_dict(weights, "weights")
-        network = cls.build_model(cfg)
-        levels = num_levels(network)
-        keys = decoder_block_keys(network, levels)
-        stage = {
-            "stage": "restoration",
-            "method": "fedrestore",
-            "federated": site is None,
-            "site": site or "",
-            "seed": int(cfg["seed"]),
-            "corruption": dict(cfg["corruption"]),
-        }
-        checkpoint = build_checkpoint(
-            {k: state[k] for k in keys}, levels, encoder_state(state), [stage], cfg["bundle"]
-        )
-        path = Path(out_dir) / DECODER_FILE
-        save_decoder_checkpoint(checkpoint, path)
-        return [path]
 
 
 register(

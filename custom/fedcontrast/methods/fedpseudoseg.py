@@ -1,0 +1,143 @@
+"""FedPseudoSeg: segmentation of intensity clusters per site, FedAvg of the whole network.
+
+The label-free pretext nearest to the supervised ceiling's (ablations README sections 11 and
+14: an encoder pre-trained with labels gains, and its gain sits in the shallow and middle
+stages). Each site derives a per-pixel pseudo-label from every unlabelled sample and trains
+the bundle's whole segmentation network to predict it, as self-supervised few-shot medical
+segmentation trains on superpixels (Ouyang et al., SSL-ALPNet, ECCV 2020); here the segments
+are the sample's tissue classes by intensity (:func:`intensity_clusters`: k-means of the
+in-plane smoothed intensities, ordered dark to bright), which on cine MRI separate blood
+pool, myocardium and surrounding tissue. The network sees a copy whose intensities
+:class:`~fedcontrast.methods.fedrestore.RestorationCorruption` has remapped along a random
+monotone curve (by default; its other corruptions by option), so it must find the classes by
+their shape and context rather than by a fixed threshold. Loss: Dice plus cross-entropy
+(MONAI's :class:`~monai.losses.DiceCELoss`), the fine-tuning loss. The server averages every
+weight; only weights leave a site. Fine-tuning takes the encoder, or with
+``decoder_handover`` the decoder blocks of every level too
+(:class:`~fedcontrast.methods.whole_network.WholeNetworkPretrainer`).
+
+It is the project's ablation (issue 10), not a published method.
+
+Configuration (:data:`DEFAULTS`): the common pre-training keys of
+:mod:`~fedcontrast.methods.pretrain` (the heads' and the contrastive keys are unused; no
+per-round embedding diagnostics), ``clusters`` (4), ``smooth_sigma`` (in-plane Gaussian
+sigma before clustering, pixels), ``kmeans_iterations``, ``input_corruption`` (overrides of
+:data:`~fedcontrast.methods.fedrestore.CORRUPTION_DEFAULTS` for the network's input) and
+``decoder_handover`` (False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.layers import GaussianFilter
+
+from fedcontrast.methods.base import ServerStrategy
+from fedcontrast.methods.fedrestore import RestorationCorruption
+from fedcontrast.methods.partitions import PartitionBatch
+from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
+from fedcontrast.methods.registry import MethodSpec, register
+from fedcontrast.methods.whole_network import WholeNetworkPretrainer
+
+#: The input's corruption by default: an increasing intensity curve, nothing else.
+INPUT_CORRUPTION: dict[str, Any] = {"decreasing_prob": 0.0, "shuffle_prob": 0.0, "paint_prob": 0.0}
+
+DEFAULTS: dict[str, Any] = {
+    **PRETRAIN_DEFAULTS,
+    "probe_volumes": 0,
+    "augment": {"intensity_prob": 0.0, "noise_prob": 0.0},
+    "clusters": 4,
+    "smooth_sigma": 1.0,
+    "kmeans_iterations": 10,
+    "input_corruption": INPUT_CORRUPTION,
+    "decoder_handover": False,
+}
+
+
+def smooth_in_plane(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of each slice of ``(B, C, H, W[, T])`` samples (``sigma`` in pixels; 0: none)."""
+    if sigma <= 0:
+        return x
+    slices = x.movedim(-1, 1).flatten(0, 1) if x.ndim == 5 else x  # (B * T, C, H, W)
+    smoothed = GaussianFilter(2, sigma).to(x.device)(slices)
+    if x.ndim == 5:
+        smoothed = smoothed.view(x.shape[0], x.shape[-1], *x.shape[1:4]).movedim(1, -1)
+    return smoothed
+
+
+def intensity_clusters(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
+    """Each sample's pixels assigned to ``clusters`` intensity classes by 1-D k-means.
+
+    The centres start at the sample's ``(k + 0.5) / clusters`` quantiles and take ``iterations``
+    Lloyd steps; a class left empty keeps its centre. Classes are numbered dark to bright.
+
+    Args:
+        x: ``(B, 1, ...)`` samples.
+
+    Returns:
+        ``(B, 1, ...)`` int64 labels in ``[0, clusters)``.
+    """
+    values = x.flatten(1).float()  # (B, N)
+    levels = (torch.arange(clusters, device=x.device, dtype=torch.float32) + 0.5) / clusters
+    centres = torch.quantile(values, levels, dim=1).T  # (B, K)
+    for _ in range(iterations):
+        assign = (values[:, :, None] - centres[:, None, :]).abs().argmin(dim=2)  # (B, N)
+        members = torch.nn.functional.one_hot(assign, clusters).float()  # (B, N, K)
+        counts = members.sum(dim=1)
+        sums = (members * values[:, :, None]).sum(dim=1)
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres).sort(dim=1).values
+    assign = (values[:, :, None] - centres[:, None, :]).abs().argmin(dim=2)
+    return assign.view_as(x).long()
+
+
+class PseudoSegTrainer(WholeNetworkPretrainer):
+    """Intensity-cluster segmentation at one site (see the module docstring)."""
+
+    DEFAULTS = DEFAULTS
+    METHOD = "fedpseudoseg"
+    STAGE = "pseudo_segmentation"
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        super().__init__(config, datalist, site, device)
+        options = {**INPUT_CORRUPTION, **dict(self.config["input_corruption"])}
+        self.corrupt = RestorationCorruption(int(self.rng.integers(2**31)), options)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    @classmethod
+    def output_channels(cls, config: Mapping[str, Any]) -> int:
+        """One channel per intensity class."""
+        return int(config["clusters"])
+
+    @classmethod
+    def pretext_provenance(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        keys = ("clusters", "smooth_sigma", "kmeans_iterations", "input_corruption")
+        return {k: config[k] for k in keys}
+
+    def pseudo_labels(self, views: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, ...)`` intensity classes of ``(B, 1, ...)`` views (:func:`intensity_clusters`)."""
+        cfg = self.config
+        smoothed = smooth_in_plane(views, float(cfg["smooth_sigma"]))
+        return intensity_clusters(smoothed, int(cfg["clusters"]), int(cfg["kmeans_iterations"]))
+
+    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
+        """Dice + cross-entropy of the corrupted view's predicted classes; ``accuracy`` per pixel."""
+        views = self.augment.view(batch.images.to(self.device))
+        labels = self.pseudo_labels(views)
+        logits = self.model(self.corrupt(views)).float()
+        accuracy = (logits.argmax(dim=1, keepdim=True) == labels).float().mean()
+        return {"loss": self.loss(logits, labels), "accuracy": accuracy.detach()}
+
+
+register(
+    MethodSpec(
+        name="fedpseudoseg",
+        trainer=PseudoSegTrainer,
+        strategy=ServerStrategy,
+        federated=True,
+        pretraining=True,
+        description="FedPseudoSeg (ablation): intensity-cluster segmentation per site, FedAvg of the network",
+    )
+)

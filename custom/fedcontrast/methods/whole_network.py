@@ -1,0 +1,82 @@
+"""Pre-training of the bundle's whole segmentation network (encoder, decoder and head) at a site.
+
+The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`)
+train the whole network on a per-pixel target with its own number of output channels; the
+server averages every weight (the default :class:`~fedcontrast.methods.base.ServerStrategy`).
+Fine-tuning takes the encoder, as from every pre-training method; with ``decoder_handover``
+it takes the decoder blocks of every level too (:meth:`WholeNetworkPretrainer.save_checkpoint`
+writes them as a decoder-stage checkpoint, ``pretrained_decoder.pt``, which ``supervised``'s
+``pretrained_decoder`` loads). The output head, whose channels are the pretext's, never
+transfers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedcontrast.methods.base import Message, message_to_state_dict
+from fedcontrast.methods.local_decoder import DECODER_FILE
+from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
+from fedcontrast.nets.bundle import build_network, encoder_state
+from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
+
+
+class WholeNetworkPretrainer(ContrastivePretrainer):
+    """A site trainer whose model is the bundle network with the pretext's output channels.
+
+    Subclasses set :attr:`METHOD` and :attr:`STAGE` (the handover checkpoint's provenance) and
+    override :meth:`output_channels` and :meth:`pretext_provenance`; their ``DEFAULTS`` hold
+    ``decoder_handover``.
+    """
+
+    METHOD = ""
+    STAGE = ""
+
+    @classmethod
+    def output_channels(cls, config: Mapping[str, Any]) -> int:
+        """Channels of the pretext's per-pixel output."""
+        raise NotImplementedError
+
+    @classmethod
+    def pretext_provenance(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The pretext's options recorded in the handover checkpoint."""
+        raise NotImplementedError
+
+    @classmethod
+    def build_model(cls, config: Mapping[str, Any]) -> nn.Module:
+        """The bundle network with :meth:`output_channels` outputs (keys ``encoder.*``, ``up_layers.*``)."""
+        overrides = {**dict(config["bundle"]), "num_classes": cls.output_channels(config)}
+        return build_network(config["bundle_dir"], overrides)
+
+    @classmethod
+    def save_checkpoint(
+        cls, weights: Message, out_dir: Path, config: Mapping[str, Any], site: str | None
+    ) -> list[Path]:
+        """With ``decoder_handover``, write ``out_dir/pretrained_decoder.pt``: the encoder and the
+        decoder blocks of every level of the final ``weights`` (the controller's and the bench's
+        result hook); otherwise nothing."""
+        cfg = merge_config(cls.DEFAULTS, config)
+        if not cfg["decoder_handover"]:
+            return []
+        state = message_to_state_dict(weights, "weights")
+        network = cls.build_model(cfg)
+        levels = num_levels(network)
+        stage = {
+            "stage": cls.STAGE,
+            "method": cls.METHOD,
+            "federated": site is None,
+            "site": site or "",
+            "seed": int(cfg["seed"]),
+            **cls.pretext_provenance(cfg),
+        }
+        keys = decoder_block_keys(network, levels)
+        checkpoint = build_checkpoint(
+            {k: state[k] for k in keys}, levels, encoder_state(state), [stage], cfg["bundle"]
+        )
+        path = Path(out_dir) / DECODER_FILE
+        save_decoder_checkpoint(checkpoint, path)
+        return [path]
