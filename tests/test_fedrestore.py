@@ -1,5 +1,6 @@
 """FedRestore (issue 10's restoration ablation): the Models Genesis corruptions against hand-written
-cases, and a federated run that learns to restore and averages the whole network."""
+cases, and a federated run that learns to restore and averages the whole network; the decoder
+handover of both whole-network pretexts (FedRestore, FedPseudoSeg)."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from fedcontrast.methods.base import message_to_state_dict, pack
+from fedcontrast.methods.fedpseudoseg import PseudoSegTrainer
 from fedcontrast.methods.fedrestore import (
     RestorationCorruption,
     RestorationTrainer,
@@ -86,13 +88,13 @@ def test_fedrestore_learns_to_restore_and_averages_the_whole_network(phantom_ima
     assert model(torch.randn(2, 1, 32, 32, 2)).shape == (2, 1, 32, 32, 2)
 
 
-def test_decoder_handover_writes_a_checkpoint_the_segmentation_network_loads(tmp_path):
-    model = RestorationTrainer.build_model(RestorationTrainer.DEFAULTS | CONFIG)
+@pytest.mark.parametrize("trainer", [RestorationTrainer, PseudoSegTrainer])
+def test_decoder_handover_writes_a_checkpoint_the_segmentation_network_loads(tmp_path, trainer):
+    model = trainer.build_model(trainer.DEFAULTS | CONFIG)
     weights = pack("weights", model.state_dict())
-    assert RestorationTrainer.save_checkpoint(weights, tmp_path, CONFIG, None) == []  # off by default
-    (path,) = RestorationTrainer.save_checkpoint(
-        weights, tmp_path, {**CONFIG, "decoder_handover": True}, None
-    )
+    assert trainer.save_checkpoint(weights, tmp_path, CONFIG, None) == []  # off by default
+    (path,) = trainer.save_checkpoint(weights, tmp_path, {**CONFIG, "decoder_handover": True}, None)
+    assert torch.load(path)["stages"][0]["method"] == trainer.METHOD
     network = build_network(overrides=CONFIG["bundle"])
     head = {k: v.clone() for k, v in network.state_dict().items() if ".head." in k}
     loaded = load_pretrained_decoder(network, path)

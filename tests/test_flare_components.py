@@ -286,6 +286,9 @@ def test_saved_models_load_into_the_bundle_network(tmp_path):
     assert save_models(restoration, tmp_path / "restore", {"bundle": TINY}, pretraining=True) == [
         tmp_path / "restore" / ENCODER_FILE
     ]
+    # nor is a pretext's network of the segmentation network's shapes (FedPseudoSeg's clusters)
+    pretext = {"bundle": TINY}, True, False
+    assert save_models(weights, tmp_path / "pseudo", *pretext) == [tmp_path / "pseudo" / ENCODER_FILE]
 
 
 # ---- job export -----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ all updated after every round:
   ``metrics.json`` holds, for the site ``"server"``, every round's timing (:func:`round_timing`)
   and the strategy's own round metrics;
 - federated runs: ``global_model.pt``, the global ``weights/`` entries as a plain state
-  dict of the bundle network, written when they cover the whole network with its shapes (the bundle's
+  dict of the bundle network, written when they cover the whole network with its shapes and the
+  method's outputs are the label set's classes (not a pretext's, ``label_outputs``; the bundle's
   ``evaluate``/``inference`` load it with ``--ckpt_path``), and ``model_bundle/``, a copy of
   the bundle that runs it by itself (its configs hold the job's ``bundle`` overrides, its
   ``metadata.json`` names the label set's output channels); for a pre-training method
@@ -25,7 +26,7 @@ all updated after every round:
   the voxel grid and network options they fit (the bundle's ``scripts/encoder.py`` format; the
   bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
 - methods whose trainer defines a ``save_checkpoint(weights, out_dir, config, site)`` class
-  method write their own files too (``local_decoder``, and ``fedrestore`` with
+  method write their own files too (``local_decoder``, and ``fedrestore`` and ``fedpseudoseg`` with
   ``decoder_handover``: ``pretrained_decoder.pt``, the decoder-stage checkpoint; ``site`` is
   None for the global model);
 - local runs: the same files per site under ``local/<site>/``;
@@ -101,8 +102,13 @@ def round_timing(round_s: float, train_seconds: dict[str, float]) -> dict[str, f
     return {"round_s": round_s, "site_train_s": slowest, "overhead_s": round_s - slowest}
 
 
-def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool) -> list[Path]:
+def save_models(
+    weights: Message, out_dir: Path, config: dict[str, Any], pretraining: bool, label_outputs: bool = True
+) -> list[Path]:
     """Write the network and encoder files of a final ``weights`` message (see the module docstring).
+
+    ``label_outputs`` False (a pretext's whole network, :class:`~fedcontrast.methods.registry.MethodSpec`)
+    writes no segmentation model, whatever the shapes.
 
     Returns:
         The files written.
@@ -113,7 +119,7 @@ def save_models(weights: Message, out_dir: Path, config: dict[str, Any], pretrai
     network = build_network(bundle_dir, overrides).state_dict()
     written = []
     # the whole segmentation network, shapes included (a restoration network has other outputs)
-    if all(k in state and state[k].shape == v.shape for k, v in network.items()):
+    if label_outputs and all(k in state and state[k].shape == v.shape for k, v in network.items()):
         torch.save({k: state[k] for k in network}, out_dir / MODEL_FILE)
         written.append(out_dir / MODEL_FILE)
         written.append(export_bundle(out_dir / MODEL_FILE, out_dir / MODEL_BUNDLE_DIR, overrides, bundle_dir))
@@ -136,7 +142,7 @@ def save_outputs(
         config: the method's configuration.
         site: the site of a local run's model; None for the global model.
     """
-    written = save_models(weights, out_dir, config, spec.pretraining)
+    written = save_models(weights, out_dir, config, spec.pretraining, spec.label_outputs)
     saver = getattr(spec.trainer, "save_checkpoint", None)
     if saver is not None:
         written += saver(weights, out_dir, config, site)
