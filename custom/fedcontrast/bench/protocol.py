@@ -35,7 +35,7 @@ runs in the same run when it is not saved yet, even when the base is not a colum
 its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
 ``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
 A federated pre-training method whose trainer writes a decoder-stage checkpoint of its own
-(``save_checkpoint``: ``fedrestore`` with ``decoder_handover``) is fine-tuned from that
+(``save_checkpoint``: ``fedrestore`` and ``fedpseudoseg`` with ``decoder_handover``) is fine-tuned from that
 checkpoint the same way.
 
 The **supervised ceiling** column ``supervised_ceiling`` is a diagnostic, not a method a
@@ -439,7 +439,7 @@ def pretrain_unit(
     if spec.federated:
         save_encoder(encoder_state(message_to_state_dict(result.global_message)), out / "global.pt", options)
         saver = getattr(spec.trainer, "save_checkpoint", None)
-        if saver is not None:  # e.g. fedrestore's decoder blocks, with its decoder_handover
+        if saver is not None:  # the whole-network pretexts' decoder blocks, with decoder_handover
             saver(result.global_message, out, cfg, None)
     else:
         for site, state in result.encoders.items():
