@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from fedcontrast.methods.base import message_to_state_dict, pack
+from fedcontrast.methods.corruptions import RestorationCorruption, box_mask, intensity_curve, shuffle_blocks
 from fedcontrast.methods.fedpseudoseg import PseudoSegTrainer
-from fedcontrast.methods.fedrestore import (
-    RestorationCorruption,
-    RestorationTrainer,
-    box_mask,
-    intensity_curve,
-    shuffle_blocks,
-)
+from fedcontrast.methods.fedrestore import RestorationTrainer
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_network

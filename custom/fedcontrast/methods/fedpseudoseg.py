@@ -8,7 +8,7 @@ segmentation trains on superpixels (Ouyang et al., SSL-ALPNet, ECCV 2020); here 
 are the sample's tissue classes by intensity (:func:`intensity_clusters`: k-means of the
 in-plane smoothed intensities, ordered dark to bright), which on cine MRI separate blood
 pool, myocardium and surrounding tissue. The network sees a copy whose intensities
-:class:`~fedcontrast.methods.fedrestore.RestorationCorruption` has remapped along a random
+:class:`~fedcontrast.methods.corruptions.RestorationCorruption` has remapped along a random
 monotone curve (by default; its other corruptions by option), so it must find the classes by
 their shape and context rather than by a fixed threshold. Loss: Dice plus cross-entropy
 (MONAI's :class:`~monai.losses.DiceCELoss`), the fine-tuning loss. The server averages every
@@ -22,7 +22,7 @@ Configuration (:data:`DEFAULTS`): the common pre-training keys of
 :mod:`~fedcontrast.methods.pretrain` (the heads' and the contrastive keys are unused; no
 per-round embedding diagnostics), ``clusters`` (4), ``smooth_sigma`` (in-plane Gaussian
 sigma before clustering, pixels), ``kmeans_iterations``, ``input_corruption`` (overrides of
-:data:`~fedcontrast.methods.fedrestore.CORRUPTION_DEFAULTS` for the network's input) and
+:data:`~fedcontrast.methods.corruptions.CORRUPTION_DEFAULTS` for the network's input) and
 ``decoder_handover`` (False).
 """
 
@@ -36,7 +36,6 @@ from monai.losses import DiceCELoss
 from monai.networks.layers import GaussianFilter
 
 from fedcontrast.methods.base import ServerStrategy
-from fedcontrast.methods.fedrestore import RestorationCorruption
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.registry import MethodSpec, register
@@ -99,12 +98,8 @@ class PseudoSegTrainer(WholeNetworkPretrainer):
     DEFAULTS = DEFAULTS
     METHOD = "fedpseudoseg"
     STAGE = "pseudo_segmentation"
-
-    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        super().__init__(config, datalist, site, device)
-        options = {**INPUT_CORRUPTION, **dict(self.config["input_corruption"])}
-        self.corrupt = RestorationCorruption(int(self.rng.integers(2**31)), options)
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    CORRUPTION_KEY = "input_corruption"
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     @classmethod
     def output_channels(cls, config: Mapping[str, Any]) -> int:

@@ -1,7 +1,8 @@
 """Pre-training of the bundle's whole segmentation network (encoder, decoder and head) at a site.
 
 The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`)
-train the whole network on a per-pixel target with its own number of output channels; the
+train the whole network on a per-pixel target, from a corrupted input, with their own number
+of output channels; the
 server averages every weight (the default :class:`~fedcontrast.methods.base.ServerStrategy`).
 Fine-tuning takes the encoder, as from every pre-training method; with ``decoder_handover``
 it takes the decoder blocks of every level too (:meth:`WholeNetworkPretrainer.save_checkpoint`
@@ -19,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from fedcontrast.methods.base import Message, message_to_state_dict
+from fedcontrast.methods.corruptions import RestorationCorruption
 from fedcontrast.methods.local_decoder import DECODER_FILE
 from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
 from fedcontrast.nets.bundle import build_network, encoder_state
@@ -26,15 +28,24 @@ from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_l
 
 
 class WholeNetworkPretrainer(ContrastivePretrainer):
-    """A site trainer whose model is the bundle network with the pretext's output channels.
+    """A site trainer whose model is the bundle network with the pretext's output channels, and
+    whose input is corrupted by :class:`~fedcontrast.methods.corruptions.RestorationCorruption`
+    (``self.corrupt``, seeded from the site's generator, options from the config's
+    :attr:`CORRUPTION_KEY` section).
 
     Subclasses set :attr:`METHOD` and :attr:`STAGE` (the handover checkpoint's provenance) and
-    override :meth:`output_channels` and :meth:`pretext_provenance`; their ``DEFAULTS`` hold
-    ``decoder_handover``.
+    :attr:`CORRUPTION_KEY`, and override :meth:`output_channels` and :meth:`pretext_provenance`;
+    their ``DEFAULTS`` hold ``decoder_handover``.
     """
 
     METHOD = ""
     STAGE = ""
+    CORRUPTION_KEY = ""
+
+    def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
+        super().__init__(config, datalist, site, device)
+        seed = int(self.rng.integers(2**31))
+        self.corrupt = RestorationCorruption(seed, self.config[self.CORRUPTION_KEY])
 
     @classmethod
     def output_channels(cls, config: Mapping[str, Any]) -> int:
