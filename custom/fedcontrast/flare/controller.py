@@ -118,7 +118,7 @@ def save_models(
     bundle_dir, overrides = config.get("bundle_dir"), config.get("bundle", {})
     network = build_network(bundle_dir, overrides).state_dict()
     written = []
-    # the whole segmentation network, shapes included (a restoration network has other outputs)
+    # the whole segmentation network, shapes included (a bundle override may change them)
     if label_outputs and all(k in state and state[k].shape == v.shape for k, v in network.items()):
         torch.save({k: state[k] for k in network}, out_dir / MODEL_FILE)
         written.append(out_dir / MODEL_FILE)

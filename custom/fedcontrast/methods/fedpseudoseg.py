@@ -136,7 +136,6 @@ register(
         strategy=ServerStrategy,
         federated=True,
         pretraining=True,
-        label_outputs=False,
         description="FedPseudoSeg (ablation): intensity-cluster segmentation per site, FedAvg of the network",
     )
 )

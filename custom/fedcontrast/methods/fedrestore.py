@@ -80,7 +80,6 @@ register(
         strategy=ServerStrategy,
         federated=True,
         pretraining=True,
-        label_outputs=False,
         description="FedRestore (ablation): Models Genesis restoration per site, FedAvg of the whole network",
     )
 )

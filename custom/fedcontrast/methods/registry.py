@@ -22,9 +22,6 @@ class MethodSpec:
         strategy: the server-side logic.
         federated: False for methods where every site trains alone (no aggregation).
         pretraining: True for self-supervised pre-training methods (they produce an encoder).
-        label_outputs: False for methods whose whole network predicts a pretext's target rather
-            than the label set's classes (``fedrestore``, ``fedpseudoseg``): its final weights are
-            never exported as a segmentation model, even where their shapes match one.
         description: one line for ``fedcontrast methods`` and the reports.
     """
 
@@ -33,8 +30,15 @@ class MethodSpec:
     strategy: type[ServerStrategy] = ServerStrategy
     federated: bool = True
     pretraining: bool = True
-    label_outputs: bool = True
     description: str = ""
+
+    @property
+    def label_outputs(self) -> bool:
+        """False where the trainer's network predicts a pretext's target rather than the label
+        set's classes (its ``PRETEXT_OUTPUTS``: the whole-network pretexts ``fedrestore`` and
+        ``fedpseudoseg``); such final weights are never exported as a segmentation model, even
+        where their shapes match one."""
+        return not getattr(self.trainer, "PRETEXT_OUTPUTS", False)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -41,6 +41,9 @@ class WholeNetworkPretrainer(ContrastivePretrainer):
     METHOD = ""
     STAGE = ""
     CORRUPTION_KEY = ""
+    #: The network's outputs are the pretext's, never the label set's classes
+    #: (:attr:`~fedcontrast.methods.registry.MethodSpec.label_outputs`).
+    PRETEXT_OUTPUTS = True
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         super().__init__(config, datalist, site, device)
