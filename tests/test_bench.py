@@ -463,13 +463,20 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     assert "seeds [0, 1]" in (out / "report.md").read_text()
 
 
-def test_supervised_ceiling_end_to_end_hands_its_trained_encoder_to_fine_tuning(tmp_path, monkeypatch):
-    """The quick profile with the ceiling column, units in this process: real supervised
-    pre-training on labelled pre-training volumes, an encoder that moved, rows like any column."""
+@pytest.mark.parametrize("column", [protocol.SUPERVISED_CEILING, "supervised_ceiling_heart"])
+def test_supervised_ceiling_end_to_end_hands_its_trained_encoder_to_fine_tuning(
+    column, tmp_path, monkeypatch
+):
+    """The quick profile with a ceiling column, units in this process: real supervised
+    pre-training on labelled pre-training volumes (for a variant, their copies with merged
+    classes), an encoder that moved, rows like any column."""
+    import nibabel as nib
+    import numpy as np
     import torch
 
     from fedcontrast.methods import supervised
     from fedcontrast.methods.base import message_to_state_dict
+    from fedcontrast.methods.volumes import pretraining_entries
     from fedcontrast.nets.bundle import encoder_state, read_encoder
 
     inline_pool(monkeypatch)
@@ -481,18 +488,29 @@ def test_supervised_ceiling_end_to_end_hands_its_trained_encoder_to_fine_tuning(
         return original(network, path, *args)
 
     monkeypatch.setattr(supervised, "load_pretrained_encoder", spy)
-    methods = ["random_init", protocol.SUPERVISED_CEILING]
-    config = BenchConfig(**{**PROFILES["quick"], "readouts": ["probe"]}, methods=methods)
+    config = BenchConfig(**{**PROFILES["quick"], "readouts": ["probe"]}, methods=["random_init", column])
     rows = protocol.run_benchmark(config, tmp_path, workers=1)
-    folder = tmp_path / "pretrain" / "supervised_ceiling_s0"
+    folder = tmp_path / "pretrain" / f"{column}_s0"
     record = json.loads((folder / "record.json").read_text())
     assert all(site["bytes_by_kind"]["weights_up"] > 0 for site in record["sites"].values())
-    start = supervised.SupervisedBundleTrainer.initial_message(config.ceiling_config(0))
+    merged = sorted((tmp_path / "ceiling_labels").glob("*/*.nii.gz"))
+    if column == protocol.SUPERVISED_CEILING:
+        assert merged == []  # the labels as they are
+    else:  # every pre-training volume's label, the heart one class
+        assert config.ceiling_config(0, column)["bundle"]["labels"] == {"background": 0, "RV+MYO+LV": 1}
+        labels = protocol.image_labels(tmp_path / "data", "acdc", tmp_path / "frames")
+        site_lists = protocol.prepare_splits(config, tmp_path)[1].values()
+        volumes = sorted(e["image"] for d in site_lists for e in pretraining_entries(d))
+        assert [p.name for p in merged] == [f"{i:04d}_{Path(labels[v]).name}" for i, v in enumerate(volumes)]
+        for path, volume in zip(merged, volumes, strict=True):
+            heart = np.asarray(nib.load(labels[volume]).dataobj) > 0
+            assert np.array_equal(np.asarray(nib.load(path).dataobj), heart.astype(np.uint8))
+    start = supervised.SupervisedBundleTrainer.initial_message(config.ceiling_config(0, column))
     initial = encoder_state(message_to_state_dict(start))
     trained = read_encoder(folder / "global.pt")[0]
     assert trained.keys() == initial.keys()
     assert any(not torch.equal(initial[k], v) for k, v in trained.items() if v.is_floating_point())
     assert loaded == [str(folder / "global.pt")]  # the one probe unit of the column
-    ceiling = [r for r in rows if r["method"] == protocol.SUPERVISED_CEILING]
+    ceiling = [r for r in rows if r["method"] == column]
     assert {(r["finetune"], r["readout"]) for r in ceiling} == {("federated", "probe")}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in ceiling)

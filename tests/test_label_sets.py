@@ -11,7 +11,7 @@ import torch
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from fedcontrast.bench.evaluate import BundleScorer
-from fedcontrast.data.labels import ACDC_LABELS, class_names, common_label_set
+from fedcontrast.data.labels import ACDC_LABELS, class_names, common_label_set, merge_classes, relabel_file
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import read_acdc, read_dataset
 from fedcontrast.data.splits import write_site_splits
@@ -137,3 +137,27 @@ def test_mixed_label_sets_are_refused_naming_both(splits, tmp_path):
     ):
         site_entries("site-2", tmp_path / "site-2.json", ["training"], labels=("the job's label set", {
             "background": 0, "blood_pool": 1, "heart_wall": 2}))  # fmt: skip
+
+
+def test_merging_classes_numbers_the_groups_and_sends_the_rest_to_the_background(tmp_path):
+    labels, values = merge_classes(ACDC_LABELS, [["RV", "LV"], ["MYO"]])
+    assert labels == {"background": 0, "RV+LV": 1, "MYO": 2}
+    assert values == {0: 0, 1: 1, 2: 2, 3: 1}
+    assert merge_classes(ACDC_LABELS, [["MYO"]]) == ({"background": 0, "MYO": 1}, {0: 0, 1: 0, 2: 1, 3: 0})
+    with pytest.raises(DataValidationError, match="'MYO' is in two class groups"):
+        merge_classes(ACDC_LABELS, [["MYO"], ["LV", "MYO"]])
+    with pytest.raises(DataValidationError, match="'aorta' is not a foreground class"):
+        merge_classes(ACDC_LABELS, [["aorta"]])
+    with pytest.raises(DataValidationError, match="'background' is not a foreground class"):
+        merge_classes(ACDC_LABELS, [["background"]])
+
+    affine = np.diag([1.5, 1.5, 10.0, 1.0])
+    source = tmp_path / "gt.nii.gz"
+    nib.save(nib.Nifti1Image(np.array([[[0, 1], [2, 3]]], dtype=np.uint8), affine), source)
+    relabel_file(source, tmp_path / "merged.nii.gz", values)
+    merged = nib.load(tmp_path / "merged.nii.gz")
+    assert merged.get_data_dtype() == np.uint8 and np.allclose(merged.affine, affine)
+    assert np.asarray(merged.dataobj).tolist() == [[[0, 1], [2, 1]]]
+    with pytest.raises(DataValidationError, match=r"gt\.nii\.gz: label values \[3\]"):
+        relabel_file(source, tmp_path / "never.nii.gz", {0: 0, 1: 1, 2: 1})
+    assert not (tmp_path / "never.nii.gz").exists()

@@ -45,7 +45,9 @@ optimiser steps and rounds as the contrastive methods (fine-tuning's learning ra
 shape), and hands over its encoder like any pre-training. What an encoder pre-trained with all
 those labels adds over random init bounds what any pre-training of the encoder can add on the
 run's data, network and fine-tuning protocol. It needs a dataset whose pre-training volumes
-are labelled (the phantom's all are).
+are labelled (the phantom's all are). Its variants (:data:`CEILING_CLASSES`) train the same
+way on fewer, merged classes (the label files rewritten once under ``ceiling_labels/<column>/``
+in the run folder), to show which distinctions of the labels the encoder's gain comes from.
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
@@ -81,6 +83,7 @@ import torch
 
 from fedcontrast.bench.environment import record_call
 from fedcontrast.bench.report import CROSS_SITE
+from fedcontrast.data.labels import ACDC_LABELS, merge_classes, relabel_file
 from fedcontrast.methods.base import KINDS, Message, message_to_state_dict
 from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
@@ -92,6 +95,15 @@ logger = logging.getLogger(__name__)
 RANDOM_INIT = "random_init"
 #: The supervised-ceiling column (see the module docstring).
 SUPERVISED_CEILING = "supervised_ceiling"
+#: The supervised-ceiling columns: name -> the classes it trains on, as groups of the label set's
+#: foreground classes (:func:`~fedcontrast.data.labels.merge_classes`: one class per group, the
+#: classes in no group join the background); None keeps the labels as they are.
+CEILING_CLASSES: dict[str, list[list[str]] | None] = {
+    SUPERVISED_CEILING: None,
+    f"{SUPERVISED_CEILING}_cavities": [["RV", "LV"], ["MYO"]],  # the two blood pools one class
+    f"{SUPERVISED_CEILING}_myocardium": [["MYO"]],  # the muscle against everything else
+    f"{SUPERVISED_CEILING}_heart": [["RV", "MYO", "LV"]],  # the heart against the background
+}
 #: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
 DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
@@ -235,13 +247,22 @@ class BenchConfig:
             **self.pretrain_overrides,
         }
 
-    def ceiling_config(self, seed: int) -> dict[str, Any]:
-        """The ``supervised`` configuration of the supervised ceiling's pre-training for ``seed``:
-        the pre-training's steps and rounds, fine-tuning's learning rate and step of
-        ``finetune_batch_samples`` slices from ``batch_size`` volumes."""
+    @property
+    def label_set(self) -> dict[str, int]:
+        """The data's label set: the ``bundle`` override ``labels``, else ACDC's."""
+        return self.bundle.get("labels", ACDC_LABELS)
+
+    def ceiling_config(self, seed: int, column: str = SUPERVISED_CEILING) -> dict[str, Any]:
+        """The ``supervised`` configuration of the supervised-ceiling ``column``'s pre-training for
+        ``seed``: the pre-training's steps and rounds, fine-tuning's learning rate and step of
+        ``finetune_batch_samples`` slices from ``batch_size`` volumes, and the column's merged
+        label set (:data:`CEILING_CLASSES`) as the network's outputs."""
         volumes = min(self.batch_size, self.finetune_batch_samples)
+        groups = CEILING_CLASSES[column]
+        classes = {} if groups is None else {"labels": merge_classes(self.label_set, groups)[0]}
+        samples = self.finetune_batch_samples // volumes
         return {
-            "bundle": {**self.bundle, "samples_per_volume": self.finetune_batch_samples // volumes},
+            "bundle": {**self.bundle, "samples_per_volume": samples, **classes},
             "local_steps": self.pretrain_steps // self.pretrain_rounds,
             "lr": self.finetune_lr,
             "batch_size": volumes,
@@ -288,7 +309,7 @@ def check_method(method: str) -> None:
         ValueError: an unknown name (from the registry), or a decoder column whose base is not a
             pre-training method.
     """
-    if method in (RANDOM_INIT, SUPERVISED_CEILING):
+    if method == RANDOM_INIT or method in CEILING_CLASSES:
         return
     spec = get_method(base_method(method))
     if is_decoder_column(method) and not spec.pretraining:
@@ -399,6 +420,35 @@ def ceiling_entries(datalist: dict[str, Any], labels: dict[str, str]) -> list[di
     return [{"image": e["image"], "label": labels[e["image"]]} for e in pretraining_entries(datalist)]
 
 
+def ceiling_labels(
+    labels: dict[str, str],
+    datalists: Iterable[dict[str, Any]],
+    column: str,
+    folder: Path,
+    label_set: dict[str, int] = ACDC_LABELS,
+) -> dict[str, str]:
+    """``{image path: label path}`` of the ``datalists``' pre-training volumes for the supervised-ceiling
+    ``column``: ``labels``' files where it keeps every class, else their copies with its classes
+    merged (:data:`CEILING_CLASSES`, classes of ``label_set``), written under ``folder`` unless there
+    already.
+
+    Raises:
+        ValueError: a pre-training volume has no label (:func:`ceiling_entries`).
+    """
+    entries = [e for datalist in datalists for e in ceiling_entries(datalist, labels)]
+    groups = CEILING_CLASSES[column]
+    if groups is None:
+        return {e["image"]: e["label"] for e in entries}
+    values = merge_classes(label_set, groups)[1]
+    merged = {}
+    for index, entry in enumerate(sorted(entries, key=lambda e: e["image"])):
+        target = folder / f"{index:04d}_{Path(entry['label']).name}"
+        if not target.exists():
+            relabel_file(entry["label"], target, values)
+        merged[entry["image"]] = str(target)
+    return merged
+
+
 def pretrain_unit(
     config: BenchConfig,
     method: str,
@@ -412,15 +462,15 @@ def pretrain_unit(
     ``pretrain_overrides`` keys ``feature_clip`` and ``feature_noise`` (C and Z, default 0: off)
     clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
     filter does (:class:`~fedcontrast.methods.privacy.FeaturePrivacy`, seeded by ``seed``).
-    The supervised ceiling (``method`` :data:`SUPERVISED_CEILING`) trains on the pre-training
-    volumes with their ``labels`` (:func:`image_labels`) instead.
+    A supervised-ceiling column (``method`` in :data:`CEILING_CLASSES`) trains on the pre-training
+    volumes with their ``labels`` (:func:`ceiling_labels`) instead.
     """
     from fedcontrast.methods.privacy import feature_privacy_from_config
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
-    if method == SUPERVISED_CEILING:
-        run_method, cfg = "supervised", config.ceiling_config(seed)
+    if method in CEILING_CLASSES:
+        run_method, cfg = "supervised", config.ceiling_config(seed, method)
         entries = {site: ceiling_entries(d, labels or {}) for site, d in datalists.items()}
     else:
         run_method, cfg = method, config.pretrain_config(seed)
@@ -853,11 +903,15 @@ def run_benchmark(
     }
     saved.write_text(json.dumps({**asdict(config), **grown}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
-    labels = None
-    if SUPERVISED_CEILING in config.methods:
-        labels = image_labels(dataset or out / "data", fmt, out / "frames")
-        for datalist in splits[min(config.budgets)].values():
-            ceiling_entries(datalist, labels)  # an unlabelled pre-training volume is refused before any work
+    labels: dict[str, dict[str, str]] = {}
+    ceilings = [m for m in config.methods if m in CEILING_CLASSES]
+    if ceilings:  # an unlabelled pre-training volume is refused before any work
+        found = image_labels(dataset or out / "data", fmt, out / "frames")
+        site_lists = splits[min(config.budgets)].values()
+        labels = {
+            m: ceiling_labels(found, site_lists, m, out / "ceiling_labels" / m, config.label_set)
+            for m in ceilings
+        }
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
     waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
@@ -908,7 +962,7 @@ def run_benchmark(
             if is_decoder_column(m):
                 args = (config, m, s, splits[smallest], folder(base_method(m), s), folder(m, s))
                 return decoder_unit, args, f"decoder stage {m} seed {s}"
-            args = (config, m, s, splits[smallest], folder(m, s), labels)
+            args = (config, m, s, splits[smallest], folder(m, s), labels.get(m))
             return pretrain_unit, args, f"pre-training {m} seed {s}"
         return None
 

@@ -10,8 +10,13 @@ dataset's declared set (``fedcontrast data split``); every site of a job must de
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
+from fedcontrast.data.io import save_nifti
 from fedcontrast.data.validation import DataValidationError
 
 #: ACDC's (and M&Ms', after remapping; the phantom's) label set.
@@ -57,3 +62,53 @@ def common_label_set(declared: Mapping[str, Mapping[str, int]]) -> dict[str, int
                 "every site of a job must use the same labels"
             )
     return check_label_set(labels, first)
+
+
+def merge_classes(
+    labels: Mapping[str, int], groups: Sequence[Sequence[str]]
+) -> tuple[dict[str, int], dict[int, int]]:
+    """Fewer classes from ``labels``: each of ``groups`` (lists of class names) becomes one class,
+    numbered ``1 ..`` in the order given and named by its members joined with ``+``; a class in no
+    group joins the background.
+
+    Returns:
+        the merged label set (``{name: value}``, background 0) and the value map ``{old value: new
+        value}`` for every value of ``labels``.
+
+    Raises:
+        DataValidationError: a group names no class of ``labels``, the background, or a class that
+            another group already holds.
+    """
+    merged, values = {"background": 0}, {value: 0 for value in labels.values()}
+    for new, group in enumerate(groups, start=1):
+        if not group:
+            raise DataValidationError(f"class group {new} is empty")
+        for name in group:
+            if name not in labels or labels[name] == 0:
+                raise DataValidationError(
+                    f"class group {list(group)}: {name!r} is not a foreground class of {dict(labels)}"
+                )
+            if values[labels[name]]:
+                raise DataValidationError(f"class {name!r} is in two class groups")
+            values[labels[name]] = new
+        merged["+".join(group)] = new
+    return check_label_set(merged, f"class groups {[list(g) for g in groups]}"), values
+
+
+def relabel_file(source: str | Path, target: str | Path, values: Mapping[int, int]) -> Path:
+    """Write the label volume ``source`` to ``target`` (atomically, same geometry and data type) with
+    every voxel value ``v`` replaced by ``values[v]``.
+
+    Raises:
+        DataValidationError: ``source`` holds a value that ``values`` does not map (file and values named).
+    """
+    image = nib.load(str(source))
+    array = np.asarray(image.dataobj)
+    found = np.unique(array)
+    unmapped = [v.item() for v in found if v != np.round(v) or int(v) not in values]
+    if unmapped:
+        raise DataValidationError(f"{source}: label values {unmapped} are not among {sorted(values)}")
+    relabelled = np.zeros_like(array)
+    for old, new in values.items():
+        relabelled[array == old] = new
+    return save_nifti(target, relabelled, image.affine)
