@@ -29,7 +29,8 @@ def _single_thread_torch():
 
 @pytest.fixture(scope="session")
 def phantom_images(tmp_path_factory):
-    """A factory of image-only datalists ``{site: [{"image": path}, ...]}`` on a small phantom.
+    """A factory of label-free datalists ``{site: [{"image": path, "patient": id}, ...]}`` on a
+    small phantom.
 
     ``phantom_images(patients_per_site)`` generates two sites (``site-1``, ``site-2``) once per
     patient count and session; every ED and ES frame of every patient is an entry.
@@ -45,7 +46,10 @@ def phantom_images(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"phantom{patients_per_site}") / "sites"
             synthesize_dataset(root, sites=2, patients_per_site=patients_per_site, seed=0, size="small")
             cache[patients_per_site] = {
-                site: [{"image": str(p)} for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))]
+                site: [
+                    {"image": str(p), "patient": p.parent.name}
+                    for p in sorted(Path(root, site).glob("*/*_frame[0-9][0-9].nii.gz"))
+                ]
                 for site in ("site-1", "site-2")
             }
         return cache[patients_per_site]

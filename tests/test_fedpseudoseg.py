@@ -8,7 +8,8 @@ import torch
 from monai.networks.layers import GaussianFilter
 
 from fedcontrast.methods.base import message_to_state_dict
-from fedcontrast.methods.fedpseudoseg import PseudoSegTrainer, intensity_clusters, smooth_in_plane
+from fedcontrast.methods.fedpseudoseg import PseudoSegTrainer
+from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.presets import network_preset

@@ -21,6 +21,7 @@ _METHOD_MODULES: tuple[str, ...] = (
     "feddense",
     "fedrestore",
     "fedpseudoseg",
+    "fedmotion",
 )
 
 for _name in _METHOD_MODULES:

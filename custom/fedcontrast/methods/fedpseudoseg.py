@@ -5,8 +5,9 @@ The label-free pretext nearest to the supervised ceiling's (ablations README sec
 stages). Each site derives a per-pixel pseudo-label from every unlabelled sample and trains
 the bundle's whole segmentation network to predict it, as self-supervised few-shot medical
 segmentation trains on superpixels (Ouyang et al., SSL-ALPNet, ECCV 2020); here the segments
-are the sample's tissue classes by intensity (:func:`intensity_clusters`: k-means of the
-in-plane smoothed intensities, ordered dark to bright), which on cine MRI separate blood
+are the sample's tissue classes by intensity
+(:func:`~fedcontrast.methods.pseudo_labels.intensity_clusters`: k-means of the in-plane
+smoothed intensities, ordered dark to bright), which on cine MRI separate blood
 pool, myocardium and surrounding tissue. The network sees a copy whose intensities
 :class:`~fedcontrast.methods.corruptions.RestorationCorruption` has remapped along a random
 monotone curve (by default; its other corruptions by option), so it must find the classes by
@@ -36,11 +37,11 @@ from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.layers import GaussianFilter
 
 from fedcontrast.methods.base import ServerStrategy
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
+from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.whole_network import WholeNetworkPretrainer
 
@@ -57,42 +58,6 @@ DEFAULTS: dict[str, Any] = {
     "input_corruption": INPUT_CORRUPTION,
     "decoder_handover": False,
 }
-
-
-def smooth_in_plane(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian smoothing of each slice of ``(B, C, H, W[, T])`` samples (``sigma`` in pixels; 0: none)."""
-    if sigma <= 0:
-        return x
-    slices = x.movedim(-1, 1).flatten(0, 1) if x.ndim == 5 else x  # (B * T, C, H, W)
-    smoothed = GaussianFilter(2, sigma).to(x.device)(slices)
-    if x.ndim == 5:
-        smoothed = smoothed.view(x.shape[0], x.shape[-1], *x.shape[1:4]).movedim(1, -1)
-    return smoothed
-
-
-def intensity_clusters(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
-    """Each sample's pixels assigned to ``clusters`` intensity classes by 1-D k-means.
-
-    The centres start at the sample's ``(k + 0.5) / clusters`` quantiles and take ``iterations``
-    Lloyd steps; a class left empty keeps its centre. Classes are numbered dark to bright.
-
-    Args:
-        x: ``(B, 1, ...)`` samples.
-
-    Returns:
-        ``(B, 1, ...)`` int64 labels in ``[0, clusters)``.
-    """
-    values = x.flatten(1).float()  # (B, N)
-    levels = (torch.arange(clusters, device=x.device, dtype=torch.float32) + 0.5) / clusters
-    centres = torch.quantile(values, levels, dim=1).T  # (B, K)
-    for _ in range(iterations):
-        assign = (values[:, :, None] - centres[:, None, :]).abs().argmin(dim=2)  # (B, N)
-        members = torch.nn.functional.one_hot(assign, clusters).float()  # (B, N, K)
-        counts = members.sum(dim=1)
-        sums = (members * values[:, :, None]).sum(dim=1)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres).sort(dim=1).values
-    assign = (values[:, :, None] - centres[:, None, :]).abs().argmin(dim=2)
-    return assign.view_as(x).long()
 
 
 class PseudoSegTrainer(WholeNetworkPretrainer):
@@ -115,7 +80,7 @@ class PseudoSegTrainer(WholeNetworkPretrainer):
         return {k: config[k] for k in keys}
 
     def pseudo_labels(self, views: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, ...)`` intensity classes of ``(B, 1, ...)`` views (:func:`intensity_clusters`)."""
+        """``(B, 1, ...)`` intensity classes of ``(B, 1, ...)`` views (k-means of smoothed intensities)."""
         cfg = self.config
         smoothed = smooth_in_plane(views, float(cfg["smooth_sigma"]))
         return intensity_clusters(smoothed, int(cfg["clusters"]), int(cfg["kmeans_iterations"]))

@@ -20,9 +20,10 @@ from fedcontrast.nets.bundle import build_preprocessing
 
 
 def pretraining_entries(site_datalist: Mapping[str, Any]) -> list[dict]:
-    """The image-only entries (``{"image": path}``) of a site datalist's ``training + unlabeled`` lists."""
+    """The label-free entries (``{"image": path}``, with ``"patient"`` where the datalist names it:
+    the frames of one patient pair up) of a site datalist's ``training + unlabeled`` lists."""
     entries = [*site_datalist.get("training", []), *site_datalist.get("unlabeled", [])]
-    return [{"image": entry["image"]} for entry in entries]
+    return [{k: entry[k] for k in ("image", "patient") if k in entry} for entry in entries]
 
 
 def load_volumes(
