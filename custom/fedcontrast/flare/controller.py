@@ -26,9 +26,9 @@ all updated after every round:
   the voxel grid and network options they fit (the bundle's ``scripts/encoder.py`` format; the
   bundle's and ``jobs/finetune``'s ``pretrained_encoder`` option loads it);
 - methods whose trainer defines a ``save_checkpoint(weights, out_dir, config, site)`` class
-  method write their own files too (``local_decoder``, and ``fedrestore`` and ``fedpseudoseg`` with
-  ``decoder_handover``: ``pretrained_decoder.pt``, the decoder-stage checkpoint; ``site`` is
-  None for the global model);
+  method write their own files too (``local_decoder``, and the whole-network pretexts
+  ``fedrestore``, ``fedpseudoseg`` and ``fedmotion`` with ``decoder_handover``:
+  ``pretrained_decoder.pt``, the decoder-stage checkpoint; ``site`` is None for the global model);
 - local runs: the same files per site under ``local/<site>/``;
 - with ``record_messages``: every message as sent, ``messages/r<round>_<site>_<down|up>.npz``
   (an audit of what left each site; uploads are recorded after the sites' result filters).

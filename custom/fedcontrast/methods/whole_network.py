@@ -1,6 +1,7 @@
 """Pre-training of the bundle's whole segmentation network (encoder, decoder and head) at a site.
 
-The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`)
+The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`,
+:mod:`~fedcontrast.methods.fedmotion`)
 train the whole network on a per-pixel target, from a corrupted input, with their own number
 of output channels; the
 server averages every weight (the default :class:`~fedcontrast.methods.base.ServerStrategy`).
