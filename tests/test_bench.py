@@ -514,3 +514,33 @@ def test_supervised_ceiling_end_to_end_hands_its_trained_encoder_to_fine_tuning(
     ceiling = [r for r in rows if r["method"] == column]
     assert {(r["finetune"], r["readout"]) for r in ceiling} == {("federated", "probe")}
     assert all(0.0 <= r["dice_mean"] <= 1.0 for r in ceiling)
+
+
+def test_motion_targets_are_each_patients_motion_mask_on_the_heart(phantom_images, tmp_path):
+    """``supervised_motion``'s targets: one mask per patient for all its frames, binary, in the
+    frames' geometry, on the heart far above chance; a lone frame is refused naming its patient."""
+    import nibabel as nib
+    import numpy as np
+
+    entries = phantom_images(2)["site-1"]
+    targets = protocol.motion_labels([{"site": "site-1", "unlabeled": entries}], tmp_path)
+    assert sorted({Path(t).relative_to(tmp_path).as_posix() for t in targets.values()}) == [
+        f"site-1/{e['patient']}.nii.gz" for e in entries[::2]
+    ]
+    for entry in entries:
+        mask = nib.load(targets[entry["image"]])
+        frame = nib.load(entry["image"])
+        assert mask.shape == frame.shape and np.allclose(mask.affine, frame.affine)
+        moving = np.asarray(mask.dataobj)
+        heart = np.asarray(nib.load(entry["image"].replace(".nii.gz", "_gt.nii.gz")).dataobj) > 0
+        assert set(np.unique(moving)) == {0, 1} and 0 < moving.mean() < 0.5
+        precision = (heart & (moving == 1)).sum() / moving.sum()
+        assert precision > 2 * heart.mean()  # on the heart far more often than a random mask
+    assert BenchConfig().ceiling_config(0, protocol.MOTION_TARGETS)["bundle"]["labels"] == {
+        "background": 0,
+        "moving": 1,
+    }
+    protocol.check_method(protocol.MOTION_TARGETS)
+    lone = [{**entries[0], "patient": "p-alone"}]
+    with pytest.raises(ValueError, match=r"site site-2, patient p-alone: supervised_motion needs two"):
+        protocol.motion_labels([{"site": "site-2", "unlabeled": lone}], tmp_path / "other")

@@ -78,6 +78,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -104,6 +105,12 @@ CEILING_CLASSES: dict[str, list[list[str]] | None] = {
     f"{SUPERVISED_CEILING}_myocardium": [["MYO"]],  # the muscle against everything else
     f"{SUPERVISED_CEILING}_heart": [["RV", "MYO", "LV"]],  # the heart against the background
 }
+#: A label-free column pre-trained with the ceiling's recipe: its targets are each patient's
+#: motion mask (:func:`motion_labels`), not labels.
+MOTION_TARGETS = "supervised_motion"
+#: In-plane smoothing of :data:`MOTION_TARGETS`' motion maps, mm (``fedmotion``'s default, 2
+#: pixels, on the bench's 3 mm grid).
+MOTION_SIGMA_MM = 6.0
 #: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
 DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
@@ -256,10 +263,12 @@ class BenchConfig:
         """The ``supervised`` configuration of the supervised-ceiling ``column``'s pre-training for
         ``seed``: the pre-training's steps and rounds, fine-tuning's learning rate and step of
         ``finetune_batch_samples`` slices from ``batch_size`` volumes, and the column's merged
-        label set (:data:`CEILING_CLASSES`) as the network's outputs."""
+        label set (:data:`CEILING_CLASSES`; moving and still for :data:`MOTION_TARGETS`) as the
+        network's outputs."""
         volumes = min(self.batch_size, self.finetune_batch_samples)
-        groups = CEILING_CLASSES[column]
-        classes = {} if groups is None else {"labels": merge_classes(self.label_set, groups)[0]}
+        groups = [["moving"]] if column == MOTION_TARGETS else CEILING_CLASSES[column]
+        named = {"background": 0, "moving": 1} if column == MOTION_TARGETS else self.label_set
+        classes = {} if groups is None else {"labels": merge_classes(named, groups)[0]}
         samples = self.finetune_batch_samples // volumes
         return {
             "bundle": {**self.bundle, "samples_per_volume": samples, **classes},
@@ -309,7 +318,7 @@ def check_method(method: str) -> None:
         ValueError: an unknown name (from the registry), or a decoder column whose base is not a
             pre-training method.
     """
-    if method == RANDOM_INIT or method in CEILING_CLASSES:
+    if method in (RANDOM_INIT, MOTION_TARGETS) or method in CEILING_CLASSES:
         return
     spec = get_method(base_method(method))
     if is_decoder_column(method) and not spec.pretraining:
@@ -449,6 +458,54 @@ def ceiling_labels(
     return merged
 
 
+def patient_motion_mask(images: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 motion mask of one patient's stored frames ``images`` (each standardised;
+    :func:`~fedcontrast.methods.fedmotion.motion_mask`, smoothed by :data:`MOTION_SIGMA_MM`) and
+    the first frame's affine.
+
+    Raises:
+        ValueError: fewer than two frames, or frames of different shapes (``name`` and files named).
+    """
+    from fedcontrast.methods.fedmotion import motion_mask
+
+    stored = [nib.load(image) for image in images]
+    arrays = [np.asarray(image.dataobj, dtype=np.float32) for image in stored]
+    if len(arrays) < 2 or len({a.shape for a in arrays}) > 1:
+        shapes = {image: a.shape for image, a in zip(images, arrays, strict=True)}
+        raise ValueError(f"{name}: {MOTION_TARGETS} needs two or more frames of one shape, got {shapes}")
+    frames = torch.stack([torch.from_numpy((a - a.mean()) / max(float(a.std()), 1e-8)) for a in arrays])
+    sigma = MOTION_SIGMA_MM / float(np.mean(stored[0].header.get_zooms()[:2]))
+    mask = motion_mask(frames[:, None], sigma, iterations=10)[0].numpy().astype(np.uint8)
+    return mask, stored[0].affine
+
+
+def motion_labels(datalists: Iterable[dict[str, Any]], folder: Path) -> dict[str, str]:
+    """``{image path: motion mask path}`` of the ``datalists``' pre-training volumes: per patient,
+    :func:`~fedcontrast.methods.fedmotion.motion_mask` of its frames as stored (each frame
+    standardised, smoothed by :data:`MOTION_SIGMA_MM`), written once as
+    ``folder/<site>/<patient>.nii.gz`` with the first frame's geometry; every frame of the
+    patient maps to it. No label is read.
+
+    Raises:
+        ValueError: a patient with one frame, or frames of different shapes (:func:`patient_motion_mask`).
+    """
+    from fedcontrast.data.io import save_nifti
+    from fedcontrast.methods.volumes import pretraining_entries
+
+    targets = {}
+    for datalist in datalists:
+        site = str(datalist.get("site", ""))
+        frames: dict[str, list[str]] = {}
+        for entry in pretraining_entries(datalist):
+            frames.setdefault(entry.get("patient") or entry["image"], []).append(entry["image"])
+        for patient, images in frames.items():
+            target = folder / site / f"{patient}.nii.gz"
+            if not target.exists():
+                save_nifti(target, *patient_motion_mask(images, f"site {site}, patient {patient}"))
+            targets.update({image: str(target) for image in images})
+    return targets
+
+
 def pretrain_unit(
     config: BenchConfig,
     method: str,
@@ -463,13 +520,14 @@ def pretrain_unit(
     clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
     filter does (:class:`~fedcontrast.methods.privacy.FeaturePrivacy`, seeded by ``seed``).
     A supervised-ceiling column (``method`` in :data:`CEILING_CLASSES`) trains on the pre-training
-    volumes with their ``labels`` (:func:`ceiling_labels`) instead.
+    volumes with their ``labels`` (:func:`ceiling_labels`) instead, and :data:`MOTION_TARGETS`
+    the same way with its motion masks as ``labels`` (:func:`motion_labels`).
     """
     from fedcontrast.methods.privacy import feature_privacy_from_config
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
-    if method in CEILING_CLASSES:
+    if method in CEILING_CLASSES or method == MOTION_TARGETS:
         run_method, cfg = "supervised", config.ceiling_config(seed, method)
         entries = {site: ceiling_entries(d, labels or {}) for site, d in datalists.items()}
     else:
@@ -904,14 +962,16 @@ def run_benchmark(
     saved.write_text(json.dumps({**asdict(config), **grown}, indent=1))
     splits = prepare_splits(config, out, dataset, fmt)
     labels: dict[str, dict[str, str]] = {}
+    site_lists = splits[min(config.budgets)].values()
     ceilings = [m for m in config.methods if m in CEILING_CLASSES]
     if ceilings:  # an unlabelled pre-training volume is refused before any work
         found = image_labels(dataset or out / "data", fmt, out / "frames")
-        site_lists = splits[min(config.budgets)].values()
         labels = {
             m: ceiling_labels(found, site_lists, m, out / "ceiling_labels" / m, config.label_set)
             for m in ceilings
         }
+    if MOTION_TARGETS in config.methods:
+        labels[MOTION_TARGETS] = motion_labels(site_lists, out / "ceiling_labels" / MOTION_TARGETS)
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
     waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
