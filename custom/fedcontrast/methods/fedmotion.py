@@ -38,15 +38,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
 
 from fedcontrast.methods.base import ServerStrategy
 from fedcontrast.methods.fedpseudoseg import INPUT_CORRUPTION
-from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.methods.whole_network import WholeNetworkPretrainer
+from fedcontrast.methods.whole_network import SegmentationPretextTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +73,13 @@ def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Te
     return intensity_clusters(smooth_in_plane(spread, sigma), 2, iterations)[0].float()
 
 
-class MotionSegTrainer(WholeNetworkPretrainer):
+class MotionSegTrainer(SegmentationPretextTrainer):
     """Motion-mask segmentation at one site (see the module docstring)."""
 
     DEFAULTS = DEFAULTS
     METHOD = "fedmotion"
     STAGE = "motion_segmentation"
     CORRUPTION_KEY = "input_corruption"
-    loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     @classmethod
     def output_channels(cls, config: Mapping[str, Any]) -> int:
@@ -125,13 +122,10 @@ class MotionSegTrainer(WholeNetworkPretrainer):
             )
         return masked
 
-    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
-        """Dice + cross-entropy of the corrupted frame's predicted motion mask; ``accuracy`` per pixel."""
-        views = self.augment.view(batch.images.to(self.device))  # image and mask move together
-        images, labels = views[:, :1], (views[:, 1:] > 0.5).long()
-        logits = self.model(self.corrupt(images)).float()
-        accuracy = (logits.argmax(dim=1, keepdim=True) == labels).float().mean()
-        return {"loss": self.loss(logits, labels), "accuracy": accuracy.detach()}
+    def input_and_target(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frame and its motion mask, the views' two channels (the augmentation moved them
+        together; its interpolation is undone by thresholding the mask at 0.5)."""
+        return views[:, :1], (views[:, 1:] > 0.5).long()
 
 
 register(

@@ -36,14 +36,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.losses import DiceCELoss
 
 from fedcontrast.methods.base import ServerStrategy
-from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
-from fedcontrast.methods.whole_network import WholeNetworkPretrainer
+from fedcontrast.methods.whole_network import SegmentationPretextTrainer
 
 #: The input's corruption by default: an increasing intensity curve, nothing else.
 INPUT_CORRUPTION: dict[str, Any] = {"decreasing_prob": 0.0, "shuffle_prob": 0.0, "paint_prob": 0.0}
@@ -60,14 +58,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class PseudoSegTrainer(WholeNetworkPretrainer):
+class PseudoSegTrainer(SegmentationPretextTrainer):
     """Intensity-cluster segmentation at one site (see the module docstring)."""
 
     DEFAULTS = DEFAULTS
     METHOD = "fedpseudoseg"
     STAGE = "pseudo_segmentation"
     CORRUPTION_KEY = "input_corruption"
-    loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
     @classmethod
     def output_channels(cls, config: Mapping[str, Any]) -> int:
@@ -79,19 +76,11 @@ class PseudoSegTrainer(WholeNetworkPretrainer):
         keys = ("clusters", "smooth_sigma", "kmeans_iterations", "input_corruption")
         return {k: config[k] for k in keys}
 
-    def pseudo_labels(self, views: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, ...)`` intensity classes of ``(B, 1, ...)`` views (k-means of smoothed intensities)."""
+    def input_and_target(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views and their intensity classes (k-means of the in-plane smoothed intensities)."""
         cfg = self.config
         smoothed = smooth_in_plane(views, float(cfg["smooth_sigma"]))
-        return intensity_clusters(smoothed, int(cfg["clusters"]), int(cfg["kmeans_iterations"]))
-
-    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
-        """Dice + cross-entropy of the corrupted view's predicted classes; ``accuracy`` per pixel."""
-        views = self.augment.view(batch.images.to(self.device))
-        labels = self.pseudo_labels(views)
-        logits = self.model(self.corrupt(views)).float()
-        accuracy = (logits.argmax(dim=1, keepdim=True) == labels).float().mean()
-        return {"loss": self.loss(logits, labels), "accuracy": accuracy.detach()}
+        return views, intensity_clusters(smoothed, int(cfg["clusters"]), int(cfg["kmeans_iterations"]))
 
 
 register(

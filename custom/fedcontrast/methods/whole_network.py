@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from monai.losses import DiceCELoss
 from torch import nn
 
 from fedcontrast.methods.base import Message, message_to_state_dict
 from fedcontrast.methods.corruptions import RestorationCorruption
 from fedcontrast.methods.local_decoder import DECODER_FILE
+from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
 from fedcontrast.nets.bundle import build_network, encoder_state
 from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
@@ -95,3 +98,24 @@ class WholeNetworkPretrainer(ContrastivePretrainer):
         path = Path(out_dir) / DECODER_FILE
         save_decoder_checkpoint(checkpoint, path)
         return [path]
+
+
+class SegmentationPretextTrainer(WholeNetworkPretrainer):
+    """A whole-network pretext that segments per-pixel pseudo-labels: Dice plus cross-entropy
+    (MONAI's :class:`~monai.losses.DiceCELoss`, the fine-tuning loss) of the classes the network
+    predicts from the corrupted input. Subclasses override :meth:`input_and_target`."""
+
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def input_and_target(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's uncorrupted input ``(B, 1, ...)`` and its int64 target classes
+        ``(B, 1, ...)``, from a batch's augmented views."""
+        raise NotImplementedError
+
+    def training_step(self, batch: PartitionBatch) -> dict[str, torch.Tensor]:
+        """Dice + cross-entropy of the corrupted input's predicted classes; ``accuracy`` per pixel."""
+        views = self.augment.view(batch.images.to(self.device))
+        inputs, labels = self.input_and_target(views)
+        logits = self.model(self.corrupt(inputs)).float()
+        accuracy = (logits.argmax(dim=1, keepdim=True) == labels).float().mean()
+        return {"loss": self.loss(logits, labels), "accuracy": accuracy.detach()}
