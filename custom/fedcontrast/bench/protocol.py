@@ -48,6 +48,9 @@ run's data, network and fine-tuning protocol. It needs a dataset whose pre-train
 are labelled (the phantom's all are). Its variants (:data:`CEILING_CLASSES`) train the same
 way on fewer, merged classes (the label files rewritten once under ``ceiling_labels/<column>/``
 in the run folder), to show which distinctions of the labels the encoder's gain comes from.
+The label-free column ``supervised_motion`` (:data:`MOTION_TARGETS`) takes the same recipe with
+each patient's motion mask as its target (:func:`motion_labels`: where the patient's frames
+differ), which needs no label.
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
@@ -266,9 +269,12 @@ class BenchConfig:
         label set (:data:`CEILING_CLASSES`; moving and still for :data:`MOTION_TARGETS`) as the
         network's outputs."""
         volumes = min(self.batch_size, self.finetune_batch_samples)
-        groups = [["moving"]] if column == MOTION_TARGETS else CEILING_CLASSES[column]
-        named = {"background": 0, "moving": 1} if column == MOTION_TARGETS else self.label_set
-        classes = {} if groups is None else {"labels": merge_classes(named, groups)[0]}
+        if column == MOTION_TARGETS:
+            classes = {"labels": {"background": 0, "moving": 1}}
+        elif CEILING_CLASSES[column] is None:
+            classes = {}
+        else:
+            classes = {"labels": merge_classes(self.label_set, CEILING_CLASSES[column])[0]}
         samples = self.finetune_batch_samples // volumes
         return {
             "bundle": {**self.bundle, "samples_per_volume": samples, **classes},
