@@ -6,7 +6,7 @@ the heart is* is what helps fine-tuning here. Cine MRI says where it is without 
 heart is what moves between the frames of one breath-hold, the classic cue of automatic
 heart localisation (the temporal variance or first-harmonic image of a cine series). Each
 site takes, per patient, the voxel-wise standard deviation over the patient's frames (ED
-and ES in ACDC and M&Ms; more frames where given), smooths it in-plane and splits its voxels
+and ES in ACDC and M&Ms; more frames where a datalist gives them), smooths it in-plane and splits its voxels
 into moving and still by 2-class k-means
 (:func:`~fedcontrast.methods.pseudo_labels.intensity_clusters`). Every frame of the patient
 gets that mask as its target, and the bundle's whole network learns to predict it from one
@@ -21,7 +21,9 @@ A volume needs another frame of its patient (datalist entries with the same ``"p
 and the same preprocessed shape); one without is left out with a warning that names it,
 and a site where no patient has two frames is refused.
 
-It is the project's ablation (issue 10), not a published method.
+It is the project's ablation (issue 10), not a published method. Its runs (ablations README
+section 18: 96 and 480 steps, with the decoder handed over, with learning rate 3e-3 and no
+contrast curve) gain nothing over random init on validation; the defaults are the first run's.
 
 Configuration (:data:`DEFAULTS`): the common pre-training keys of
 :mod:`~fedcontrast.methods.pretrain` (the heads' and the contrastive keys are unused; no
