@@ -496,15 +496,14 @@ def motion_labels(datalists: Iterable[dict[str, Any]], folder: Path) -> dict[str
         ValueError: a patient with one frame, or frames of different shapes (:func:`patient_motion_mask`).
     """
     from fedcontrast.data.io import save_nifti
-    from fedcontrast.methods.volumes import pretraining_entries
+    from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
 
     targets = {}
     for datalist in datalists:
         site = str(datalist.get("site", ""))
-        frames: dict[str, list[str]] = {}
-        for entry in pretraining_entries(datalist):
-            frames.setdefault(entry.get("patient") or entry["image"], []).append(entry["image"])
-        for patient, images in frames.items():
+        entries = pretraining_entries(datalist)
+        for patient, indices in frames_by_patient(entries).items():
+            images = [entries[i]["image"] for i in indices]
             target = folder / site / f"{patient}.nii.gz"
             if not target.exists():
                 save_nifti(target, *patient_motion_mask(images, f"site {site}, patient {patient}"))

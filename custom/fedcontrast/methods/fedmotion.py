@@ -46,6 +46,7 @@ from fedcontrast.methods.fedpseudoseg import INPUT_CORRUPTION
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
+from fedcontrast.methods.volumes import frames_by_patient
 from fedcontrast.methods.whole_network import SegmentationPretextTrainer
 
 logger = logging.getLogger(__name__)
@@ -98,12 +99,9 @@ class MotionSegTrainer(SegmentationPretextTrainer):
         Raises:
             ValueError: no patient of the site has two frames of one shape (the site named).
         """
-        frames: dict[str, list[int]] = {}
-        for index, entry in enumerate(datalist):
-            frames.setdefault(entry.get("patient") or entry["image"], []).append(index)
         sigma, iterations = float(self.config["smooth_sigma"]), int(self.config["kmeans_iterations"])
         paired, masked = set(), []
-        for indices in frames.values():
+        for indices in frames_by_patient(datalist).values():
             if len(indices) < 2 or len({volumes[i].shape for i in indices}) > 1:
                 continue
             mask = motion_mask(torch.stack([volumes[i] for i in indices]), sigma, iterations)

@@ -26,6 +26,15 @@ def pretraining_entries(site_datalist: Mapping[str, Any]) -> list[dict]:
     return [{k: entry[k] for k in ("image", "patient") if k in entry} for entry in entries]
 
 
+def frames_by_patient(entries: list[dict]) -> dict[str, list[int]]:
+    """Indices of ``entries`` grouped by their ``"patient"`` (an entry without one is its own
+    group, keyed by its image path), in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        groups.setdefault(entry.get("patient") or entry["image"], []).append(index)
+    return groups
+
+
 def load_volumes(
     entries: list[dict],
     bundle_dir: str | None = None,

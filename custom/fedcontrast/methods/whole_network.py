@@ -1,10 +1,9 @@
 """Pre-training of the bundle's whole segmentation network (encoder, decoder and head) at a site.
 
 The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`,
-:mod:`~fedcontrast.methods.fedmotion`)
-train the whole network on a per-pixel target, from a corrupted input, with their own number
-of output channels; the
-server averages every weight (the default :class:`~fedcontrast.methods.base.ServerStrategy`).
+:mod:`~fedcontrast.methods.fedmotion`) train the whole network on a per-pixel target, from a
+corrupted input, with their own number of output channels; the server averages every weight
+(the default :class:`~fedcontrast.methods.base.ServerStrategy`).
 Fine-tuning takes the encoder, as from every pre-training method; with ``decoder_handover``
 it takes the decoder blocks of every level too (:meth:`WholeNetworkPretrainer.save_checkpoint`
 writes them as a decoder-stage checkpoint, ``pretrained_decoder.pt``, which ``supervised``'s
