@@ -39,6 +39,7 @@ OVERRIDES = (
     "readouts",
     "size",
     "difficulty",
+    "cine",
     "pretrain_overrides",
     "validation",
 )
@@ -80,6 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--patients-per-site", type=int, help="phantom patients per site")
     parser.add_argument("--size", help="phantom size preset")
     parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), help="phantom difficulty preset")
+    parser.add_argument(
+        "--cine",
+        action="store_true",
+        default=None,
+        help="the phantom also writes each patient's cine series; supervised_motion's masks use every frame",
+    )
     parser.add_argument("--pretrain-steps", type=int, help="pre-training optimiser steps per site")
     parser.add_argument("--pretrain-rounds", type=int, help="rounds the pre-training steps are split into")
     parser.add_argument("--finetune-steps", type=int, help="fine-tuning optimiser steps, every N alike")

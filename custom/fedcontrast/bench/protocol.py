@@ -185,6 +185,8 @@ SETTING_CHOICES: dict[str, str] = {
     "bundle": "2D SegResNetDS at 3 mm on a 48 x 48 crop: the published methods' 2D networks, at a "
     "size a CPU can afford",
     "difficulty": "the phantom calibrated on random init's validation curve (phantom_difficulty.json)",
+    "cine": "false: the phantom's ED and ES frames only, what the methods pre-train on; true only where "
+    "supervised_motion's masks come from the whole cycle (ablations README section 19)",
     "test_per_site": "2 test patients per site (SPEC §7 minimum)",
     "validation_per_site": "2 validation patients per site, for the plateau and any tuning",
     "seeds": "5 seeds (SPEC §7 minimum)",
@@ -209,6 +211,9 @@ class BenchConfig:
     data_seed: int = 0
     size: str = "small"
     difficulty: str = "realistic"
+    #: the phantom also writes each patient's cine series (every frame of the cycle), from which
+    #: :data:`MOTION_TARGETS`' masks are then computed
+    cine: bool = False
     pretrain_steps: int = 96
     pretrain_rounds: int = 4
     batch_size: int = 4
@@ -464,33 +469,47 @@ def ceiling_labels(
     return merged
 
 
-def patient_motion_mask(images: list[str], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The uint8 motion mask of one patient's stored frames ``images`` (each standardised;
-    :func:`~fedcontrast.methods.fedmotion.motion_mask`, smoothed by :data:`MOTION_SIGMA_MM`) and
-    the first frame's affine.
+def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib.Nifti1Image]:
+    """The frames of one patient's pre-training ``entries`` as stored: every frame of the cine
+    series the entries name (``"cine"``, the first one's), else each entry's image; and the first
+    entry's image (whose geometry a mask of the frames takes)."""
+    first = nib.load(entries[0]["image"])
+    if "cine" in entries[0]:
+        series = np.asarray(nib.load(entries[0]["cine"]).dataobj, dtype=np.float32)
+        return [series[..., f] for f in range(series.shape[-1])], first
+    return [np.asarray(nib.load(e["image"]).dataobj, dtype=np.float32) for e in entries], first
+
+
+def patient_motion_mask(entries: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 motion mask of one patient's stored frames (:func:`patient_frames` of its
+    pre-training ``entries``, each standardised; :func:`~fedcontrast.methods.fedmotion.motion_mask`,
+    smoothed by :data:`MOTION_SIGMA_MM`) and the first entry's affine.
 
     Raises:
         ValueError: fewer than two frames, or frames of different shapes (``name`` and files named).
     """
     from fedcontrast.methods.fedmotion import motion_mask
 
-    stored = [nib.load(image) for image in images]
-    arrays = [np.asarray(image.dataobj, dtype=np.float32) for image in stored]
+    arrays, first = patient_frames(entries)
     if len(arrays) < 2 or len({a.shape for a in arrays}) > 1:
-        shapes = {image: a.shape for image, a in zip(images, arrays, strict=True)}
-        raise ValueError(f"{name}: {MOTION_TARGETS} needs two or more frames of one shape, got {shapes}")
+        files = sorted({e.get("cine", e["image"]) for e in entries})
+        shapes = sorted({a.shape for a in arrays})
+        raise ValueError(
+            f"{name}: {MOTION_TARGETS} needs two or more frames of one shape, got {len(arrays)} frame(s) "
+            f"of shape(s) {shapes} from {files}"
+        )
     frames = torch.stack([torch.from_numpy((a - a.mean()) / max(float(a.std()), 1e-8)) for a in arrays])
-    sigma = MOTION_SIGMA_MM / float(np.mean(stored[0].header.get_zooms()[:2]))
+    sigma = MOTION_SIGMA_MM / float(np.mean(first.header.get_zooms()[:2]))
     mask = motion_mask(frames[:, None], sigma, iterations=10)[0].numpy().astype(np.uint8)
-    return mask, stored[0].affine
+    return mask, first.affine
 
 
 def motion_labels(datalists: Iterable[dict[str, Any]], folder: Path) -> dict[str, str]:
     """``{image path: motion mask path}`` of the ``datalists``' pre-training volumes: per patient,
-    :func:`~fedcontrast.methods.fedmotion.motion_mask` of its frames as stored (each frame
-    standardised, smoothed by :data:`MOTION_SIGMA_MM`), written once as
-    ``folder/<site>/<patient>.nii.gz`` with the first frame's geometry; every frame of the
-    patient maps to it. No label is read.
+    :func:`~fedcontrast.methods.fedmotion.motion_mask` of its frames as stored (its whole cine
+    series where the datalist names one, else its pre-training volumes; each frame standardised,
+    smoothed by :data:`MOTION_SIGMA_MM`), written once as ``folder/<site>/<patient>.nii.gz`` with
+    the first volume's geometry; every volume of the patient maps to it. No label is read.
 
     Raises:
         ValueError: a patient with one frame, or frames of different shapes (:func:`patient_motion_mask`).
@@ -503,11 +522,11 @@ def motion_labels(datalists: Iterable[dict[str, Any]], folder: Path) -> dict[str
         site = str(datalist.get("site", ""))
         entries = pretraining_entries(datalist)
         for patient, indices in frames_by_patient(entries).items():
-            images = [entries[i]["image"] for i in indices]
+            patient_entries = [entries[i] for i in indices]
             target = folder / site / f"{patient}.nii.gz"
             if not target.exists():
-                save_nifti(target, *patient_motion_mask(images, f"site {site}, patient {patient}"))
-            targets.update({image: str(target) for image in images})
+                save_nifti(target, *patient_motion_mask(patient_entries, f"site {site}, patient {patient}"))
+            targets.update({e["image"]: str(target) for e in patient_entries})
     return targets
 
 
@@ -855,6 +874,7 @@ def prepare_splits(
                 config.data_seed,
                 config.size,
                 difficulty=config.difficulty,
+                cine=config.cine,
             )
     entries, labels = read_dataset(dataset, fmt, cache_dir=out / "frames")
     splits = {}

@@ -12,7 +12,8 @@ axis last) from the base of the heart towards the apex:
   shape harmonics, position, long-axis tilt, in-plane rotation and an ACDC
   pathology group (NOR, MINF, DCM, HCM, RV) that scales cavities and walls.
   ED and ES frames of one patient share the anatomy; at ES the cavities are
-  smaller, the wall thicker and the base lower.
+  smaller, the wall thicker and the base lower. Optionally the whole cine series
+  (``*_4d.nii.gz``), contracting from ED to ES and back over the cycle.
 * surroundings with overlapping intensities, so that intensity alone cannot
   segment the heart: subcutaneous and epicardial fat (as bright as blood in
   bSSFP), chest-wall, paraspinal and arm muscles, mediastinal tissue and liver
@@ -370,22 +371,67 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
 
 
 def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray, np.ndarray]:
-    """Render one frame of one patient as the site's scanner sees it (deterministic for its inputs).
+    """Render the ED or ES frame of one patient as the site's scanner sees it (deterministic for its inputs).
 
     Returns:
         ``(image, label)``, both of shape ``(nx, ny, n_slices)`` (slice axis last, slice 0 at the
         base side): ``image`` int16 in scanner units, ``label`` uint8 with values in :data:`LABELS`.
     """
+    return render_frame(scanner, patient, 1.0 if phase == "ES" else 0.0, 1 if phase == "ES" else 0)
+
+
+def contraction_curve(n_frames: int, es_index: int) -> np.ndarray:
+    """How far each frame of a cine series has contracted: 0 at ED (frame 0), 1 at ES (frame
+    ``es_index``, 0-based), a half-cosine between them in systole and back in diastole.
+
+    Returns:
+        ``(n_frames,)`` floats in [0, 1].
+    """
+    frames = np.arange(n_frames, dtype=np.float64)
+    systole = 0.5 * (1.0 - np.cos(np.pi * np.clip(frames / es_index, 0.0, 1.0)))
+    diastole = 0.5 * (1.0 + np.cos(np.pi * (frames - es_index) / (n_frames - es_index)))
+    return np.where(frames <= es_index, systole, diastole)
+
+
+def render_cine(scanner: Scanner, patient: Patient) -> np.ndarray:
+    """The patient's whole cine series, ``patient.n_frames`` frames over one cardiac cycle.
+
+    Frame 0 is :func:`render`'s ED frame and frame ``es_frame - 1`` its ES frame, voxel for voxel
+    (as ACDC's frame files are frames of its ``_4d`` series); the others contract along
+    :func:`contraction_curve`, each with its own noise.
+
+    Returns:
+        int16 ``(nx, ny, n_slices, n_frames)``.
+    """
+    es_index = patient.es_frame - 1
+    contraction = contraction_curve(patient.n_frames, es_index)
+    noise_keys = [0 if f == 0 else 1 if f == es_index else 1 + f for f in range(patient.n_frames)]
+    frames = [
+        render_frame(scanner, patient, float(c), k)[0] for c, k in zip(contraction, noise_keys, strict=True)
+    ]
+    return np.stack(frames, axis=-1)
+
+
+def _lerp(ed: float, es: float, contraction: float) -> float:
+    """``ed`` at contraction 0, ``es`` at 1 (both exactly), linear between."""
+    return (1.0 - contraction) * ed + contraction * es
+
+
+def render_frame(
+    scanner: Scanner, patient: Patient, contraction: float, noise_key: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one frame of one patient at ``contraction`` (0: ED, 1: ES) with the frame noise
+    stream ``noise_key`` (0 is ED's, 1 ES's); returns :func:`render`'s ``(image, label)``."""
     (nx, ny), nz = scanner.matrix, scanner.n_slices
     sx, sy, sz = scanner.spacing
     h, b = patient.heart, patient.body
-    es = phase == "ES"
+    c = contraction
 
-    # Heart geometry of this phase: ES has smaller cavities, a thicker wall and a lower base.
-    lv_radius = h["lv_radius"] * (h["es_ratio"] if es else 1.0)
-    wall = h["wall"] * (h["es_wall"] if es else 1.0)
-    length = h["length"] * (0.9 if es else 1.0)
-    base = h["base_offset"] + (0.1 * h["length"] if es else 0.0)
+    # Heart geometry of this frame: towards ES the cavities shrink, the wall thickens and the base descends.
+    lv_radius = h["lv_radius"] * _lerp(1.0, h["es_ratio"], c)
+    wall = h["wall"] * _lerp(1.0, h["es_wall"], c)
+    length = h["length"] * _lerp(1.0, 0.9, c)
+    base = h["base_offset"] + c * 0.1 * h["length"]
 
     # World coordinates (mm) with the LV centre at the base as origin; slice axis last.
     body_rot = b["rotation"]
@@ -427,7 +473,7 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
 
     # Papillary muscles: two myocardium-grey blobs inside the cavity (labelled LV, as in ACDC).
     papillary = np.zeros_like(lv_cavity)
-    pm_radius = h["papillary"] * (1.3 if es else 1.0)
+    pm_radius = h["papillary"] * _lerp(1.0, 1.3, c)
     for offset in (-0.9, 0.9):
         angle = h["rv_angle"] + np.pi + offset
         px = 0.62 * lv_radius * endo_taper * np.cos(angle)
@@ -438,8 +484,8 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
     # RV: an ellipse beside the septum minus the LV, i.e. a crescent; a thin free wall around it.
     outer = lv_radius + wall
     rv_taper = np.sqrt(np.clip(1.0 - (tc / h["rv_end"]) ** 2, 0.0, 1.0)) * in_heart
-    depth = outer * h["rv_depth"] * (0.8 if es else 1.0) * rv_taper + 1e-3
-    width = outer * h["rv_width"] * (0.9 if es else 1.0) * rv_taper + 1e-3
+    depth = outer * h["rv_depth"] * _lerp(1.0, 0.8, c) * rv_taper + 1e-3
+    width = outer * h["rv_width"] * _lerp(1.0, 0.9, c) * rv_taper + 1e-3
     along, across = _rotate(hx, hy, h["rv_angle"])
     rho = np.sqrt(((along - outer * epi_taper) / depth) ** 2 + (across / width) ** 2)
     rv_cavity = (rho < 1.0) & ~(lv_cavity | lv_wall) & (rv_taper > 0.05)
@@ -519,7 +565,7 @@ def render(scanner: Scanner, patient: Patient, phase: Phase) -> tuple[np.ndarray
         coef[0] * xn + coef[1] * yn + coef[2] * xn**2 + coef[3] * yn**2 + coef[4] * xn * yn + coef[5] * zn
     )
     image *= np.exp(scanner.bias * b["bias_gain"] * log_bias / 1.5)
-    rng = np.random.default_rng([int(b["seed"]), 1 if es else 0])  # this frame's gain and noise
+    rng = np.random.default_rng([int(b["seed"]), noise_key])  # this frame's gain and noise
     image *= rng.normal(1.0, 0.03, size=nz).astype(np.float32)[None, None, :]
     real = image + rng.normal(0.0, scanner.noise, size=image.shape).astype(np.float32)
     imag = rng.normal(0.0, scanner.noise, size=image.shape).astype(np.float32)
@@ -559,11 +605,16 @@ def info_cfg(patient: Patient) -> str:
     )
 
 
-def write_patient(site_dir: Path, patient_id: str, scanner: Scanner, patient: Patient) -> None:
-    """Write one patient in the ACDC layout: ``site_dir/patient_id/{Info.cfg, *_frameYY[_gt].nii.gz}``."""
+def write_patient(
+    site_dir: Path, patient_id: str, scanner: Scanner, patient: Patient, cine: bool = False
+) -> None:
+    """Write one patient in the ACDC layout: ``site_dir/patient_id/{Info.cfg, *_frameYY[_gt].nii.gz}``,
+    with ``cine`` also the whole series as ``*_4d.nii.gz`` (:func:`render_cine`)."""
     folder = site_dir / patient_id
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "Info.cfg").write_text(info_cfg(patient))
+    if cine:
+        save_nifti(folder / f"{patient_id}_4d.nii.gz", render_cine(scanner, patient), affine(scanner))
     for phase, frame in (("ED", 1), ("ES", patient.es_frame)):
         image, label = render(scanner, patient, phase)
         save_nifti(folder / f"{patient_id}_frame{frame:02d}.nii.gz", image, affine(scanner))
@@ -580,13 +631,15 @@ def synthesize_dataset(
     sequences: list[str] | None = None,
     site_shift: float = 1.0,
     difficulty: str | Difficulty = "standard",
+    cine: bool = False,
 ) -> dict[str, Any]:
     """Generate a multi-site phantom in the ACDC layout.
 
     Writes ``out_dir/site-k/patientXXX/{Info.cfg, patientXXX_frame01.nii.gz,
     patientXXX_frame01_gt.nii.gz, patientXXX_frameYY.nii.gz, patientXXX_frameYY_gt.nii.gz}``
-    (frame 01 = ED, YY = ES) for k = 1..``sites``, patients numbered 001, 002, ... across all
-    sites, and the returned summary as ``out_dir/phantom.json``. Images are int16 arrays of
+    (frame 01 = ED, YY = ES; with ``cine`` also ``patientXXX_4d.nii.gz``) for k = 1..``sites``,
+    patients numbered 001, 002, ... across all sites, and the returned summary as
+    ``out_dir/phantom.json``. Images are int16 arrays of
     shape (nx, ny, slices), labels uint8 (0 background, 1 RV, 2 MYO, 3 LV).
 
     The dataset is built in a temporary sibling folder and moved into place when complete.
@@ -607,6 +660,8 @@ def synthesize_dataset(
             :class:`Difficulty`: ``"standard"`` (tests, demo) or ``"realistic"`` (the
             label-efficiency benchmark; its measured random-init curve is in
             ``benchmarks/results/phantom_difficulty.json``).
+        cine: also write each patient's whole cine series (``Info.cfg``'s ``NbFrame`` frames, x, y,
+            slices, frames), as ACDC ships it (:func:`render_cine`).
 
     Returns:
         A JSON-able summary: seed, size, labels, counts and each site's protocol.
@@ -645,6 +700,8 @@ def synthesize_dataset(
         "volumes": 2 * sites * patients_per_site,
         "sites": {},
     }
+    if cine:
+        summary["cine"] = True
     if site_shift != 1.0:
         summary["site_shift"] = site_shift
     try:
@@ -659,7 +716,7 @@ def synthesize_dataset(
             for number in range(first, first + patients_per_site):
                 patient = draw_patient(seed, k, number, level)
                 stack = plan_stack(scanner, patient) if level.planned_stack else (scanner, patient)
-                write_patient(work / name, f"patient{number:03d}", *stack)
+                write_patient(work / name, f"patient{number:03d}", *stack, cine=cine)
             summary["sites"][name] = {
                 "patients": [f"patient{n:03d}" for n in range(first, first + patients_per_site)],
                 "sequence": sequence,

@@ -4,7 +4,8 @@ Every reader returns a list of entries, one per 3D volume::
 
     {"image": "/abs/path.nii.gz", "label": "/abs/path_gt.nii.gz",  # label only when present
      "site": "site-1", "patient": "patient001", "frame": "ED" | "ES" | int,
-     "spacing": [sx, sy, sz]}  # mm, from the image header
+     "spacing": [sx, sy, sz],  # mm, from the image header
+     "cine": "/abs/path_4d.nii.gz"}  # the patient's whole cine series, where the dataset has one
 
 Readers check what they can from file names and headers (missing files, corrupt
 headers, 4D where 3D is expected) and raise :class:`DataValidationError` naming
@@ -50,14 +51,29 @@ FORMATS: tuple[str, ...] = ("acdc", "mnms", "decathlon")
 _PATIENT_DIR = re.compile(r"patient\d+")
 
 
-def _entry(image: Path, label: Path | None, site: str, patient: str, frame: str | int) -> dict[str, Any]:
-    """A datalist entry for a 3D image (and its label), with the spacing read from the image header."""
+def _entry(
+    image: Path, label: Path | None, site: str, patient: str, frame: str | int, cine: Path | None = None
+) -> dict[str, Any]:
+    """A datalist entry for a 3D image (and its label), with the spacing read from the image header,
+    and the patient's 4D ``cine`` series when there is one.
+
+    Raises:
+        DataValidationError: the image is not 3D, or the cine is not 4D or its frames are not
+            the image's shape (both files named).
+    """
     geometry = read_geometry(image)
     check_3d(image, geometry)
     entry: dict[str, Any] = {"image": str(image)}
     if label is not None:
         entry["label"] = str(label)
     entry.update(site=site, patient=patient, frame=frame, spacing=[round(s, 6) for s in geometry.spacing])
+    if cine is not None:
+        frame_shape = _check_cine(cine).shape[:3]
+        if frame_shape != geometry.shape:
+            raise DataValidationError(
+                f"{cine}: frames of shape {frame_shape} do not match {image} ({geometry.shape})"
+            )
+        entry["cine"] = str(cine)
     return entry
 
 
@@ -91,8 +107,10 @@ def read_info_cfg(path: Path) -> dict[str, str]:
 
 
 def _acdc_patient(folder: Path, site: str, allow_unlabeled: bool) -> list[dict[str, Any]]:
-    """The ED and ES entries of one ACDC patient folder (frames are 1-based in ``Info.cfg``)."""
+    """The ED and ES entries of one ACDC patient folder (frames are 1-based in ``Info.cfg``), with
+    the patient's ``<patient>_4d`` cine series where the folder has it."""
     info = read_info_cfg(folder / "Info.cfg")
+    cine = _nifti(folder, f"{folder.name}_4d")
     entries = []
     for phase in ("ED", "ES"):
         stem = f"{folder.name}_frame{int(info[phase]):02d}"
@@ -105,7 +123,7 @@ def _acdc_patient(folder: Path, site: str, allow_unlabeled: bool) -> list[dict[s
             if not allow_unlabeled:
                 raise DataValidationError(f"{label}: file not found (label of {phase}; pass allow_unlabeled)")
             label = None
-        entries.append(_entry(image, label, site, folder.name, phase))
+        entries.append(_entry(image, label, site, folder.name, phase, cine if cine.is_file() else None))
     return entries
 
 
@@ -303,7 +321,7 @@ def read_mnms(
                 if gt.exists()
                 else None
             )
-            entries.append(_entry(image, label, site, code, phase))
+            entries.append(_entry(image, label, site, code, phase, cine))
     return entries
 
 

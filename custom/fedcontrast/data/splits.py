@@ -138,7 +138,7 @@ def split_site(
             f"training volumes ({len(train_patients)} training patients after {test} test patients)"
         )
     chosen = {id(e) for e in candidates[:labeled]}
-    keep = ("image", "label", "patient", "frame", "spacing")
+    keep = ("image", "label", "patient", "frame", "spacing", "cine")
     return {
         "training": [{k: e[k] for k in keep if k in e} for e in candidates[:labeled]],
         "unlabeled": [
@@ -168,7 +168,8 @@ def write_site_splits(
          "labeled_per_site": N, "test_per_site": T,
          "training": [...], "unlabeled": [...], "test": [...]}
 
-    with entries ``{"image", "label" (training/test only), "patient", "frame", "spacing"}``;
+    with entries ``{"image", "label" (training/test only), "patient", "frame", "spacing"}`` (and
+    ``"cine"`` where the reader found the patient's cine series);
     see the module docstring for what N and T count. Everything is validated (pairs, and
     label values and finite images when ``check_values``) before any file is written; each file is written
     atomically, the index last; site files of an earlier split into ``out_dir`` that this

@@ -20,10 +20,11 @@ from fedcontrast.nets.bundle import build_preprocessing
 
 
 def pretraining_entries(site_datalist: Mapping[str, Any]) -> list[dict]:
-    """The label-free entries (``{"image": path}``, with ``"patient"`` where the datalist names it:
-    the frames of one patient pair up) of a site datalist's ``training + unlabeled`` lists."""
+    """The label-free entries (``{"image": path}``, with ``"patient"`` and ``"cine"`` where the
+    datalist names them: the frames of one patient pair up, and its cine series gives the rest of
+    its cycle) of a site datalist's ``training + unlabeled`` lists."""
     entries = [*site_datalist.get("training", []), *site_datalist.get("unlabeled", [])]
-    return [{k: entry[k] for k in ("image", "patient") if k in entry} for entry in entries]
+    return [{k: entry[k] for k in ("image", "patient", "cine") if k in entry} for entry in entries]
 
 
 def frames_by_patient(entries: list[dict]) -> dict[str, list[int]]:
