@@ -544,3 +544,25 @@ def test_motion_targets_are_each_patients_motion_mask_on_the_heart(phantom_image
     lone = [{**entries[0], "patient": "p-alone"}]
     with pytest.raises(ValueError, match=r"site site-2, patient p-alone: supervised_motion needs two"):
         protocol.motion_labels([{"site": "site-2", "unlabeled": lone}], tmp_path / "other")
+
+
+def test_motion_targets_use_every_frame_of_a_patients_cine_series(tmp_path):
+    """Where the entries name a cine series, ``supervised_motion``'s mask comes from all its frames
+    (one pre-training volume then suffices), not from the stored ED and ES frames alone."""
+    import nibabel as nib
+    import numpy as np
+
+    from fedcontrast.data.phantom import synthesize_dataset
+    from fedcontrast.data.readers import read_acdc
+
+    synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
+    entries = read_acdc(tmp_path / "data")
+    frames, first = protocol.patient_frames(entries)
+    assert len(frames) == nib.load(entries[0]["cine"]).shape[-1] > 2 and first.shape == frames[0].shape
+    cine = protocol.motion_labels([{"site": "site-1", "unlabeled": entries}], tmp_path / "cine")
+    without = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
+    two = protocol.motion_labels([{"site": "site-1", "unlabeled": without}], tmp_path / "two")
+    masks = [np.asarray(nib.load(t[entries[0]["image"]]).dataobj) for t in (cine, two)]
+    assert set(np.unique(masks[0])) == {0, 1} and not np.array_equal(*masks)
+    alone = protocol.motion_labels([{"site": "site-1", "unlabeled": entries[:1]}], tmp_path / "alone")
+    assert np.array_equal(np.asarray(nib.load(alone[entries[0]["image"]]).dataobj), masks[0])

@@ -12,10 +12,12 @@ from fedcontrast.data.phantom import (
     DIFFICULTIES,
     SUMMARY_FILE,
     Difficulty,
+    contraction_curve,
     draw_patient,
     draw_scanner,
     plan_stack,
     render,
+    render_frame,
     synthesize_dataset,
 )
 from fedcontrast.data.readers import read_info_cfg
@@ -81,6 +83,8 @@ def test_es_has_smaller_cavities_and_thicker_wall():
     ed_wall = (ed == 2).sum() / np.count_nonzero(((ed == 2) | (ed == 3)).any(axis=(0, 1)))
     es_wall = (es == 2).sum() / np.count_nonzero(((es == 2) | (es == 3)).any(axis=(0, 1)))
     assert es_wall > 0.9 * ed_wall
+    _, middle = render_frame(scanner, patient, 0.5, 7)  # half-way: cavities in between
+    assert (es == 3).sum() < (middle == 3).sum() < (ed == 3).sum()
 
 
 def test_deterministic_per_seed_and_independent_of_counts(tmp_path, phantom):
@@ -174,3 +178,31 @@ def test_planned_stack_runs_from_above_the_base_to_the_apex(tmp_path):
     image = nib.load(next((tmp_path / "d").glob("site-1/patient001/*frame01.nii.gz")))
     spacing = plan_stack(scanner, draw_patient(0, 1, 1, level))[0].spacing[2]
     assert image.header.get_zooms()[2] == pytest.approx(spacing, rel=1e-5)
+
+
+def test_cine_series_holds_the_frame_files_and_contracts_over_the_cycle(tmp_path, phantom):
+    """With ``cine`` each patient also gets its ``_4d`` series: ``NbFrame`` frames whose ED and ES
+    frames are the frame files voxel for voxel (which stay as without ``cine``), the others in
+    between and each with its own noise."""
+    assert contraction_curve(10, 4).tolist() == pytest.approx(
+        [0, 0.146, 0.5, 0.854, 1, 0.933, 0.75, 0.5, 0.25, 0.067], abs=1e-3
+    )
+    out = tmp_path / "cine"
+    summary = synthesize_dataset(out, sites=1, patients_per_site=1, seed=0, size="small", cine=True)
+    assert summary["cine"] is True and "cine" not in phantom[1]
+    folder, plain = out / "site-1" / "patient001", phantom[0] / "site-1" / "patient001"
+    info = read_info_cfg(folder / "Info.cfg")
+    series = nib.load(folder / "patient001_4d.nii.gz")
+    ed = nib.load(folder / "patient001_frame01.nii.gz")
+    np.testing.assert_array_equal(series.affine, ed.affine)
+    assert series.shape == (*ed.shape, int(info["NbFrame"]))
+    frames = np.asarray(series.dataobj)
+    es_index = int(info["ES"]) - 1
+    for index, name in (
+        (0, "patient001_frame01.nii.gz"),
+        (es_index, f"patient001_frame{es_index + 1:02d}.nii.gz"),
+    ):
+        np.testing.assert_array_equal(frames[..., index], np.asarray(nib.load(folder / name).dataobj))
+        np.testing.assert_array_equal(frames[..., index], np.asarray(nib.load(plain / name).dataobj))
+    assert not (plain / "patient001_4d.nii.gz").exists()
+    assert len({frames[..., f].tobytes() for f in range(frames.shape[-1])}) == frames.shape[-1]

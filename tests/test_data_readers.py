@@ -26,7 +26,7 @@ def save(path: Path, array: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
 
 
 def write_acdc_patient(folder: Path, ed: int = 1, es: int = 12, labels: bool = True) -> None:
-    """One ACDC patient: Info.cfg with 1-based frames, a 4D cine, and the ED/ES frames (frame k holds k)."""
+    """One ACDC patient: Info.cfg with 1-based frames and the ED/ES frames (frame k holds k)."""
     pid = folder.name
     folder.mkdir(parents=True)
     (folder / "Info.cfg").write_text(
@@ -119,6 +119,27 @@ def test_acdc_multi_site_phantom(tmp_path):
     assert all(set(e) == {"image", "label", "site", "patient", "frame", "spacing"} for e in entries)
 
 
+def test_acdc_cine_series_is_carried_into_the_splits_and_a_mismatched_one_is_named(tmp_path):
+    """A patient's ``<patient>_4d`` series becomes its entries' ``"cine"`` and stays in every split
+    list; a series whose frames are not the frame files' shape is refused naming both files."""
+    for pid in ("patient001", "patient002"):
+        write_acdc_patient(tmp_path / "site" / pid)
+    save(tmp_path / "site" / "patient001" / "patient001_4d.nii.gz", np.zeros((6, 5, 3, 30), np.int16))
+    entries = read_acdc(tmp_path / "site")
+    cine = str(tmp_path / "site" / "patient001" / "patient001_4d.nii.gz")
+    assert [e.get("cine") for e in entries] == [cine, cine, None, None]
+    write_site_splits(entries, ACDC_LABELS, tmp_path / "splits", labeled_per_site=1, test_per_site=1)
+    split = json.loads((tmp_path / "splits" / "site-1.json").read_text())
+    listed = [e for key in ("training", "unlabeled", "test") for e in split[key]]
+    assert {e["patient"]: e.get("cine") for e in listed} == {"patient001": cine, "patient002": None}
+    save(tmp_path / "site" / "patient002" / "patient002_4d.nii.gz", np.zeros((6, 5, 4, 30), np.int16))
+    with pytest.raises(
+        DataValidationError,
+        match=r"patient002_4d.nii.gz: frames of shape \(6, 5, 4\) do not match .*patient002_frame01",
+    ):
+        read_acdc(tmp_path / "site")
+
+
 def test_acdc_missing_label_is_an_error_unless_allowed(tmp_path):
     write_acdc_patient(tmp_path / "s" / "patient001", labels=False)
     with pytest.raises(DataValidationError, match=r"patient001_frame01_gt\.nii\.gz: file not found"):
@@ -163,6 +184,7 @@ def test_mnms_extracts_zero_based_frames_and_swaps_labels(mnms, tmp_path):
     assert (np.asarray(nib.load(es["label"]).dataobj)[0:2] == 3).all()
     assert "label" not in entries[4] and np.asarray(nib.load(entries[4]["image"]).dataobj)[0, 0, 0] == 102
     assert entries[0]["image"].startswith(str(tmp_path / "cache" / "A" / "A1B2C3"))
+    assert entries[1]["cine"] == str(mnms / "Training" / "Labeled" / "A1B2C3" / "A1B2C3_sa.nii.gz")
 
 
 def test_mnms_centre_as_site_and_cache_reuse(mnms, tmp_path):

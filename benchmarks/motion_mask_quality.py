@@ -1,0 +1,122 @@
+"""How well does a motion mask find the heart? Two stored frames against the whole cine series.
+
+``supervised_motion``'s target (:func:`~fedcontrast.bench.protocol.motion_labels`) is, per
+patient, where its frames differ. This scores that mask against each frame's labelled heart
+(RV, MYO and LV as one class) for two sources of frames: the patient's stored ED and ES
+frames (what the methods pre-train on), and its whole cine series (``"cine"`` in the entries;
+the phantom writes it with ``--cine``). Per volume: Dice, precision (how much of the mask is
+heart) and recall (how much of the heart the mask covers); averaged over the volumes of the
+pre-training pool and, separately, of the validation patients. No test patient is read.
+
+    python benchmarks/motion_mask_quality.py --run workspace/cine/smotion480_cine \
+        --out benchmarks/results/label_efficiency_ablations/motion/mask_quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from fedcontrast.bench.environment import environment
+from fedcontrast.bench.protocol import image_labels, patient_motion_mask
+from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
+
+#: Which frames a mask is computed from: the entries as the split lists them, or without their cine.
+SOURCES = ("cine series", "ED and ES frames")
+
+
+def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
+    """Dice, precision and recall of the boolean ``mask`` against the boolean ``heart`` (same shape)."""
+    both = float((mask & heart).sum())
+    return {
+        "dice": 2 * both / max(float(mask.sum() + heart.sum()), 1.0),
+        "precision": both / max(float(mask.sum()), 1.0),
+        "recall": both / max(float(heart.sum()), 1.0),
+    }
+
+
+def patient_scores(entries: list[dict[str, Any]], labels: dict[str, str], name: str) -> dict[str, list[dict]]:
+    """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`)."""
+    stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
+    scores: dict[str, list[dict]] = {}
+    for source, frames in zip(SOURCES, (entries, stored), strict=True):
+        if source == SOURCES[0] and "cine" not in entries[0]:
+            continue
+        mask = patient_motion_mask(frames, name)[0] > 0
+        hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
+        scores[source] = [overlap(mask, heart) for heart in hearts]
+    return scores
+
+
+def summary(scores: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean and std over volumes of each overlap measure, and the volume count."""
+    return {
+        "volumes": len(scores),
+        **{
+            k: {"mean": float(np.mean([s[k] for s in scores])), "std": float(np.std([s[k] for s in scores]))}
+            for k in ("dice", "precision", "recall")
+        },
+    }
+
+
+def measure(run: Path) -> dict[str, Any]:
+    """Every site's pre-training and validation patients of the bench run folder ``run``."""
+    labels = image_labels(run / "data", "acdc", run / "frames")
+    groups: dict[str, dict[str, list]] = {}
+    splits = sorted((run / "splits").glob("N*"), key=lambda p: int(p.name[1:]))[0]
+    for path in sorted(splits.glob("site-*.json")):
+        datalist = load_site_datalist(path)
+        pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
+        for pool, entries in pools.items():
+            for patient, indices in frames_by_patient(entries).items():
+                scores = patient_scores([entries[i] for i in indices], labels, f"{path.stem}, {patient}")
+                for source, values in scores.items():
+                    groups.setdefault(pool, {}).setdefault(source, []).extend(values)
+    return {
+        pool: {source: summary(v) for source, v in by_source.items()} for pool, by_source in groups.items()
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| volumes | frames | n | Dice | precision | recall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pool, by_source in result["pools"].items():
+        for source, s in by_source.items():
+            cells = " | ".join(
+                f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in ("dice", "precision", "recall")
+            )
+            lines.append(f"| {pool} | {source} | {s['volumes']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run", type=Path, required=True, help="a bench run folder (phantom written with --cine)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    result = {
+        "command": " ".join(["python", "benchmarks/motion_mask_quality.py", *(argv or sys.argv[1:])]),
+        "run": str(args.run),
+        "environment": environment(),
+        "pools": measure(args.run),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
