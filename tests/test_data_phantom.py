@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from fedcontrast.cli import main
 from fedcontrast.data.phantom import (
     DIFFICULTIES,
     SUMMARY_FILE,
@@ -181,14 +183,16 @@ def test_planned_stack_runs_from_above_the_base_to_the_apex(tmp_path):
 
 
 def test_cine_series_holds_the_frame_files_and_contracts_over_the_cycle(tmp_path, phantom):
-    """With ``cine`` each patient also gets its ``_4d`` series: ``NbFrame`` frames whose ED and ES
-    frames are the frame files voxel for voxel (which stay as without ``cine``), the others in
-    between and each with its own noise."""
+    """With ``cine`` (``fedcontrast data synth --cine``) each patient also gets its ``_4d`` series:
+    ``NbFrame`` frames whose ED and ES frames are the frame files voxel for voxel (which stay as
+    without ``cine``), the others in between and each with its own noise."""
     assert contraction_curve(10, 4).tolist() == pytest.approx(
         [0, 0.146, 0.5, 0.854, 1, 0.933, 0.75, 0.5, 0.25, 0.067], abs=1e-3
     )
     out = tmp_path / "cine"
-    summary = synthesize_dataset(out, sites=1, patients_per_site=1, seed=0, size="small", cine=True)
+    args = ["data", "synth", "--out", str(out), "--sites", "1", "--patients-per-site", "1", "--cine"]
+    assert main(args) == 0
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["cine"] is True and "cine" not in phantom[1]
     folder, plain = out / "site-1" / "patient001", phantom[0] / "site-1" / "patient001"
     info = read_info_cfg(folder / "Info.cfg")

@@ -54,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument(
         "--same-sequence", action="store_true", help="no gradient-echo site (default: the last of >=3 sites)"
     )
+    synth.add_argument(
+        "--cine", action="store_true", help="also each patient's whole cine series (patientXXX_4d.nii.gz)"
+    )
     synth.set_defaults(func=run_synth)
 
     split = commands.add_parser(
@@ -116,6 +119,7 @@ def run_synth(args: argparse.Namespace) -> int:
         size=args.size,
         other_sequence=not args.same_sequence,
         difficulty=args.difficulty,
+        cine=args.cine,
     )
     print(json.dumps(summary, indent=2))
     return 0
