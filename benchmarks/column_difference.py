@@ -30,7 +30,7 @@ from fedcontrast.bench.report import format_difference, headline_rows, normalise
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 
 #: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
-FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "pretrain_rounds")
+FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "pretrain_rounds", "cine")
 CELL = ("finetune", "readout", "n_labeled")
 
 

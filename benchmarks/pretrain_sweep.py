@@ -38,8 +38,8 @@ from fedcontrast.bench.protocol import RANDOM_INIT
 from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
 from fedcontrast.bench.stats import paired_differences, summarise
 
-#: Settings the variants may differ in.
-FREE = ("pretrain_overrides", "seeds", "methods")
+#: Settings the variants may differ in (``cine`` changes only ``supervised_motion``'s targets).
+FREE = ("pretrain_overrides", "seeds", "methods", "cine")
 
 
 def check_variants(configs: dict[Path, dict[str, Any]], method: str) -> None:
