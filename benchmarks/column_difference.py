@@ -11,6 +11,10 @@ like two columns of one folder: per (mode, readout, N), the mean of ``A minus B`
     python benchmarks/column_difference.py RUN_A/results.json fcl RUN_B/results.json supervised_ceiling \
         --out benchmarks/results/label_efficiency_ablations/fcl_from_ceiling/fcl_minus_ceiling
 
+With ``--split validation`` the pairs are the validation patients' rows, read from the run
+folders' ``rows.jsonl`` (``results.json`` keeps random init's validation rows only; the runs must
+have been made with ``--validation all``).
+
 Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
 pre-training (``--free``), or whose random init rows differ.
 """
@@ -26,7 +30,7 @@ from typing import Any
 
 from data_per_site import check_comparable, load_run
 
-from fedcontrast.bench.report import format_difference, headline_rows, normalise_rows
+from fedcontrast.bench.report import format_difference, headline_rows, load_rows_file, normalise_rows
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 
 #: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
@@ -34,15 +38,26 @@ FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "
 CELL = ("finetune", "readout", "n_labeled")
 
 
-def final_rows(run: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    """The run's final-checkpoint test rows of ``method``."""
-    return [r for r in headline_rows(normalise_rows(run["rows"])) if r["method"] == method]
+def final_rows(run: dict[str, Any], method: str, split: str = "test") -> list[dict[str, Any]]:
+    """The run's final-checkpoint rows of ``method`` on ``split``."""
+    return [r for r in headline_rows(normalise_rows(run["rows"]), split) if r["method"] == method]
 
 
-def check_same_random_init(a: dict[str, Any], b: dict[str, Any]) -> int:
-    """Number of random init rows both runs hold; refuses any that differ (the pairing would not hold)."""
-    rows_a = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(a, "random_init")}
-    rows_b = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(b, "random_init")}
+def load_folder(folder: Path) -> dict[str, Any]:
+    """A run folder's settings and all its rows (``bench_config.json``, ``rows.jsonl``)."""
+    if not (folder / "bench_config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a bench run folder (no bench_config.json)")
+    return {
+        "config": json.loads((folder / "bench_config.json").read_text()),
+        "rows": load_rows_file(folder / "rows.jsonl"),
+    }
+
+
+def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "test") -> int:
+    """Number of random init rows on ``split`` both runs hold; refuses any that differ (the pairing
+    would not hold)."""
+    rows_a = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(a, "random_init", split)}
+    rows_b = {tuple(r[k] for k in PAIR_KEYS): r["dice_mean"] for r in final_rows(b, "random_init", split)}
     common = set(rows_a) & set(rows_b)
     differ = [k for k in common if rows_a[k] != rows_b[k]]
     if not common or differ:
@@ -53,12 +68,14 @@ def check_same_random_init(a: dict[str, Any], b: dict[str, Any]) -> int:
     return len(common)
 
 
-def column_difference(a: dict[str, Any], method_a: str, b: dict[str, Any], method_b: str) -> list[dict]:
-    """Per (mode, readout, N) both hold: :func:`summarise` of ``method_a`` (run ``a``) minus
-    ``method_b`` (run ``b``)."""
+def column_difference(
+    a: dict[str, Any], method_a: str, b: dict[str, Any], method_b: str, split: str = "test"
+) -> list[dict]:
+    """Per (mode, readout, N) both hold on ``split``: :func:`summarise` of ``method_a`` (run ``a``)
+    minus ``method_b`` (run ``b``)."""
     tag_a, tag_b = f"A:{method_a}", f"B:{method_b}"
-    rows = [{**r, "method": tag_a} for r in final_rows(a, method_a)]
-    rows += [{**r, "method": tag_b} for r in final_rows(b, method_b)]
+    rows = [{**r, "method": tag_a} for r in final_rows(a, method_a, split)]
+    rows += [{**r, "method": tag_b} for r in final_rows(b, method_b, split)]
     pairs = paired_differences(rows, tag_a, tag_b)
     cells = sorted({tuple(p[k] for k in CELL) for p in pairs})
     return [
@@ -74,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_b", type=Path)
     parser.add_argument("method_b")
     parser.add_argument("--free", nargs="*", default=list(FREE), help="settings the runs may differ in")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="validation: RUN_A and RUN_B are run folders",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
-    a, b = load_run(args.run_a), load_run(args.run_b)
+    load = load_folder if args.split == "validation" else load_run
+    a, b = load(args.run_a), load(args.run_b)
     check_comparable({args.run_a: a, args.run_b: b}, tuple(args.free))
-    shared = check_same_random_init(a, b)
-    cells = column_difference(a, args.method_a, b, args.method_b)
+    shared = check_same_random_init(a, b, args.split)
+    cells = column_difference(a, args.method_a, b, args.method_b, args.split)
     if not cells:
         raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
     document = {
@@ -87,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + shlex.join(sys.argv),
         "a": {"run": str(args.run_a), "method": args.method_a},
         "b": {"run": str(args.run_b), "method": args.method_b},
+        "split": args.split,
         "identical_random_init_rows": shared,
         "cells": cells,
     }
@@ -94,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
         f"# {args.method_a} (`{args.run_a}`) minus {args.method_b} (`{args.run_b}`)\n",
-        f"Written by `{document['command']}`. Random init's {shared} final test rows are identical in both "
-        "runs, so the columns pair like two columns of one run (95% bootstrap over seeds x sites).\n",
+        f"Written by `{document['command']}`. Random init's {shared} final {args.split} rows are identical "
+        "in both runs, so the columns pair like two columns of one run (95% bootstrap over seeds x sites).\n",
         "| mode | readout | N | difference | (seed, site) pairs |",
         "|---|---|---|---|---|",
         *(

@@ -77,9 +77,15 @@ def differences(
     return out
 
 
-def label(overrides: dict[str, Any]) -> str:
-    """A variant's name: its overrides as compact JSON (``defaults`` when there are none)."""
-    return json.dumps(overrides, separators=(",", ":")) if overrides else "defaults"
+def label(config: dict[str, Any]) -> str:
+    """A variant's name: its overrides as compact JSON, and ``cine`` when its phantom had cine
+    series (``defaults`` when neither)."""
+    parts = (
+        [json.dumps(config["pretrain_overrides"], separators=(",", ":"))]
+        if config["pretrain_overrides"]
+        else []
+    )
+    return " + ".join([*parts, *(["cine"] if config.get("cine") else [])]) or "defaults"
 
 
 def sweep(folders: list[Path], method: str, n_labeled: int, n_boot: int) -> dict[str, Any]:
@@ -93,7 +99,7 @@ def sweep(folders: list[Path], method: str, n_labeled: int, n_boot: int) -> dict
         means = [cell["mean"] for cell in validation.values()]
         variants.append(
             {
-                "variant": label(config["pretrain_overrides"]),
+                "variant": label(config),
                 "folder": str(folder),
                 "pretrain_overrides": config["pretrain_overrides"],
                 "validation": validation,

@@ -55,3 +55,38 @@ def test_runs_whose_random_init_or_fine_tuning_differ_are_refused(tmp_path):
     c = run(tmp_path / "c", "ceiling", {(0, "site-1"): 0.6}, finetune_lr=1e-3)
     with pytest.raises(ValueError, match="finetune_lr"):
         column_difference.main([str(a), "fcl", str(c), "ceiling", "--out", str(tmp_path / "d")])
+
+
+def test_validation_pairs_come_from_the_run_folders_rows(tmp_path):
+    """``--split validation`` reads each folder's ``rows.jsonl`` (``results.json`` keeps only random
+    init's validation rows) and pairs the validation rows; the test rows do not enter."""
+    folders = {}
+    for name, method, gain in (("a", "fcl", 0.10), ("b", "ceiling", 0.04)):
+        rows = []
+        for split, split_gain in (("validation", gain), ("test", -1.0)):
+            for seed in (0, 1):
+                base = {**row("random_init", seed, "site-1", 0.4 + seed / 100), "eval_split": split}
+                rows += [base, {**base, "method": method, "dice_mean": 0.4 + seed / 100 + split_gain}]
+        folder = folders[name] = tmp_path / name
+        folder.mkdir()
+        (folder / "bench_config.json").write_text(json.dumps({"methods": ["random_init", method]}))
+        (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "diff"
+    args = [
+        str(folders["a"]),
+        "fcl",
+        str(folders["b"]),
+        "ceiling",
+        "--split",
+        "validation",
+        "--out",
+        str(out),
+    ]
+    assert column_difference.main(args) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert document["split"] == "validation" and document["identical_random_init_rows"] == 2
+    assert document["cells"][0]["mean"] == pytest.approx(0.06)
+    with pytest.raises(FileNotFoundError, match=r"no bench_config\.json"):
+        column_difference.main(
+            [str(tmp_path), "fcl", str(folders["b"]), "ceiling", "--split", "validation", "--out", str(out)]
+        )

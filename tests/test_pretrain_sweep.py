@@ -139,3 +139,9 @@ def test_folders_that_are_not_one_sweep_are_refused(tmp_path):
     (other / "bench_config.json").write_text(json.dumps({**config, "finetune_lr": 1e-3}))
     with pytest.raises(ValueError, match="differ in finetune_lr"):
         pretrain_sweep.main([str(a), str(other), "--out", str(tmp_path / "out")])
+
+
+def test_a_variant_is_named_by_its_overrides_and_its_cine_series():
+    assert pretrain_sweep.label({"pretrain_overrides": {}}) == "defaults"
+    assert pretrain_sweep.label({"pretrain_overrides": {}, "cine": True}) == "cine"
+    assert pretrain_sweep.label({"pretrain_overrides": {"lr": 0.003}, "cine": True}) == '{"lr":0.003} + cine'
