@@ -92,6 +92,9 @@ def test_command_line_options_override_the_profile():
             "standard",
             "--patients-per-site",
             "12",
+            "--data-seed",
+            "1",
+            "--cine",
             "--finetune-lr",
             "1e-2",
             "--pretrain-overrides",
@@ -106,6 +109,8 @@ def test_command_line_options_override_the_profile():
     assert config.bundle == {**PROFILES["cpu"].get("bundle", SMALL_BUNDLE), "init_filters": 16}
     assert (config.difficulty, config.patients_per_site, config.finetune_steps) == ("standard", 12, 96)
     assert config.finetune_lr == 1e-2 and config.validation == "all"
+    assert config.data_seed == 1 and config.cine is True
+    assert config_from_args(parser.parse_args(["bench"])).cine is False
     assert config.pretrain_config(0)["lr"] == 3e-3 and config.pretrain_config(0)["augment"] == {
         "rotate_deg": 30
     }

@@ -31,6 +31,7 @@ OVERRIDES = (
     "seeds",
     "sites",
     "patients_per_site",
+    "data_seed",
     "pretrain_steps",
     "pretrain_rounds",
     "finetune_steps",
@@ -79,6 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="run seeds (default 0 1 2 3 4)")
     parser.add_argument("--sites", type=int, help="phantom sites, or sites to deal a one-site dataset to")
     parser.add_argument("--patients-per-site", type=int, help="phantom patients per site")
+    parser.add_argument("--data-seed", type=int, help="seed of the phantom and of the split (default 0)")
     parser.add_argument("--size", help="phantom size preset")
     parser.add_argument("--difficulty", choices=sorted(DIFFICULTIES), help="phantom difficulty preset")
     parser.add_argument(
