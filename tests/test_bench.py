@@ -559,6 +559,7 @@ def test_motion_targets_use_every_frame_of_a_patients_cine_series(tmp_path):
 
     from fedcontrast.data.phantom import synthesize_dataset
     from fedcontrast.data.readers import read_acdc
+    from fedcontrast.data.validation import DataValidationError
 
     synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
     entries = read_acdc(tmp_path / "data")
@@ -571,3 +572,8 @@ def test_motion_targets_use_every_frame_of_a_patients_cine_series(tmp_path):
     assert set(np.unique(masks[0])) == {0, 1} and not np.array_equal(*masks)
     alone = protocol.motion_labels([{"site": "site-1", "unlabeled": entries[:1]}], tmp_path / "alone")
     assert np.array_equal(np.asarray(nib.load(alone[entries[0]["image"]]).dataobj), masks[0])
+    cine_file = Path(entries[0]["cine"])
+    cine_file.write_bytes(cine_file.read_bytes()[:2000])  # truncated: named, no mask written
+    with pytest.raises(DataValidationError, match=rf"{cine_file.name}: unreadable or corrupt"):
+        protocol.motion_labels([{"site": "site-1", "unlabeled": entries}], tmp_path / "broken")
+    assert not (tmp_path / "broken" / "site-1" / "patient001.nii.gz").exists()

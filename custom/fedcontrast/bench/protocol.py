@@ -472,12 +472,18 @@ def ceiling_labels(
 def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib.Nifti1Image]:
     """The frames of one patient's pre-training ``entries`` as stored: every frame of the cine
     series the entries name (``"cine"``, the first one's), else each entry's image; and the first
-    entry's image (whose geometry a mask of the frames takes)."""
+    entry's image (whose geometry a mask of the frames takes).
+
+    Raises:
+        DataValidationError: a file is missing, unreadable or corrupt (named).
+    """
+    from fedcontrast.data.validation import load_voxels
+
     first = nib.load(entries[0]["image"])
     if "cine" in entries[0]:
-        series = np.asarray(nib.load(entries[0]["cine"]).dataobj, dtype=np.float32)
+        series = load_voxels(entries[0]["cine"]).astype(np.float32)
         return [series[..., f] for f in range(series.shape[-1])], first
-    return [np.asarray(nib.load(e["image"]).dataobj, dtype=np.float32) for e in entries], first
+    return [load_voxels(e["image"]).astype(np.float32) for e in entries], first
 
 
 def patient_motion_mask(entries: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
