@@ -30,7 +30,7 @@ from typing import Any
 
 from data_per_site import check_comparable, load_run
 
-from fedcontrast.bench.report import format_difference, headline_rows, load_rows_file, normalise_rows
+from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 
 #: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
@@ -44,13 +44,11 @@ def final_rows(run: dict[str, Any], method: str, split: str = "test") -> list[di
 
 
 def load_folder(folder: Path) -> dict[str, Any]:
-    """A run folder's settings and all its rows (``bench_config.json``, ``rows.jsonl``)."""
+    """A run folder's settings and all its rows (:func:`~fedcontrast.bench.report.merge_runs`)."""
     if not (folder / "bench_config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a bench run folder (no bench_config.json)")
-    return {
-        "config": json.loads((folder / "bench_config.json").read_text()),
-        "rows": load_rows_file(folder / "rows.jsonl"),
-    }
+    config, rows, _ = merge_runs([folder])
+    return {"config": config, "rows": rows}
 
 
 def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "test") -> int:

@@ -45,12 +45,12 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
 def patient_scores(entries: list[dict[str, Any]], labels: dict[str, str], name: str) -> dict[str, list[dict]]:
     """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`)."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
+    hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
     scores: dict[str, list[dict]] = {}
     for source, frames in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
         mask = patient_motion_mask(frames, name)[0] > 0
-        hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
         scores[source] = [overlap(mask, heart) for heart in hearts]
     return scores
 
