@@ -1,6 +1,6 @@
 """How well does a motion mask find the heart? Two stored frames against the whole cine series.
 
-``supervised_motion``'s target (:func:`~fedcontrast.bench.protocol.motion_labels`) is, per
+``fedmotion``'s target (:func:`~fedcontrast.methods.fedmotion.patient_motion_mask`) is, per
 patient, where its frames differ. This scores that mask against each frame's labelled heart
 (RV, MYO and LV as one class) for two sources of frames: the patient's stored ED and ES
 frames (what the methods pre-train on), and its whole cine series (``"cine"`` in the entries;
@@ -24,8 +24,9 @@ import nibabel as nib
 import numpy as np
 
 from fedcontrast.bench.environment import environment
-from fedcontrast.bench.protocol import image_labels, patient_motion_mask
+from fedcontrast.bench.protocol import image_labels
 from fedcontrast.data.datalist import load_site_datalist
+from fedcontrast.methods.fedmotion import patient_motion_mask
 from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
 
 #: Which frames a mask is computed from: the entries as the split lists them, or without their cine.
@@ -42,16 +43,18 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
     }
 
 
-def patient_scores(entries: list[dict[str, Any]], labels: dict[str, str], name: str) -> dict[str, list[dict]]:
-    """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`)."""
+def patient_scores(entries: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, list[dict]]:
+    """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`;
+    a source with fewer than two frames has no mask and no scores)."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
     scores: dict[str, list[dict]] = {}
     for source, frames in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
-        mask = patient_motion_mask(frames, name)[0] > 0
-        scores[source] = [overlap(mask, heart) for heart in hearts]
+        found = patient_motion_mask(frames)
+        if found is not None:
+            scores[source] = [overlap(found[0] > 0, heart) for heart in hearts]
     return scores
 
 
@@ -75,8 +78,8 @@ def measure(run: Path) -> dict[str, Any]:
         datalist = load_site_datalist(path)
         pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
         for pool, entries in pools.items():
-            for patient, indices in frames_by_patient(entries).items():
-                scores = patient_scores([entries[i] for i in indices], labels, f"{path.stem}, {patient}")
+            for indices in frames_by_patient(entries).values():
+                scores = patient_scores([entries[i] for i in indices], labels)
                 for source, values in scores.items():
                     groups.setdefault(pool, {}).setdefault(source, []).extend(values)
     return {

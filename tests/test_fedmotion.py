@@ -1,20 +1,32 @@
-"""FedMotion (issue 10's motion-segmentation ablation): the motion mask against a hand-written
-case, the pairing of a patient's frames (and the volumes it cannot pair), and a federated run
-that learns to segment the moving region and averages the whole network."""
+"""FedMotion: the motion mask against a hand-written case, the site's masks (one per patient, on
+the heart, from the whole cine series where there is one; a lone frame left out by name, a corrupt
+file named), and a federated run that is the supervised recipe on those masks, weight for weight."""
 
 import logging
-import math
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from fedcontrast.methods.base import message_to_state_dict
-from fedcontrast.methods.fedmotion import MotionSegTrainer, motion_mask
+from fedcontrast.methods.fedmotion import (
+    MOTION_LABELS,
+    MotionSegTrainer,
+    motion_entries,
+    motion_mask,
+    patient_frames,
+)
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.presets import network_preset
 
-CONFIG = {"bundle": {**network_preset("tiny"), "roi_size": [32, 32]}, "batch_size": 2, "seed": 5}
+CONFIG = {
+    "bundle": {**network_preset("tiny"), "spatial_dims": 2, "roi_size": [32, 32]},
+    "batch_size": 2,
+    "seed": 5,
+}
 
 
 def test_the_motion_mask_is_where_the_frames_differ():
@@ -28,31 +40,83 @@ def test_the_motion_mask_is_where_the_frames_differ():
     assert torch.equal(motion_mask(torch.cat([moved, still, still]), 0.0, 5), expected)  # any frame count
 
 
-def test_frames_pair_by_patient_and_a_lone_frame_is_left_out_by_name(phantom_images, caplog):
+def test_each_patients_mask_lies_on_the_heart_and_a_lone_frame_is_left_out_by_name(
+    phantom_images, tmp_path, caplog
+):
     entries = phantom_images(2)["site-1"]  # two patients, an ED and an ES frame each
-    lone = {"image": entries[0]["image"], "patient": "nobody-else"}
+    lone = {"image": entries[0]["image"], "patient": "p-alone"}
     with caplog.at_level(logging.WARNING, logger="fedcontrast.methods.fedmotion"):
-        trainer = MotionSegTrainer(CONFIG, [*entries, lone], "site-1")
+        labelled = motion_entries([*entries, lone], "site-1", tmp_path)
     assert "site-1: 1 volume(s) without another frame" in caplog.text and lone["image"] in caplog.text
-    assert len(trainer.volumes) == 4 and all(v.shape[0] == 2 for v in trainer.volumes)
-    first, second = trainer.volumes[:2]  # one patient's two frames
-    assert torch.equal(first[1], second[1]) and not torch.equal(first[0], second[0])
-    assert 0.0 < float(first[1].mean()) < 0.5 and set(first[1].unique().tolist()) == {0.0, 1.0}
-    with pytest.raises(ValueError, match=r"site-2: fedmotion needs two frames .* none of its 2 volumes"):
-        MotionSegTrainer(CONFIG, [{"image": e["image"]} for e in entries[:2]], "site-2")
+    assert [e["image"] for e in labelled] == [e["image"] for e in entries]  # in order, lone one out
+    assert sorted({Path(e["label"]).name for e in labelled}) == [
+        f"{e['patient']}.nii.gz" for e in entries[::2]
+    ]
+    for entry in labelled:
+        mask, frame = nib.load(entry["label"]), nib.load(entry["image"])
+        assert mask.shape == frame.shape and np.allclose(mask.affine, frame.affine)
+        moving = np.asarray(mask.dataobj)
+        heart = np.asarray(nib.load(entry["image"].replace(".nii.gz", "_gt.nii.gz")).dataobj) > 0
+        assert set(np.unique(moving)) == {0, 1} and 0 < moving.mean() < 0.5
+        assert (heart & (moving == 1)).sum() / moving.sum() > 2 * heart.mean()  # far above chance
+    with pytest.raises(
+        ValueError, match=r"site-2: fedmotion needs two or more frames .* none of its 2 volumes"
+    ):
+        motion_entries([{"image": e["image"]} for e in entries[:2]], "site-2", tmp_path / "other")
 
 
-def test_fedmotion_learns_the_moving_region_and_averages_the_whole_network(phantom_images):
-    datalists = phantom_images(1)
+def test_the_mask_uses_every_frame_of_a_patients_cine_series_and_a_corrupt_one_is_named(tmp_path):
+    from fedcontrast.data.phantom import synthesize_dataset
+    from fedcontrast.data.readers import read_acdc
+    from fedcontrast.data.validation import DataValidationError
+
+    synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
+    entries = [{k: e[k] for k in ("image", "patient", "cine")} for e in read_acdc(tmp_path / "data")]
+    frames, first = patient_frames(entries)
+    assert len(frames) == nib.load(entries[0]["cine"]).shape[-1] > 2 and first.shape == frames[0].shape
+    without = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
+    masks = [
+        np.asarray(nib.load(motion_entries(e, "site-1", tmp_path / name)[0]["label"]).dataobj)
+        for name, e in (("cine", entries), ("two", without), ("alone", entries[:1]))
+    ]
+    assert set(np.unique(masks[0])) == {0, 1} and not np.array_equal(masks[0], masks[1])
+    assert np.array_equal(masks[2], masks[0])  # with a cine, one stored frame suffices
+    cine_file = Path(entries[0]["cine"])
+    cine_file.write_bytes(cine_file.read_bytes()[:2000])  # truncated: named, no mask written
+    with pytest.raises(DataValidationError, match=rf"{cine_file.name}: unreadable or corrupt"):
+        motion_entries(entries, "site-1", tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
+
+
+def test_fedmotion_is_the_supervised_recipe_on_the_sites_masks(phantom_images, tmp_path):
+    """Federated: every weight averaged, two output classes, no label read; and weight for weight
+    what ``supervised`` trains on the same masks (the bench column the ablations report)."""
+    datalists = {
+        site: [{**e, "label": "/nowhere/never-read.nii.gz"} for e in entries]
+        for site, entries in phantom_images(1).items()
+    }
     spec = get_method("fedmotion")
     assert spec.federated and spec.pretraining and not spec.label_outputs
-    result = run_in_process("fedmotion", {**CONFIG, "local_steps": 10}, datalists, rounds=3)
-    assert all(math.isfinite(r["metrics"]["loss"]) for r in result.history)
-    for site in datalists:
-        first, *_, last = (r["metrics"] for r in result.history if r["site"] == site)
-        assert last["loss"] < first["loss"] and last["accuracy"] > max(first["accuracy"], 0.5)
+    config = {**CONFIG, "local_steps": 3}
+    result = run_in_process("fedmotion", config, datalists, rounds=2)
+    assert all(np.isfinite(r["metrics"]["train_loss"]) for r in result.history)
     weights = message_to_state_dict(result.global_message)
     assert {k.split(".")[0] for k in weights} == {"encoder", "up_layers"}  # the whole network travels
     assert weights["up_layers.1.head.weight"].shape[0] == 2  # still and moving
     encoders = [result.encoders[s]["conv_init.weight"] for s in datalists]
     assert torch.allclose(weights["encoder.conv_init.weight"], sum(encoders) / len(encoders), atol=1e-6)
+
+    labelled = {site: motion_entries(e, site, tmp_path / site) for site, e in datalists.items()}
+    supervised = {**config, "lr": 3e-3, "batch_size": 4}
+    supervised["bundle"] = {**CONFIG["bundle"], "samples_per_volume": 2, "labels": MOTION_LABELS}
+    reference = message_to_state_dict(
+        run_in_process("supervised", supervised, labelled, rounds=2).global_message
+    )
+    assert reference.keys() == weights.keys() and all(torch.equal(reference[k], weights[k]) for k in weights)
+
+
+def test_the_trainer_keeps_its_masks_in_its_work_folder(phantom_images, tmp_path):
+    entries = phantom_images(1)["site-1"]
+    trainer = MotionSegTrainer({**CONFIG, "workdir": str(tmp_path)}, entries, "site-1")
+    assert sorted(p.name for p in (tmp_path / "site-1" / "motion_masks").iterdir()) == ["patient001.nii.gz"]
+    assert trainer.num_train == len(entries)

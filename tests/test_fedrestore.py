@@ -9,7 +9,6 @@ import torch
 
 from fedcontrast.methods.base import message_to_state_dict, pack
 from fedcontrast.methods.corruptions import RestorationCorruption, box_mask, intensity_curve, shuffle_blocks
-from fedcontrast.methods.fedmotion import MotionSegTrainer
 from fedcontrast.methods.fedpseudoseg import PseudoSegTrainer
 from fedcontrast.methods.fedrestore import RestorationTrainer
 from fedcontrast.methods.registry import get_method
@@ -84,7 +83,7 @@ def test_fedrestore_learns_to_restore_and_averages_the_whole_network(phantom_ima
     assert model(torch.randn(2, 1, 32, 32, 2)).shape == (2, 1, 32, 32, 2)
 
 
-@pytest.mark.parametrize("trainer", [RestorationTrainer, PseudoSegTrainer, MotionSegTrainer])
+@pytest.mark.parametrize("trainer", [RestorationTrainer, PseudoSegTrainer])
 def test_decoder_handover_writes_a_checkpoint_the_segmentation_network_loads(tmp_path, trainer):
     model = trainer.build_model(trainer.DEFAULTS | CONFIG)
     weights = pack("weights", model.state_dict())

@@ -22,11 +22,11 @@ def test_each_frame_is_scored_for_the_cine_and_the_stored_frames(tmp_path):
     synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
     entries = read_acdc(tmp_path / "data")
     labels = {e["image"]: e["label"] for e in entries}
-    scores = motion_mask_quality.patient_scores(entries, labels, "patient001")
+    scores = motion_mask_quality.patient_scores(entries, labels)
     assert list(scores) == list(motion_mask_quality.SOURCES)
     assert all(len(v) == 2 and all(0.0 < s["dice"] <= 1.0 for s in v) for v in scores.values())
     assert scores["cine series"] != scores["ED and ES frames"]
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
-    assert list(motion_mask_quality.patient_scores(stored, labels, "patient001")) == ["ED and ES frames"]
+    assert list(motion_mask_quality.patient_scores(stored, labels)) == ["ED and ES frames"]
     summary = motion_mask_quality.summary(scores["cine series"])
     assert summary["volumes"] == 2 and 0.0 < summary["dice"]["mean"] <= 1.0

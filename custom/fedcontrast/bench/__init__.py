@@ -73,8 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="default: random_init and every registered pre-training method; <method>+decoder adds "
         "the local decoder stage on that method's encoders (e.g. fcl+decoder); supervised_ceiling "
         "pre-trains with every pre-training volume's label (a diagnostic bound, not a method), and "
-        "supervised_ceiling_{cavities,myocardium,heart} with fewer, merged classes; supervised_motion "
-        "the same recipe on each patient's motion mask (label-free)",
+        "supervised_ceiling_{cavities,myocardium,heart} with fewer, merged classes",
     )
     parser.add_argument("--budgets", nargs="+", type=int, help="labelled volumes per site (default 1 2 4 8)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run seeds (default 0 1 2 3 4)")
@@ -87,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cine",
         action="store_true",
         default=None,
-        help="the phantom also writes each patient's cine series; supervised_motion's masks use every frame",
+        help="the phantom also writes each patient's cine series; fedmotion's masks use every frame",
     )
     parser.add_argument("--pretrain-steps", type=int, help="pre-training optimiser steps per site")
     parser.add_argument("--pretrain-rounds", type=int, help="rounds the pre-training steps are split into")

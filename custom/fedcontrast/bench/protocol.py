@@ -35,7 +35,7 @@ runs in the same run when it is not saved yet, even when the base is not a colum
 its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
 ``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
 A federated pre-training method whose trainer writes a decoder-stage checkpoint of its own
-(``save_checkpoint``: ``fedrestore``, ``fedpseudoseg`` and ``fedmotion`` with ``decoder_handover``) is
+(``save_checkpoint``: ``fedrestore`` and ``fedpseudoseg`` with ``decoder_handover``) is
 fine-tuned from that checkpoint the same way.
 
 The **supervised ceiling** column ``supervised_ceiling`` is a diagnostic, not a method a
@@ -48,9 +48,7 @@ run's data, network and fine-tuning protocol. It needs a dataset whose pre-train
 are labelled (the phantom's all are). Its variants (:data:`CEILING_CLASSES`) train the same
 way on fewer, merged classes (the label files rewritten once under ``ceiling_labels/<column>/``
 in the run folder), to show which distinctions of the labels the encoder's gain comes from.
-The label-free column ``supervised_motion`` (:data:`MOTION_TARGETS`) takes the same recipe with
-each patient's motion mask as its target (:func:`motion_labels`: where the patient's frames
-differ), which needs no label.
+The same recipe on each patient's label-free motion mask is a method a hospital runs: ``fedmotion``.
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
@@ -81,7 +79,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -108,12 +105,6 @@ CEILING_CLASSES: dict[str, list[list[str]] | None] = {
     f"{SUPERVISED_CEILING}_myocardium": [["MYO"]],  # the muscle against everything else
     f"{SUPERVISED_CEILING}_heart": [["RV", "MYO", "LV"]],  # the heart against the background
 }
-#: A label-free column pre-trained with the ceiling's recipe: its targets are each patient's
-#: motion mask (:func:`motion_labels`), not labels.
-MOTION_TARGETS = "supervised_motion"
-#: In-plane smoothing of :data:`MOTION_TARGETS`' motion maps, mm (``fedmotion``'s default, 2
-#: pixels, on the bench's 3 mm grid).
-MOTION_SIGMA_MM = 6.0
 #: Suffix of a decoder column: ``<base>+decoder`` (see the module docstring).
 DECODER_SUFFIX = "+decoder"
 MODES = ("local", "federated")
@@ -186,7 +177,7 @@ SETTING_CHOICES: dict[str, str] = {
     "size a CPU can afford",
     "difficulty": "the phantom calibrated on random init's validation curve (phantom_difficulty.json)",
     "cine": "false: the phantom's ED and ES frames only, what the methods pre-train on; true only where "
-    "supervised_motion's masks come from the whole cycle (ablations README section 19)",
+    "fedmotion's masks come from the whole cycle (ablations README section 19)",
     "test_per_site": "2 test patients per site (SPEC §7 minimum)",
     "validation_per_site": "2 validation patients per site, for the plateau and any tuning",
     "seeds": "5 seeds (SPEC §7 minimum)",
@@ -212,7 +203,7 @@ class BenchConfig:
     size: str = "small"
     difficulty: str = "realistic"
     #: the phantom also writes each patient's cine series (every frame of the cycle), from which
-    #: :data:`MOTION_TARGETS`' masks are then computed
+    #: ``fedmotion``'s masks are then computed
     cine: bool = False
     pretrain_steps: int = 96
     pretrain_rounds: int = 4
@@ -271,12 +262,9 @@ class BenchConfig:
         """The ``supervised`` configuration of the supervised-ceiling ``column``'s pre-training for
         ``seed``: the pre-training's steps and rounds, fine-tuning's learning rate and step of
         ``finetune_batch_samples`` slices from ``batch_size`` volumes, and the column's merged
-        label set (:data:`CEILING_CLASSES`; moving and still for :data:`MOTION_TARGETS`) as the
-        network's outputs."""
+        label set (:data:`CEILING_CLASSES`) as the network's outputs."""
         volumes = min(self.batch_size, self.finetune_batch_samples)
-        if column == MOTION_TARGETS:
-            classes = {"labels": {"background": 0, "moving": 1}}
-        elif CEILING_CLASSES[column] is None:
+        if CEILING_CLASSES[column] is None:
             classes = {}
         else:
             classes = {"labels": merge_classes(self.label_set, CEILING_CLASSES[column])[0]}
@@ -329,7 +317,7 @@ def check_method(method: str) -> None:
         ValueError: an unknown name (from the registry), or a decoder column whose base is not a
             pre-training method.
     """
-    if method in (RANDOM_INIT, MOTION_TARGETS) or method in CEILING_CLASSES:
+    if method == RANDOM_INIT or method in CEILING_CLASSES:
         return
     spec = get_method(base_method(method))
     if is_decoder_column(method) and not spec.pretraining:
@@ -469,73 +457,6 @@ def ceiling_labels(
     return merged
 
 
-def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib.Nifti1Image]:
-    """The frames of one patient's pre-training ``entries`` as stored: every frame of the cine
-    series the entries name (``"cine"``, the first one's), else each entry's image; and the first
-    entry's image (whose geometry a mask of the frames takes).
-
-    Raises:
-        DataValidationError: a file is missing, unreadable or corrupt (named).
-    """
-    from fedcontrast.data.validation import load_voxels
-
-    first = nib.load(entries[0]["image"])
-    if "cine" in entries[0]:
-        series = load_voxels(entries[0]["cine"]).astype(np.float32)
-        return [series[..., f] for f in range(series.shape[-1])], first
-    return [load_voxels(e["image"]).astype(np.float32) for e in entries], first
-
-
-def patient_motion_mask(entries: list[dict[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The uint8 motion mask of one patient's stored frames (:func:`patient_frames` of its
-    pre-training ``entries``, each standardised; :func:`~fedcontrast.methods.fedmotion.motion_mask`,
-    smoothed by :data:`MOTION_SIGMA_MM`) and the first entry's affine.
-
-    Raises:
-        ValueError: fewer than two frames, or frames of different shapes (``name`` and files named).
-    """
-    from fedcontrast.methods.fedmotion import motion_mask
-
-    arrays, first = patient_frames(entries)
-    if len(arrays) < 2 or len({a.shape for a in arrays}) > 1:
-        files = sorted({e.get("cine", e["image"]) for e in entries})
-        shapes = sorted({a.shape for a in arrays})
-        raise ValueError(
-            f"{name}: {MOTION_TARGETS} needs two or more frames of one shape, got {len(arrays)} frame(s) "
-            f"of shape(s) {shapes} from {files}"
-        )
-    frames = torch.stack([torch.from_numpy((a - a.mean()) / max(float(a.std()), 1e-8)) for a in arrays])
-    sigma = MOTION_SIGMA_MM / float(np.mean(first.header.get_zooms()[:2]))
-    mask = motion_mask(frames[:, None], sigma, iterations=10)[0].numpy().astype(np.uint8)
-    return mask, first.affine
-
-
-def motion_labels(datalists: Iterable[dict[str, Any]], folder: Path) -> dict[str, str]:
-    """``{image path: motion mask path}`` of the ``datalists``' pre-training volumes: per patient,
-    :func:`~fedcontrast.methods.fedmotion.motion_mask` of its frames as stored (its whole cine
-    series where the datalist names one, else its pre-training volumes; each frame standardised,
-    smoothed by :data:`MOTION_SIGMA_MM`), written once as ``folder/<site>/<patient>.nii.gz`` with
-    the first volume's geometry; every volume of the patient maps to it. No label is read.
-
-    Raises:
-        ValueError: a patient with one frame, or frames of different shapes (:func:`patient_motion_mask`).
-    """
-    from fedcontrast.data.io import save_nifti
-    from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
-
-    targets = {}
-    for datalist in datalists:
-        site = str(datalist.get("site", ""))
-        entries = pretraining_entries(datalist)
-        for patient, indices in frames_by_patient(entries).items():
-            patient_entries = [entries[i] for i in indices]
-            target = folder / site / f"{patient}.nii.gz"
-            if not target.exists():
-                save_nifti(target, *patient_motion_mask(patient_entries, f"site {site}, patient {patient}"))
-            targets.update({e["image"]: str(target) for e in patient_entries})
-    return targets
-
-
 def pretrain_unit(
     config: BenchConfig,
     method: str,
@@ -550,14 +471,13 @@ def pretrain_unit(
     clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
     filter does (:class:`~fedcontrast.methods.privacy.FeaturePrivacy`, seeded by ``seed``).
     A supervised-ceiling column (``method`` in :data:`CEILING_CLASSES`) trains on the pre-training
-    volumes with their ``labels`` (:func:`ceiling_labels`) instead, and :data:`MOTION_TARGETS`
-    the same way with its motion masks as ``labels`` (:func:`motion_labels`).
+    volumes with their ``labels`` (:func:`ceiling_labels`) instead.
     """
     from fedcontrast.methods.privacy import feature_privacy_from_config
     from fedcontrast.methods.volumes import pretraining_entries
 
     torch.set_num_threads(1)
-    if method in CEILING_CLASSES or method == MOTION_TARGETS:
+    if method in CEILING_CLASSES:
         run_method, cfg = "supervised", config.ceiling_config(seed, method)
         entries = {site: ceiling_entries(d, labels or {}) for site, d in datalists.items()}
     else:
@@ -1001,8 +921,6 @@ def run_benchmark(
             m: ceiling_labels(found, site_lists, m, out / "ceiling_labels" / m, config.label_set)
             for m in ceilings
         }
-    if MOTION_TARGETS in config.methods:
-        labels[MOTION_TARGETS] = motion_labels(site_lists, out / "ceiling_labels" / MOTION_TARGETS)
     done = completed_units(out / "rows.jsonl")
     now = set(config.budgets if run_budgets is None else run_budgets)
     waiting = [u for u in finetune_units(config) if u.key not in done and u.n_labeled in now]
