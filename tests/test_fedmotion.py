@@ -20,6 +20,8 @@ from fedcontrast.methods.fedmotion import (
 )
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
+from fedcontrast.nets.bundle import build_network
+from fedcontrast.nets.decoder import load_pretrained_decoder
 from fedcontrast.nets.presets import network_preset
 
 CONFIG = {
@@ -89,8 +91,9 @@ def test_the_mask_uses_every_frame_of_a_patients_cine_series_and_a_corrupt_one_i
 
 
 def test_fedmotion_is_the_supervised_recipe_on_the_sites_masks(phantom_images, tmp_path):
-    """Federated: every weight averaged, two output classes, no label read; and weight for weight
-    what ``supervised`` trains on the same masks (the bench column the ablations report)."""
+    """Federated: every weight averaged, two output classes, no label read; weight for weight
+    what ``supervised`` trains on the same masks (the bench column the ablations report); with
+    ``decoder_handover`` its decoder blocks hand over to fine-tuning."""
     datalists = {
         site: [{**e, "label": "/nowhere/never-read.nii.gz"} for e in entries]
         for site, entries in phantom_images(1).items()
@@ -113,6 +116,17 @@ def test_fedmotion_is_the_supervised_recipe_on_the_sites_masks(phantom_images, t
         run_in_process("supervised", supervised, labelled, rounds=2).global_message
     )
     assert reference.keys() == weights.keys() and all(torch.equal(reference[k], weights[k]) for k in weights)
+
+    # decoder_handover: the encoder and the decoder blocks, not the still/moving head, load into a
+    # network with the label set's classes
+    save, final = spec.trainer.save_checkpoint, result.global_message
+    assert save(final, tmp_path, config, None) == []  # off by default
+    (path,) = save(final, tmp_path, {**config, "decoder_handover": True}, None)
+    assert torch.load(path)["stages"][0]["method"] == "fedmotion"
+    network = build_network(overrides=CONFIG["bundle"])
+    loaded = load_pretrained_decoder(network, path)
+    assert {k for k in network.state_dict() if ".head." not in k} == set(loaded)
+    assert all(torch.equal(network.state_dict()[k], weights[k]) for k in loaded)
 
 
 def test_the_trainer_keeps_its_masks_in_its_work_folder(phantom_images, tmp_path):

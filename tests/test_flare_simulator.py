@@ -10,6 +10,7 @@
 """
 
 import importlib.util
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -186,6 +187,29 @@ def mean_test_dice(checkpoint: Path, splits: Path, out_dir: Path) -> float:
     workflow.run()
     workflow.finalize()
     return json.loads((out_dir / "summary.json").read_text())["dice"]["mean"]
+
+
+def test_fedmotion_job_sends_only_weights_and_hands_over_its_encoder(site_splits, tmp_path):
+    """The motion pretext through NVFlare: each site makes its masks from its own frames, only
+    weights leave it, and its encoder lands in ``pretrained_encoder.pt`` for fine-tuning; the
+    network predicts still and moving, so no segmentation model is exported."""
+    workspace, output = tmp_path / "ws", tmp_path / "out"
+    config = {"bundle": TINY_BUNDLE, "local_steps": 2}
+    code = job_main("fcl")(
+        ["--method", "fedmotion", "--datalist-dir", str(site_splits), "--rounds", "2", "--batch-size", "2",
+         "--workspace", str(workspace), "--output", str(output), "--record-messages",
+         "--config", json.dumps(config)]
+    )  # fmt: skip
+    assert code == 0
+    result = workspace / "server" / "simulate_job"
+    model = message_to_state_dict(get_method("fedmotion").trainer.initial_message(config))
+    for site, round_num in itertools.product(SITES, (0, 1)):
+        up = recorded(result, round_num, site, "up")
+        audit_upload(up, model)
+        assert all(kind_of(k) == "weights" for k in up)
+    network, options = build_network(overrides=TINY_BUNDLE), encoder_options(overrides=TINY_BUNDLE)
+    assert load_pretrained_encoder(network, output / "pretrained_encoder.pt", options)
+    assert not (output / "global_model.pt").exists()
 
 
 def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):

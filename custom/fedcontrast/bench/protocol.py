@@ -35,7 +35,7 @@ runs in the same run when it is not saved yet, even when the base is not a colum
 its fine-tuning units load the encoder AND the pre-trained decoder blocks (``supervised``'s
 ``pretrained_decoder``). Its record's bytes and wall time are the base's plus the stage's.
 A federated pre-training method whose trainer writes a decoder-stage checkpoint of its own
-(``save_checkpoint``: ``fedrestore`` and ``fedpseudoseg`` with ``decoder_handover``) is
+(``save_checkpoint``: ``fedrestore``, ``fedpseudoseg`` and ``fedmotion`` with ``decoder_handover``) is
 fine-tuned from that checkpoint the same way.
 
 The **supervised ceiling** column ``supervised_ceiling`` is a diagnostic, not a method a

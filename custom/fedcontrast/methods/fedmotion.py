@@ -32,7 +32,9 @@ contrastive trainers' loop; section 18) gained nothing on validation and was rep
 Configuration (:data:`DEFAULTS`): ``supervised``'s keys (its ``lr`` 3e-3 and a step of
 ``batch_size`` 4 volumes x ``bundle.samples_per_volume`` 2 slices: the benchmark's fine-tuning
 recipe, chosen on random init's validation curves), ``smooth_mm`` (in-plane Gaussian sigma
-of the motion map, mm) and ``kmeans_iterations``. ``bundle.labels`` is always still and moving.
+of the motion map, mm), ``kmeans_iterations`` and ``decoder_handover`` (False: fine-tuning takes
+the encoder; True: also the decoder blocks, from ``pretrained_decoder.pt``).
+``bundle.labels`` is always still and moving.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.supervised import DEFAULTS as SUPERVISED_DEFAULTS
 from fedcontrast.methods.supervised import SupervisedBundleTrainer
 from fedcontrast.methods.volumes import frames_by_patient
+from fedcontrast.methods.whole_network import handover_stage, write_handover
+from fedcontrast.nets.bundle import build_network
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "bundle": {"samples_per_volume": 2},
     "smooth_mm": 6.0,
     "kmeans_iterations": 10,
+    "decoder_handover": False,
 }
 
 
@@ -186,6 +191,21 @@ class MotionSegTrainer(SupervisedBundleTrainer):
     def initial_message(cls, config: Mapping[str, Any]) -> Message:
         """The bundle network with two output classes for ``config["seed"]``, as ``weights/`` entries."""
         return super().initial_message(motion_config(config))
+
+    @classmethod
+    def save_checkpoint(
+        cls, weights: Message, out_dir: Path, config: Mapping[str, Any], site: str | None
+    ) -> list[Path]:
+        """With ``decoder_handover``, write ``out_dir/pretrained_decoder.pt`` from the final
+        ``weights`` (:func:`~fedcontrast.methods.whole_network.write_handover`: the encoder and
+        every level's decoder blocks, not the still/moving head); otherwise nothing."""
+        cfg = motion_config(config)
+        if not cfg["decoder_handover"]:
+            return []
+        options = {k: cfg[k] for k in ("smooth_mm", "kmeans_iterations")}
+        stage = handover_stage("motion_segmentation", "fedmotion", site, cfg, options)
+        network = build_network(cfg["bundle_dir"], cfg["bundle"])
+        return [write_handover(weights, network, cfg["bundle"], stage, out_dir)]
 
 
 register(

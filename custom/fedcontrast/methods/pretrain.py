@@ -165,7 +165,7 @@ class ContrastivePretrainer(SiteTrainer):
         short = [e["image"] for e, v in zip(datalist, volumes) if v.shape[-1] < int(cfg["partitions"])]
         if short:
             raise ValueError(f"{site}: fewer slices than partitions={cfg['partitions']} in {short}")
-        self.volumes = self.site_volumes(datalist, volumes)
+        self.volumes = volumes
         self.model = self.build_model(cfg).to(self.device)
         spatial_dims = self.model.spatial_dims
         self.sampler = PartitionSampler(int(cfg["partitions"]), spatial_dims, int(cfg["slab_slices"]))
@@ -174,11 +174,6 @@ class ContrastivePretrainer(SiteTrainer):
         self.steps_per_round = int(cfg["local_steps"]) or int(cfg["local_epochs"]) * math.ceil(
             len(self.volumes) / int(cfg["batch_size"])
         )
-
-    def site_volumes(self, datalist: list[dict], volumes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The ``(C, H, W, D)`` tensors batches are sampled from, given the preprocessed image of each
-        ``datalist`` entry; the default: the images as they are."""
-        return volumes
 
     def _probe_set(self, num_volumes: int) -> tuple[PartitionBatch, torch.Tensor] | None:
         """A fixed batch of up to ``num_volumes`` volumes and its two views ``(2B, C, ...)``, drawn once.

@@ -35,9 +35,9 @@ class MethodSpec:
     @property
     def label_outputs(self) -> bool:
         """False where the trainer's network predicts a pretext's target rather than the label
-        set's classes (its ``PRETEXT_OUTPUTS``: the whole-network pretexts ``fedrestore``,
-        ``fedpseudoseg`` and ``fedmotion``); such final weights are never exported as a
-        segmentation model, even where their shapes match one."""
+        set's classes (its ``PRETEXT_OUTPUTS``: the whole-network pretexts ``fedrestore`` and
+        ``fedpseudoseg``, and ``fedmotion``'s still and moving); such final weights are never
+        exported as a segmentation model, even where their shapes match one."""
         return not getattr(self.trainer, "PRETEXT_OUTPUTS", False)
 
 

@@ -1,9 +1,9 @@
 """Pre-training of the bundle's whole segmentation network (encoder, decoder and head) at a site.
 
-The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`,
-:mod:`~fedcontrast.methods.fedmotion`) train the whole network on a per-pixel target, from a
-corrupted input, with their own number of output channels; the server averages every weight
-(the default :class:`~fedcontrast.methods.base.ServerStrategy`).
+The dense pretexts (:mod:`~fedcontrast.methods.fedrestore`, :mod:`~fedcontrast.methods.fedpseudoseg`)
+train the whole network on a per-pixel target, from a corrupted input, with their own number
+of output channels; the server averages every weight (the default
+:class:`~fedcontrast.methods.base.ServerStrategy`).
 Fine-tuning takes the encoder, as from every pre-training method; with ``decoder_handover``
 it takes the decoder blocks of every level too (:meth:`WholeNetworkPretrainer.save_checkpoint`
 writes them as a decoder-stage checkpoint, ``pretrained_decoder.pt``, which ``supervised``'s
@@ -28,6 +28,36 @@ from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
 from fedcontrast.nets.bundle import build_network, encoder_state
 from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
+
+
+def handover_stage(
+    stage: str, method: str, site: str | None, config: Mapping[str, Any], provenance: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A handover checkpoint's provenance record: the stage and method, where it was trained
+    (``site`` None: the federation's global model), ``config``'s seed and the pretext's options."""
+    return {
+        "stage": stage,
+        "method": method,
+        "federated": site is None,
+        "site": site or "",
+        "seed": int(config["seed"]),
+        **provenance,
+    }
+
+
+def write_handover(
+    weights: Message, network: nn.Module, bundle: dict[str, Any], stage: dict[str, Any], out_dir: Path
+) -> Path:
+    """Write ``out_dir/pretrained_decoder.pt``: the encoder and every level's decoder blocks of the
+    ``weights/`` entries of ``weights`` (a state dict of ``network``'s layout), a decoder-stage
+    checkpoint with the provenance ``stage`` that ``supervised``'s ``pretrained_decoder`` loads."""
+    state = message_to_state_dict(weights, "weights")
+    levels = num_levels(network)
+    keys = decoder_block_keys(network, levels)
+    checkpoint = build_checkpoint({k: state[k] for k in keys}, levels, encoder_state(state), [stage], bundle)
+    path = Path(out_dir) / DECODER_FILE
+    save_decoder_checkpoint(checkpoint, path)
+    return path
 
 
 class WholeNetworkPretrainer(ContrastivePretrainer):
@@ -79,24 +109,8 @@ class WholeNetworkPretrainer(ContrastivePretrainer):
         cfg = merge_config(cls.DEFAULTS, config)
         if not cfg["decoder_handover"]:
             return []
-        state = message_to_state_dict(weights, "weights")
-        network = cls.build_model(cfg)
-        levels = num_levels(network)
-        stage = {
-            "stage": cls.STAGE,
-            "method": cls.METHOD,
-            "federated": site is None,
-            "site": site or "",
-            "seed": int(cfg["seed"]),
-            **cls.pretext_provenance(cfg),
-        }
-        keys = decoder_block_keys(network, levels)
-        checkpoint = build_checkpoint(
-            {k: state[k] for k in keys}, levels, encoder_state(state), [stage], cfg["bundle"]
-        )
-        path = Path(out_dir) / DECODER_FILE
-        save_decoder_checkpoint(checkpoint, path)
-        return [path]
+        stage = handover_stage(cls.STAGE, cls.METHOD, site, cfg, cls.pretext_provenance(cfg))
+        return [write_handover(weights, cls.build_model(cfg), cfg["bundle"], stage, out_dir)]
 
 
 class SegmentationPretextTrainer(WholeNetworkPretrainer):
