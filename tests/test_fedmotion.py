@@ -134,3 +134,15 @@ def test_the_trainer_keeps_its_masks_in_its_work_folder(phantom_images, tmp_path
     trainer = MotionSegTrainer({**CONFIG, "workdir": str(tmp_path)}, entries, "site-1")
     assert sorted(p.name for p in (tmp_path / "site-1" / "motion_masks").iterdir()) == ["patient001.nii.gz"]
     assert trainer.num_train == len(entries)
+
+
+def test_the_cli_writes_a_sites_masks_to_look_at(site_splits, tmp_path, capsys):
+    from fedcontrast.cli import main
+    from fedcontrast.data.datalist import load_site_datalist
+    from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
+
+    assert main(["data", "motion-masks", str(site_splits / "site-1.json"), "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    patients = frames_by_patient(pretraining_entries(load_site_datalist(site_splits / "site-1.json")))
+    assert len(lines) == len(patients) == len(list(tmp_path.glob("*.nii.gz")))
+    assert all(0.0 < float(line.rsplit(" ", 1)[1]) < 0.5 for line in lines)

@@ -1,4 +1,5 @@
-"""``fedcontrast data``: generate the phantom, split datasets into site datalists, check datalists."""
+"""``fedcontrast data``: generate the phantom, split datasets into site datalists, check datalists,
+write the motion masks FedMotion would train on."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ is in both training and test."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``fedcontrast data {synth,split,check}``."""
+    """Register ``fedcontrast data {synth,split,check,motion-masks}``."""
     data = subparsers.add_parser("data", help="phantom generation, dataset splits, datalist checks")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
@@ -108,6 +109,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     check.set_defaults(func=run_check)
 
+    masks = commands.add_parser(
+        "motion-masks",
+        help="write the per-patient motion masks fedmotion trains on, to look at before a run",
+    )
+    masks.add_argument("datalist", type=Path, help="a site datalist (its training and unlabeled lists)")
+    masks.add_argument("--out", type=Path, required=True, help="folder for <patient>.nii.gz masks")
+    masks.add_argument("--smooth-mm", type=float, help="in-plane smoothing of the motion map, mm (default 6)")
+    masks.set_defaults(func=run_motion_masks)
+
 
 def run_synth(args: argparse.Namespace) -> int:
     """Generate the phantom and print its summary."""
@@ -159,4 +169,21 @@ def run_check(args: argparse.Namespace) -> int:
         datalist = load_site_datalist(path, check_files=True, check_values=args.values)
         counts = ", ".join(f"{part} {len(datalist[part])}" for part in ("training", "unlabeled", "test"))
         print(f"{path}: site {datalist['site']}: {counts}: OK")
+    return 0
+
+
+def run_motion_masks(args: argparse.Namespace) -> int:
+    """Write one site's motion masks as fedmotion makes them; print each mask with its moving fraction."""
+    import nibabel as nib
+    import numpy as np
+
+    from fedcontrast.methods.fedmotion import DEFAULTS, motion_entries
+    from fedcontrast.methods.volumes import pretraining_entries
+
+    datalist = load_site_datalist(args.datalist)
+    smooth_mm = DEFAULTS["smooth_mm"] if args.smooth_mm is None else args.smooth_mm
+    entries, site = pretraining_entries(datalist), str(datalist["site"])
+    labelled = motion_entries(entries, site, args.out, smooth_mm, DEFAULTS["kmeans_iterations"])
+    for mask in sorted({e["label"] for e in labelled}):
+        print(f"{mask}: moving {float(np.asarray(nib.load(mask).dataobj).mean()):.3f}")
     return 0
