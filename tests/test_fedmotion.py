@@ -83,6 +83,11 @@ def test_the_mask_uses_every_frame_of_a_patients_cine_series_and_a_corrupt_one_i
     ]
     assert set(np.unique(masks[0])) == {0, 1} and not np.array_equal(masks[0], masks[1])
     assert np.array_equal(masks[2], masks[0])  # with a cine, one stored frame suffices
+    other = {**entries[0], "image": str(Path(entries[0]["image"]).with_name("cropped.nii.gz"))}
+    image = nib.load(entries[0]["image"])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), other["image"])
+    with pytest.raises(ValueError, match=r"_4d.nii.gz: cine frames of shape .*cropped.nii.gz has shape"):
+        motion_entries([other], "site-1", tmp_path / "mismatch")
     cine_file = Path(entries[0]["cine"])
     cine_file.write_bytes(cine_file.read_bytes()[:2000])  # truncated: named, no mask written
     with pytest.raises(DataValidationError, match=rf"{cine_file.name}: unreadable or corrupt"):

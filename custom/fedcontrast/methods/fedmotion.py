@@ -104,12 +104,18 @@ def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib
 
     Raises:
         DataValidationError: a file is missing, unreadable or corrupt (named).
+        ValueError: a cine series whose frames are not the first image's shape (both named).
     """
     from fedcontrast.data.validation import load_voxels
 
     first = nib.load(entries[0]["image"])
     if "cine" in entries[0]:
         series = load_voxels(entries[0]["cine"]).astype(np.float32)
+        if series.shape[:-1] != first.shape[:3]:
+            raise ValueError(
+                f"{entries[0]['cine']}: cine frames of shape {series.shape[:-1]}, but its patient's frame "
+                f"{entries[0]['image']} has shape {first.shape[:3]}"
+            )
         return [series[..., f] for f in range(series.shape[-1])], first
     return [load_voxels(e["image"]).astype(np.float32) for e in entries], first
 
@@ -135,7 +141,8 @@ def motion_entries(
     """``{"image", "label"}`` entries: each of ``entries``, in order, with its patient's motion mask
     (:func:`patient_motion_mask`), written once per patient as ``folder/<patient>.nii.gz``.
 
-    A patient with fewer than two frames of one shape is left out with a warning naming its files.
+    Patients with fewer than two frames of one shape are left out with a warning that counts
+    their volumes and names the first.
 
     Raises:
         ValueError: no patient of ``site`` has a mask (the site named).
