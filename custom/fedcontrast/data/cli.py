@@ -29,7 +29,9 @@ is in both training and test."""
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fedcontrast data {synth,split,check,motion-masks}``."""
-    data = subparsers.add_parser("data", help="phantom generation, dataset splits, datalist checks")
+    data = subparsers.add_parser(
+        "data", help="phantom generation, dataset splits, datalist checks, motion masks"
+    )
     commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     synth = commands.add_parser(
