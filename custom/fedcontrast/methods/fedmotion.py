@@ -189,8 +189,10 @@ class MotionSegTrainer(SupervisedBundleTrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         cfg = motion_config(config)
-        self._masks = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
-        folder = Path(cfg["workdir"] or self._masks.name) / site / "motion_masks"
+        # one work folder for the masks and the bundle's checkpoints and logs
+        self._workdir = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
+        cfg["workdir"] = cfg["workdir"] or self._workdir.name
+        folder = Path(cfg["workdir"]) / site / "motion_masks"
         smooth_mm, iterations = float(cfg["smooth_mm"]), int(cfg["kmeans_iterations"])
         super().__init__(cfg, motion_entries(datalist, site, folder, smooth_mm, iterations), site, device)
 
