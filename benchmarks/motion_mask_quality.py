@@ -7,9 +7,14 @@ frames (what the methods pre-train on), and its whole cine series (``"cine"`` in
 the phantom writes it with ``--cine``). Per volume: Dice, precision (how much of the mask is
 heart) and recall (how much of the heart the mask covers); averaged over the volumes of the
 pre-training pool and, separately, of the validation patients. No test patient is read.
+``--smooth-mm`` scores the masks at several in-plane smoothings (``fedmotion``'s ``smooth_mm``),
+and several ``--run`` folders (other phantoms) are pooled, so that the smoothing can be chosen
+on the validation patients:
 
     python benchmarks/motion_mask_quality.py --run workspace/cine/smotion480_cine \
         --out benchmarks/results/label_efficiency_ablations/motion/mask_quality
+    python benchmarks/motion_mask_quality.py --run RUN_D0 RUN_D1 RUN_D2 --smooth-mm 3 6 9 12 15 \
+        --out benchmarks/results/label_efficiency_ablations/fedmotion/mask_smoothing
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +50,18 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
     }
 
 
-def patient_scores(entries: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, list[dict]]:
+def patient_scores(
+    entries: list[dict[str, Any]], labels: dict[str, str], smooth_mm: float = 6.0
+) -> dict[str, list[dict]]:
     """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`;
-    a source with fewer than two frames has no mask and no scores)."""
+    a source with fewer than two frames has no mask and no scores), masks smoothed by ``smooth_mm``."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
     scores: dict[str, list[dict]] = {}
     for source, frames in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
-        found = patient_motion_mask(frames)
+        found = patient_motion_mask(frames, smooth_mm)
         if found is not None:
             scores[source] = [overlap(found[0] > 0, heart) for heart in hearts]
     return scores
@@ -69,19 +78,27 @@ def summary(scores: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def measure(run: Path) -> dict[str, Any]:
-    """Every site's pre-training and validation patients of the bench run folder ``run``."""
-    labels = image_labels(run / "data", "acdc", run / "frames")
+def source_name(source: str, smooth_mm: float, smoothings: Sequence[float]) -> str:
+    """``source``, with its smoothing when several are scored."""
+    return source if len(smoothings) == 1 else f"{source}, {smooth_mm:g} mm"
+
+
+def measure(runs: Sequence[Path], smoothings: Sequence[float] = (6.0,)) -> dict[str, Any]:
+    """Every site's pre-training and validation patients of the bench run folders ``runs``, pooled,
+    at each in-plane smoothing of ``smoothings`` (mm)."""
     groups: dict[str, dict[str, list]] = {}
-    splits = sorted((run / "splits").glob("N*"), key=lambda p: int(p.name[1:]))[0]
-    for path in sorted(splits.glob("site-*.json")):
-        datalist = load_site_datalist(path)
-        pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
-        for pool, entries in pools.items():
-            for indices in frames_by_patient(entries).values():
-                scores = patient_scores([entries[i] for i in indices], labels)
-                for source, values in scores.items():
-                    groups.setdefault(pool, {}).setdefault(source, []).extend(values)
+    for run in runs:
+        labels = image_labels(run / "data", "acdc", run / "frames")
+        splits = sorted((run / "splits").glob("N*"), key=lambda p: int(p.name[1:]))[0]
+        for path in sorted(splits.glob("site-*.json")):
+            datalist = load_site_datalist(path)
+            pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
+            for pool, entries in pools.items():
+                for indices, smooth_mm in product(frames_by_patient(entries).values(), smoothings):
+                    scores = patient_scores([entries[i] for i in indices], labels, smooth_mm)
+                    for source, values in scores.items():
+                        name = source_name(source, smooth_mm, smoothings)
+                        groups.setdefault(pool, {}).setdefault(name, []).extend(values)
     return {
         pool: {source: summary(v) for source, v in by_source.items()} for pool, by_source in groups.items()
     }
@@ -104,15 +121,17 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--run", type=Path, required=True, help="a bench run folder (phantom written with --cine)"
+        "--run", type=Path, nargs="+", required=True, help="bench run folders (phantoms written with --cine)"
     )
+    parser.add_argument("--smooth-mm", type=float, nargs="+", default=[6.0], help="in-plane smoothings, mm")
     parser.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = {
         "command": " ".join(["python", "benchmarks/motion_mask_quality.py", *(argv or sys.argv[1:])]),
-        "run": str(args.run),
+        "runs": [str(run) for run in args.run],
+        "smooth_mm": args.smooth_mm,
         "environment": environment(),
-        "pools": measure(args.run),
+        "pools": measure(args.run, args.smooth_mm),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

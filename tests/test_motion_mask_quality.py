@@ -30,3 +30,14 @@ def test_each_frame_is_scored_for_the_cine_and_the_stored_frames(tmp_path):
     assert list(motion_mask_quality.patient_scores(stored, labels)) == ["ED and ES frames"]
     summary = motion_mask_quality.summary(scores["cine series"])
     assert summary["volumes"] == 2 and 0.0 < summary["dice"]["mean"] <= 1.0
+
+
+def test_smoothing_is_scored_per_value_and_named_only_when_several(tmp_path):
+    synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
+    entries = read_acdc(tmp_path / "data")
+    labels = {e["image"]: e["label"] for e in entries}
+    sharp = motion_mask_quality.patient_scores(entries, labels, smooth_mm=0.0)["cine series"]
+    smooth = motion_mask_quality.patient_scores(entries, labels, smooth_mm=12.0)["cine series"]
+    assert sharp != smooth
+    assert motion_mask_quality.source_name("cine series", 6.0, [6.0]) == "cine series"
+    assert motion_mask_quality.source_name("cine series", 12.0, [6.0, 12.0]) == "cine series, 12 mm"
