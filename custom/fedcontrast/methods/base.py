@@ -22,9 +22,11 @@ entry, so one bad volume or a diverged step never turns the federation into NaN.
 from __future__ import annotations
 
 import functools
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -130,6 +132,14 @@ class SiteUpdate:
     message: Message
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def site_folder(workdir: str | None, site: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """A site's work folder, ``<workdir>/<site>``, and the temporary folder that stands for
+    ``workdir`` when it is None (else None). The caller keeps the temporary folder for as long as
+    it uses the site's folder: the folder is removed with it."""
+    temporary = None if workdir else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
+    return Path(workdir or temporary.name) / site, temporary
 
 
 class SiteTrainer(ABC):

@@ -52,7 +52,6 @@ MSE weight 1); ``mi_weight`` 0.1 is the project's choice.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from fedcontrast.methods.base import (
     kind_of,
     message_to_state_dict,
     pack,
+    site_folder,
     weighted_average,
 )
 from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetric_kl
@@ -167,8 +167,7 @@ class FedCRLDTrainer(SiteTrainer):
         check_choice(cfg, "aggregation", AGGREGATIONS)
         if not 0.0 <= float(cfg["history_momentum"]) <= 1.0:
             raise ValueError(f"history_momentum must be in [0, 1], got {cfg['history_momentum']}")
-        self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
-        self.site_dir = Path(cfg["workdir"] or self._tmp.name) / site
+        self.site_dir, self._tmp = site_folder(cfg["workdir"], site)
         self.site_dir.mkdir(parents=True, exist_ok=True)
         self.workflow, train, val = labelled_workflow(
             cfg, datalist, site, self.device, self.site_dir, network_overrides(cfg), int(cfg["local_epochs"])

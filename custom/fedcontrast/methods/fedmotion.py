@@ -40,7 +40,6 @@ the encoder; True: also the decoder blocks, from ``pretrained_decoder.pt``).
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fedcontrast.methods.base import Message
+from fedcontrast.methods.base import Message, site_folder
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
@@ -189,12 +188,12 @@ class MotionSegTrainer(SupervisedBundleTrainer):
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         cfg = motion_config(config)
-        # one work folder for the masks and the bundle's checkpoints and logs
-        self._workdir = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
-        cfg["workdir"] = cfg["workdir"] or self._workdir.name
-        folder = Path(cfg["workdir"]) / site / "motion_masks"
+        # one work folder for the masks and, through cfg["workdir"], the bundle's checkpoints and logs
+        folder, self._workdir = site_folder(cfg["workdir"], site)
+        cfg["workdir"] = str(folder.parent)
         smooth_mm, iterations = float(cfg["smooth_mm"]), int(cfg["kmeans_iterations"])
-        super().__init__(cfg, motion_entries(datalist, site, folder, smooth_mm, iterations), site, device)
+        entries = motion_entries(datalist, site, folder / "motion_masks", smooth_mm, iterations)
+        super().__init__(cfg, entries, site, device)
 
     @classmethod
     def initial_message(cls, config: Mapping[str, Any]) -> Message:

@@ -40,7 +40,6 @@ network state dict that the bundle's evaluation and inference load.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +52,14 @@ from monai.data import get_track_meta, set_track_meta
 from monai.handlers import from_engine
 
 from fedcontrast.data.datalist import held_out, split_validation
-from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.base import (
+    Message,
+    SiteTrainer,
+    SiteUpdate,
+    message_to_state_dict,
+    pack,
+    site_folder,
+)
 from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
@@ -176,8 +182,7 @@ class SupervisedBundleTrainer(SiteTrainer):
         merged = merge_config(DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
-        self._tmp = None if cfg["workdir"] else tempfile.TemporaryDirectory(prefix=f"fedcontrast-{site}-")
-        workdir = Path(cfg["workdir"] or self._tmp.name) / site
+        workdir, self._tmp = site_folder(cfg["workdir"], site)
         local_steps = int(cfg["local_steps"])
         local_epochs = 1 if local_steps else int(cfg["local_epochs"])
         self.epochs_per_round = local_epochs
