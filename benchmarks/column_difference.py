@@ -15,8 +15,16 @@ With ``--split validation`` the pairs are the validation patients' rows, read fr
 folders' ``rows.jsonl`` (``results.json`` keeps random init's validation rows only; the runs must
 have been made with ``--validation all``).
 
+``--also RUN_A RUN_B`` (repeatable) adds the same two columns on another phantom and split (runs
+that differ from the first pair in ``--data-seed`` too) and pools the pairs: a pair's seed becomes
+``d<data seed>/s<run seed>``, each (data seed, run seed) its own unit, as in
+:mod:`pooled_difference`:
+
+    python benchmarks/column_difference.py D0_A fcl D0_B fedmotion --also D1_A D1_B --also D2_A D2_B \
+        --split validation --out benchmarks/results/label_efficiency_ablations/fcl_after_motion/pooled
+
 Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
-pre-training (``--free``), or whose random init rows differ.
+pre-training (``--free``), or whose random init rows differ, and pooled pairs that share a data seed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +76,20 @@ def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "t
 
 
 def column_difference(
-    a: dict[str, Any], method_a: str, b: dict[str, Any], method_b: str, split: str = "test"
+    runs: Sequence[tuple[dict[str, Any], dict[str, Any]]], method_a: str, method_b: str, split: str = "test"
 ) -> list[dict]:
-    """Per (mode, readout, N) both hold on ``split``: :func:`summarise` of ``method_a`` (run ``a``)
-    minus ``method_b`` (run ``b``)."""
+    """Per (mode, readout, N) the runs hold on ``split``: :func:`summarise` of ``method_a`` (the
+    first run of each pair in ``runs``) minus ``method_b`` (the second), pooled over the pairs
+    (one per data seed; a seed is ``d<data seed>/s<run seed>`` when there are several)."""
     tag_a, tag_b = f"A:{method_a}", f"B:{method_b}"
-    rows = [{**r, "method": tag_a} for r in final_rows(a, method_a, split)]
-    rows += [{**r, "method": tag_b} for r in final_rows(b, method_b, split)]
+    rows = []
+    for a, b in runs:
+        prefix = f"d{a['config'].get('data_seed', 0)}/s" if len(runs) > 1 else ""
+        for run, method, tag in ((a, method_a, tag_a), (b, method_b, tag_b)):
+            rows += [
+                {**r, "method": tag, "seed": f"{prefix}{r['seed']}" if prefix else r["seed"]}
+                for r in final_rows(run, method, split)
+            ]
     pairs = paired_differences(rows, tag_a, tag_b)
     cells = sorted({tuple(p[k] for k in CELL) for p in pairs})
     return [
@@ -88,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("method_a")
     parser.add_argument("run_b", type=Path)
     parser.add_argument("method_b")
+    parser.add_argument(
+        "--also",
+        nargs=2,
+        action="append",
+        type=Path,
+        default=[],
+        metavar=("RUN_A", "RUN_B"),
+        help="the two columns' runs on another data seed, pooled",
+    )
     parser.add_argument("--free", nargs="*", default=list(FREE), help="settings the runs may differ in")
     parser.add_argument(
         "--split",
@@ -98,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
     load = load_folder if args.split == "validation" else load_run
-    a, b = load(args.run_a), load(args.run_b)
-    check_comparable({args.run_a: a, args.run_b: b}, tuple(args.free))
-    shared = check_same_random_init(a, b, args.split)
-    cells = column_difference(a, args.method_a, b, args.method_b, args.split)
+    folders = [(args.run_a, args.run_b), *map(tuple, args.also)]
+    runs = [(load(a), load(b)) for a, b in folders]
+    for (path_a, path_b), (a, b) in zip(folders, runs, strict=True):
+        check_comparable({path_a: a, path_b: b}, tuple(args.free))
+    check_comparable({path_a: a for (path_a, _), (a, _) in zip(folders, runs)}, (*args.free, "data_seed"))
+    data_seeds = [a["config"].get("data_seed", 0) for a, _ in runs]
+    if len(set(data_seeds)) < len(data_seeds):
+        raise ValueError(f"pooled pairs share a data seed ({data_seeds}): not replications")
+    shared = sum(check_same_random_init(a, b, args.split) for a, b in runs)
+    cells = column_difference(runs, args.method_a, args.method_b, args.split)
     if not cells:
         raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
     document = {
@@ -109,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + shlex.join(sys.argv),
         "a": {"run": str(args.run_a), "method": args.method_a},
         "b": {"run": str(args.run_b), "method": args.method_b},
+        "also": [[str(a), str(b)] for a, b in args.also],
+        "data_seeds": data_seeds,
         "split": args.split,
         "identical_random_init_rows": shared,
         "cells": cells,
@@ -116,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
     lines = [
-        f"# {args.method_a} (`{args.run_a}`) minus {args.method_b} (`{args.run_b}`)\n",
+        f"# {args.method_a} (`{args.run_a}`) minus {args.method_b} (`{args.run_b}`)"
+        + (f", pooled over data seeds {data_seeds}" if args.also else "")
+        + "\n",
         f"Written by `{document['command']}`. Random init's {shared} final {args.split} rows are identical "
         "in both runs, so the columns pair like two columns of one run (95% bootstrap over seeds x sites).\n",
         "| mode | readout | N | difference | (seed, site) pairs |",
