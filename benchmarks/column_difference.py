@@ -15,12 +15,12 @@ With ``--split validation`` the pairs are the validation patients' rows, read fr
 folders' ``rows.jsonl`` (``results.json`` keeps random init's validation rows only; the runs must
 have been made with ``--validation all``).
 
-``--also RUN_A RUN_B`` (repeatable) adds the same two columns on another phantom and split (runs
-that differ from the first pair in ``--data-seed`` too) and pools the pairs: a pair's seed becomes
-``d<data seed>/s<run seed>``, each (data seed, run seed) its own unit, as in
-:mod:`pooled_difference`:
+``--also RUN_A METHOD_A RUN_B METHOD_B`` (repeatable) adds the two columns on another phantom and
+split (runs that differ from the first pair in ``--data-seed`` too; a column may be named
+otherwise there) and pools the pairs: a pair's seed becomes ``d<data seed>/s<run seed>``, each
+(data seed, run seed) its own unit, as in :mod:`pooled_difference`:
 
-    python benchmarks/column_difference.py D0_A fcl D0_B fedmotion --also D1_A D1_B --also D2_A D2_B \
+    python benchmarks/column_difference.py D0_A fcl D0_B fedmotion --also D1_A fcl D1_B fedmotion \
         --split validation --out benchmarks/results/label_efficiency_ablations/fcl_after_motion/pooled
 
 Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
@@ -76,21 +76,27 @@ def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "t
 
 
 def column_difference(
-    runs: Sequence[tuple[dict[str, Any], dict[str, Any]]], method_a: str, method_b: str, split: str = "test"
+    runs: Sequence[tuple[dict[str, Any], str, dict[str, Any], str]], split: str = "test"
 ) -> list[dict]:
-    """Per (mode, readout, N) the runs hold on ``split``: :func:`summarise` of ``method_a`` (the
-    first run of each pair in ``runs``) minus ``method_b`` (the second), pooled over the pairs
-    (one per data seed; a seed is ``d<data seed>/s<run seed>`` when there are several)."""
-    tag_a, tag_b = f"A:{method_a}", f"B:{method_b}"
+    """Per (mode, readout, N) the runs hold on ``split``: :func:`summarise` of column A minus column
+    B, pooled over ``runs``' ``(run_a, method_a, run_b, method_b)`` (one per data seed; a seed is
+    ``d<data seed>/s<run seed>`` when there are several).
+
+    Raises:
+        ValueError: a run lacks its column's rows on ``split`` (the run's data seed named).
+    """
     rows = []
-    for a, b in runs:
-        prefix = f"d{a['config'].get('data_seed', 0)}/s" if len(runs) > 1 else ""
-        for run, method, tag in ((a, method_a, tag_a), (b, method_b, tag_b)):
+    for run_a, method_a, run_b, method_b in runs:
+        data_seed = run_a["config"].get("data_seed", 0)
+        prefix = f"d{data_seed}/s" if len(runs) > 1 else ""
+        for run, method, tag in ((run_a, method_a, "A"), (run_b, method_b, "B")):
+            found = final_rows(run, method, split)
+            if not found:
+                raise ValueError(f"data seed {data_seed}: no {split} rows of {method} in its run {tag}")
             rows += [
-                {**r, "method": tag, "seed": f"{prefix}{r['seed']}" if prefix else r["seed"]}
-                for r in final_rows(run, method, split)
+                {**r, "method": tag, "seed": f"{prefix}{r['seed']}" if prefix else r["seed"]} for r in found
             ]
-    pairs = paired_differences(rows, tag_a, tag_b)
+    pairs = paired_differences(rows, "A", "B")
     cells = sorted({tuple(p[k] for k in CELL) for p in pairs})
     return [
         {**dict(zip(CELL, cell)), **summarise([p for p in pairs if tuple(p[k] for k in CELL) == cell])}
@@ -106,12 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("method_b")
     parser.add_argument(
         "--also",
-        nargs=2,
+        nargs=4,
         action="append",
-        type=Path,
         default=[],
-        metavar=("RUN_A", "RUN_B"),
-        help="the two columns' runs on another data seed, pooled",
+        metavar=("RUN_A", "METHOD_A", "RUN_B", "METHOD_B"),
+        help="the two columns on another data seed, pooled",
     )
     parser.add_argument("--free", nargs="*", default=list(FREE), help="settings the runs may differ in")
     parser.add_argument(
@@ -123,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
     load = load_folder if args.split == "validation" else load_run
-    folders = [(args.run_a, args.run_b), *map(tuple, args.also)]
-    runs = [(load(a), load(b)) for a, b in folders]
-    for (path_a, path_b), (a, b) in zip(folders, runs, strict=True):
+    columns = [(args.run_a, args.method_a, args.run_b, args.method_b)]
+    columns += [(Path(a), method_a, Path(b), method_b) for a, method_a, b, method_b in args.also]
+    runs = [(load(a), method_a, load(b), method_b) for a, method_a, b, method_b in columns]
+    for (path_a, _, path_b, _), (a, _, b, _) in zip(columns, runs, strict=True):
         check_comparable({path_a: a, path_b: b}, tuple(args.free))
-    check_comparable({path_a: a for (path_a, _), (a, _) in zip(folders, runs)}, (*args.free, "data_seed"))
-    data_seeds = [a["config"].get("data_seed", 0) for a, _ in runs]
+    check_comparable({c[0]: r[0] for c, r in zip(columns, runs, strict=True)}, (*args.free, "data_seed"))
+    data_seeds = [a["config"].get("data_seed", 0) for a, *_ in runs]
     if len(set(data_seeds)) < len(data_seeds):
         raise ValueError(f"pooled pairs share a data seed ({data_seeds}): not replications")
-    shared = sum(check_same_random_init(a, b, args.split) for a, b in runs)
-    cells = column_difference(runs, args.method_a, args.method_b, args.split)
+    shared = sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs)
+    cells = column_difference(runs, args.split)
     if not cells:
         raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
     document = {
@@ -140,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + shlex.join(sys.argv),
         "a": {"run": str(args.run_a), "method": args.method_a},
         "b": {"run": str(args.run_b), "method": args.method_b},
-        "also": [[str(a), str(b)] for a, b in args.also],
+        "also": [
+            {"a": {"run": a, "method": ma}, "b": {"run": b, "method": mb}} for a, ma, b, mb in args.also
+        ],
         "data_seeds": data_seeds,
         "split": args.split,
         "identical_random_init_rows": shared,

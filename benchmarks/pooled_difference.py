@@ -39,14 +39,14 @@ READOUTS = {"finetune": "full fine-tuning", "probe": "frozen-encoder probe"}
 SPLITS = ("validation", "test")
 
 
-def pooled_rows(folders: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
+def pooled_rows(folders: list[Path], free: tuple[str, ...] = FREE) -> tuple[list[dict[str, Any]], list[int]]:
     """Every row of the run ``folders``, each seed renamed ``d<data seed>/s<seed>``; and the data seeds.
 
     Raises:
-        ValueError: settings that differ in more than :data:`FREE`, or a data seed found twice.
+        ValueError: settings that differ in more than ``free``, or a data seed found twice.
     """
     loaded = {folder: merge_runs([folder])[:2] for folder in folders}
-    check_comparable({folder: {"config": config} for folder, (config, _) in loaded.items()}, free=FREE)
+    check_comparable({folder: {"config": config} for folder, (config, _) in loaded.items()}, free=free)
     data_seeds = [config.get("data_seed", 0) for config, _ in loaded.values()]
     if len(set(data_seeds)) < len(data_seeds):
         raise ValueError(
@@ -60,9 +60,12 @@ def pooled_rows(folders: list[Path]) -> tuple[list[dict[str, Any]], list[int]]:
     return rows, data_seeds
 
 
-def pooled(folders: list[Path], method: str, n_labeled: int, n_boot: int = N_BOOT) -> dict[str, Any]:
-    """``{readout: {split: {mode: summary}}}`` of ``method`` minus random init over the runs' pairs."""
-    rows, data_seeds = pooled_rows(folders)
+def pooled(
+    folders: list[Path], method: str, n_labeled: int, n_boot: int = N_BOOT, free: tuple[str, ...] = FREE
+) -> dict[str, Any]:
+    """``{readout: {split: {mode: summary}}}`` of ``method`` minus random init over the runs' pairs
+    (runs that differ in no setting but ``free``)."""
+    rows, data_seeds = pooled_rows(folders, free)
     cells = {
         readout: {
             split: differences(rows, method, n_labeled, split, None, n_boot, readout) for split in SPLITS
@@ -111,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", required=True)
     parser.add_argument("--n", type=int, default=1, help="labelled volumes per site")
     parser.add_argument("--n-boot", type=int, default=N_BOOT)
+    parser.add_argument(
+        "--free",
+        nargs="*",
+        default=list(FREE),
+        help="settings the runs may differ in (e.g. pretrain_overrides: an encoder file per phantom)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
     command = "python benchmarks/pooled_difference.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
-    result = {"command": command, **pooled(args.runs, args.method, args.n, args.n_boot)}
+    result = {"command": command, **pooled(args.runs, args.method, args.n, args.n_boot, tuple(args.free))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = markdown(result, command)

@@ -94,14 +94,26 @@ def test_validation_pairs_come_from_the_run_folders_rows(tmp_path):
 
 def test_pairs_of_another_data_seed_are_pooled_as_their_own_units(tmp_path):
     """``--also`` adds the columns on another phantom: seed 0 of data seed 0 and seed 0 of data seed 1
-    are two units, and pairs that share a data seed are refused."""
+    are two units; pairs that share a data seed, and a column missing from its run, are refused."""
     first = {(0, "site-1"): 0.50, (1, "site-1"): 0.60}
     a0 = run(tmp_path / "a0", "fcl", first, data_seed=0)
     b0 = run(tmp_path / "b0", "ceiling", {k: v + 0.10 for k, v in first.items()}, data_seed=0)
     a1 = run(tmp_path / "a1", "fcl", first, data_seed=1)
     b1 = run(tmp_path / "b1", "ceiling", {k: v - 0.02 for k, v in first.items()}, data_seed=1)
     out = tmp_path / "pooled"
-    args = [str(a0), "fcl", str(b0), "ceiling", "--also", str(a1), str(b1), "--out", str(out)]
+    args = [
+        str(a0),
+        "fcl",
+        str(b0),
+        "ceiling",
+        "--also",
+        str(a1),
+        "fcl",
+        str(b1),
+        "ceiling",
+        "--out",
+        str(out),
+    ]
     assert column_difference.main(args) == 0
     document = json.loads(out.with_suffix(".json").read_text())
     (cell,) = document["cells"]
@@ -109,6 +121,21 @@ def test_pairs_of_another_data_seed_are_pooled_as_their_own_units(tmp_path):
     assert cell["mean"] == pytest.approx((-0.10 * 2 + 0.02 * 2) / 4)
     assert document["data_seeds"] == [0, 1] and document["identical_random_init_rows"] == 4
     assert "pooled over data seeds [0, 1]" in out.with_suffix(".md").read_text()
-    again = [str(a0), "fcl", str(b0), "ceiling", "--also", str(a0), str(b0), "--out", str(out)]
+    again = [
+        str(a0),
+        "fcl",
+        str(b0),
+        "ceiling",
+        "--also",
+        str(a0),
+        "fcl",
+        str(b0),
+        "ceiling",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(ValueError, match="share a data seed"):
         column_difference.main(again)
+    misnamed = [*args[:5], str(a1), "fcl", str(b1), "supervised", "--out", str(out)]
+    with pytest.raises(ValueError, match="data seed 1: no test rows of supervised in its run B"):
+        column_difference.main(misnamed)

@@ -58,3 +58,15 @@ def test_runs_of_one_data_seed_or_other_settings_are_refused(tmp_path):
         pooled_difference.pooled([a, run(tmp_path / "b", 0, 0.06)], "fcl", 1, n_boot=10)
     with pytest.raises(ValueError, match="finetune_lr"):
         pooled_difference.pooled([a, run(tmp_path / "c", 1, 0.06, finetune_lr=1e-3)], "fcl", 1, n_boot=10)
+
+
+def test_runs_pre_trained_from_one_encoder_file_per_phantom_pool_only_when_told(tmp_path):
+    """Columns started from each phantom's own encoder (``initial_encoder``) differ in
+    ``pretrain_overrides``: refused by default, pooled with ``--free ... pretrain_overrides``."""
+    a = run(tmp_path / "a", 0, 0.02, pretrain_overrides={"initial_encoder": "d0/fedmotion_s{seed}.pt"})
+    b = run(tmp_path / "b", 1, 0.06, pretrain_overrides={"initial_encoder": "d1/fedmotion_s{seed}.pt"})
+    with pytest.raises(ValueError, match="pretrain_overrides"):
+        pooled_difference.pooled([a, b], "fcl", 1, n_boot=10)
+    free = ("data_seed", "methods", "pretrain_overrides")
+    result = pooled_difference.pooled([a, b], "fcl", 1, n_boot=10, free=free)
+    assert result["cells"]["finetune"]["test"]["federated"]["mean"] == pytest.approx(0.04)
