@@ -32,8 +32,9 @@ contrastive trainers' loop; section 18) gained nothing on validation and was rep
 Configuration (:data:`DEFAULTS`): ``supervised``'s keys (its ``lr`` 3e-3 and a step of
 ``batch_size`` 4 volumes x ``bundle.samples_per_volume`` 2 slices: the benchmark's fine-tuning
 recipe, chosen on random init's validation curves), ``smooth_mm`` (in-plane Gaussian sigma
-of the motion map, mm; 6 kept over 12 on validation, ablations README section 22), ``kmeans_iterations`` and ``decoder_handover`` (False: fine-tuning takes
-the encoder; True: also the decoder blocks, from ``pretrained_decoder.pt``).
+of the motion map, mm; 6 kept over 12 on validation, ablations README section 22),
+``kmeans_iterations`` and ``decoder_handover`` (False: fine-tuning takes the encoder; True: also
+the decoder blocks, from ``pretrained_decoder.pt``).
 ``bundle.labels`` is always still and moving.
 """
 
