@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from data_per_site import check_comparable, load_run
+from pooled_difference import pooled_seed, replication_seeds
 
 from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
@@ -85,16 +86,16 @@ def column_difference(
     Raises:
         ValueError: a run lacks its column's rows on ``split`` (the run's data seed named).
     """
-    rows = []
+    rows, pooled = [], len(runs) > 1
     for run_a, method_a, run_b, method_b in runs:
         data_seed = run_a["config"].get("data_seed", 0)
-        prefix = f"d{data_seed}/s" if len(runs) > 1 else ""
         for run, method, tag in ((run_a, method_a, "A"), (run_b, method_b, "B")):
             found = final_rows(run, method, split)
             if not found:
                 raise ValueError(f"data seed {data_seed}: no {split} rows of {method} in its run {tag}")
             rows += [
-                {**r, "method": tag, "seed": f"{prefix}{r['seed']}" if prefix else r["seed"]} for r in found
+                {**r, "method": tag, "seed": pooled_seed(data_seed, r["seed"]) if pooled else r["seed"]}
+                for r in found
             ]
     pairs = paired_differences(rows, "A", "B")
     cells = sorted({tuple(p[k] for k in CELL) for p in pairs})
@@ -134,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for (path_a, _, path_b, _), (a, _, b, _) in zip(columns, runs, strict=True):
         check_comparable({path_a: a, path_b: b}, tuple(args.free))
     check_comparable({c[0]: r[0] for c, r in zip(columns, runs, strict=True)}, (*args.free, "data_seed"))
-    data_seeds = [a["config"].get("data_seed", 0) for a, *_ in runs]
-    if len(set(data_seeds)) < len(data_seeds):
-        raise ValueError(f"pooled pairs share a data seed ({data_seeds}): not replications")
+    data_seeds = replication_seeds([a["config"] for a, *_ in runs], "pooled pairs")
     shared = sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs)
     cells = column_difference(runs, args.split)
     if not cells:

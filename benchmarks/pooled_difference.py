@@ -39,6 +39,23 @@ READOUTS = {"finetune": "full fine-tuning", "probe": "frozen-encoder probe"}
 SPLITS = ("validation", "test")
 
 
+def replication_seeds(configs: list[dict[str, Any]], runs: str) -> list[int]:
+    """The data seed of each run configuration in ``configs``.
+
+    Raises:
+        ValueError: two runs share a data seed (``runs`` names them): they are not replications.
+    """
+    data_seeds = [config.get("data_seed", 0) for config in configs]
+    if len(set(data_seeds)) < len(data_seeds):
+        raise ValueError(f"{runs} share a data seed ({data_seeds}): not replications")
+    return data_seeds
+
+
+def pooled_seed(data_seed: int, seed: Any) -> str:
+    """A run seed as a unit of its own across phantoms: ``d<data seed>/s<seed>``."""
+    return f"d{data_seed}/s{seed}"
+
+
 def pooled_rows(folders: list[Path], free: tuple[str, ...] = FREE) -> tuple[list[dict[str, Any]], list[int]]:
     """Every row of the run ``folders``, each seed renamed ``d<data seed>/s<seed>``; and the data seeds.
 
@@ -47,14 +64,11 @@ def pooled_rows(folders: list[Path], free: tuple[str, ...] = FREE) -> tuple[list
     """
     loaded = {folder: merge_runs([folder])[:2] for folder in folders}
     check_comparable({folder: {"config": config} for folder, (config, _) in loaded.items()}, free=free)
-    data_seeds = [config.get("data_seed", 0) for config, _ in loaded.values()]
-    if len(set(data_seeds)) < len(data_seeds):
-        raise ValueError(
-            f"runs {[str(f) for f in folders]} share a data seed ({data_seeds}): not replications"
-        )
+    configs = [config for config, _ in loaded.values()]
+    data_seeds = replication_seeds(configs, f"runs {[str(f) for f in folders]}")
     rows = [
-        {**row, "seed": f"d{config.get('data_seed', 0)}/s{row['seed']}"}
-        for config, run_rows in loaded.values()
+        {**row, "seed": pooled_seed(data_seed, row["seed"])}
+        for data_seed, (_, run_rows) in zip(data_seeds, loaded.values(), strict=True)
         for row in run_rows
     ]
     return rows, data_seeds
