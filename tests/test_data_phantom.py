@@ -210,3 +210,23 @@ def test_cine_series_holds_the_frame_files_and_contracts_over_the_cycle(tmp_path
         np.testing.assert_array_equal(frames[..., index], np.asarray(nib.load(plain / name).dataobj))
     assert not (plain / "patient001_4d.nii.gz").exists()
     assert len({frames[..., f].tobytes() for f in range(frames.shape[-1])}) == frames.shape[-1]
+
+
+def test_outflow_tracts_change_only_the_base():
+    planned, anatomy = DIFFICULTIES["realistic_planned"], DIFFICULTIES["realistic_anatomy"]
+    scanner = draw_scanner("s", 1, 0, "small", difficulty=planned)
+    for number in range(1, 4):
+        before = plan_stack(scanner, draw_patient(0, 1, number, planned))
+        after = plan_stack(scanner, draw_patient(0, 1, number, anatomy))
+        assert after[1].heart["length"] == before[1].heart["length"] and after[0] == before[0]
+        (image_0, label_0), (image_1, label_1) = render(*before, "ED"), render(*after, "ED")
+        length = before[1].heart["length"]
+        t = (np.arange(before[0].n_slices) * before[0].spacing[2] - 0.05 * length) / length
+        basal = (t >= 0) & (t < 0.2)
+        # The base: the LV ring opens (less myocardium, more LV cavity) and the RV widens.
+        assert (label_1[..., basal] == 2).sum() < (label_0[..., basal] == 2).sum()
+        assert (label_1[..., basal] == 3).sum() > (label_0[..., basal] == 3).sum()
+        assert (label_1[..., basal] == 1).sum() > (label_0[..., basal] == 1).sum()
+        # From a quarter of the length on the labels do not change; above the base the right atrium appears.
+        assert np.array_equal(label_1[..., t >= 0.25], label_0[..., t >= 0.25])
+        assert not np.array_equal(image_1[..., t < 0], image_0[..., t < 0])

@@ -35,7 +35,8 @@ curve on it (against the published one) is in ``benchmarks/results/phantom_diffi
 written by ``benchmarks/phantom_difficulty.py``. ``"realistic_planned"`` is
 ``"realistic"`` with each patient's stack planned from just above the base to the apex
 (:func:`plan_stack`: per-patient slice count and spacing, as a technician plans a cine
-stack), so that a slice's place in its stack tells where it lies on the long axis.
+stack), so that a slice's place in its stack tells where it lies on the long axis;
+``"realistic_anatomy"`` adds a distinct base to it (outflow tracts, both atria).
 
 Everything is drawn from ``numpy.random.SeedSequence`` streams keyed by
 ``(seed, site, patient)``, so a patient's volumes do not depend on how many
@@ -133,6 +134,11 @@ class Difficulty:
             from just above the base to the apex, so a slice's place in the stack says where it
             lies on the long axis. Otherwise every stack has the site's slice spacing and count
             and starts at a random height on the heart (``base_offset``).
+        outflow_tracts: draw the basal quarter of the ventricles as a real base looks: the LV
+            ring opens into the outflow tract towards the aortic root (blood, labelled LV, as
+            the cavity) and the RV widens into its outflow tract around the front of the LV;
+            above the base the right atrium lies beside the left. No random draw changes, so
+            the patients are those of the same difficulty without it.
     """
 
     heart_shift_mm: float = 12.0
@@ -148,6 +154,7 @@ class Difficulty:
     noise: tuple[float, float] = (0.03, 0.08)
     blur: tuple[tuple[float, float], tuple[float, float]] = ((0.4, 1.0), (0.15, 0.4))
     planned_stack: bool = False
+    outflow_tracts: bool = False
 
 
 #: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's (candidate "A" of
@@ -171,6 +178,9 @@ DIFFICULTIES: dict[str, Difficulty] = {
 }
 #: ``realistic`` with stacks planned base to apex (the partition-signal ablation of issue 10).
 DIFFICULTIES["realistic_planned"] = replace(DIFFICULTIES["realistic"], planned_stack=True)
+#: ``realistic_planned`` with a distinct base (outflow tracts, both atria): the long-axis anatomy
+#: ablation of issue 10.
+DIFFICULTIES["realistic_anatomy"] = replace(DIFFICULTIES["realistic_planned"], outflow_tracts=True)
 
 
 def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
@@ -320,6 +330,7 @@ def draw_patient(
         "es_ratio": es_ratio * rng.uniform(0.95, 1.05),
         "es_wall": rng.uniform(1.3, 1.5),
         "rotation": np.deg2rad(rng.uniform(-25.0, 25.0) * d.heart_rotation_deg / 25.0),
+        "outflow_tracts": d.outflow_tracts,
     }
     body = {
         "axes": rng.uniform([150.0, 100.0], [185.0, 130.0]),
@@ -469,7 +480,12 @@ def render_frame(
     r_endo = lv_radius * shape * endo_taper
     r_epi = (lv_radius * shape + thickness) * epi_taper
     lv_cavity = r < r_endo
-    lv_wall = (r >= r_endo) & (r < r_epi)
+    # Basal quarter (outflow_tracts): 1 at the base, 0 from a quarter of the length on.
+    basal = np.clip(1.0 - tc / 0.25, 0.0, 1.0) * in_heart if h.get("outflow_tracts") else np.zeros_like(tc)
+    aortic_angle = h["rv_angle"] - 0.9
+    outflow = np.abs(np.angle(np.exp(1j * (theta - aortic_angle)))) < 0.7 * basal
+    lv_cavity |= outflow & (r < r_epi)  # the LV ring opens towards the aortic root
+    lv_wall = (r >= r_endo) & (r < r_epi) & ~lv_cavity
 
     # Papillary muscles: two myocardium-grey blobs inside the cavity (labelled LV, as in ACDC).
     papillary = np.zeros_like(lv_cavity)
@@ -484,11 +500,12 @@ def render_frame(
     # RV: an ellipse beside the septum minus the LV, i.e. a crescent; a thin free wall around it.
     outer = lv_radius + wall
     rv_taper = np.sqrt(np.clip(1.0 - (tc / h["rv_end"]) ** 2, 0.0, 1.0)) * in_heart
-    depth = outer * h["rv_depth"] * _lerp(1.0, 0.8, c) * rv_taper + 1e-3
-    width = outer * h["rv_width"] * _lerp(1.0, 0.9, c) * rv_taper + 1e-3
+    depth = outer * h["rv_depth"] * _lerp(1.0, 0.8, c) * (1.0 + 0.3 * basal) * rv_taper + 1e-3
+    width = outer * h["rv_width"] * _lerp(1.0, 0.9, c) * (1.0 + 0.5 * basal) * rv_taper + 1e-3
     along, across = _rotate(hx, hy, h["rv_angle"])
     rho = np.sqrt(((along - outer * epi_taper) / depth) ** 2 + (across / width) ** 2)
-    rv_cavity = (rho < 1.0) & ~(lv_cavity | lv_wall) & (rv_taper > 0.05)
+    outflow_septum = outflow & (r >= r_epi) & (r < r_epi + h["rv_wall"])  # between the two outflow tracts
+    rv_cavity = (rho < 1.0) & ~(lv_cavity | lv_wall | outflow_septum) & (rv_taper > 0.05)
     rv_free_wall = (rho < 1.0 + h["rv_wall"] / width) & ~(lv_cavity | lv_wall | rv_cavity) & (rv_taper > 0.05)
     heart = lv_cavity | lv_wall | rv_cavity | rv_free_wall
     fat_width = h["epicardial_fat"] * (0.6 + 0.5 * np.cos(2 * theta - p2))
@@ -538,7 +555,10 @@ def render_frame(
     _paint(
         tissue, _in_ellipse(hx, hy, (-0.1 * outer, -0.45 * outer), (0.9 * outer, 0.75 * outer)) & above, BLOOD
     )
-    for angle in (h["rv_angle"] - 0.9, h["rv_angle"] + 0.4):  # aortic root, pulmonary trunk
+    if h.get("outflow_tracts"):  # right atrium, beside the RV
+        centre = (1.1 * outer * np.cos(h["rv_angle"] + 0.5), 1.1 * outer * np.sin(h["rv_angle"] + 0.5))
+        _paint(tissue, _in_ellipse(hx, hy, centre, (0.7 * outer, 0.6 * outer)) & above, BLOOD)
+    for angle in (aortic_angle, h["rv_angle"] + 0.4):  # aortic root, pulmonary trunk
         centre = (1.05 * outer * np.cos(angle), 1.05 * outer * np.sin(angle))
         _paint(tissue, _in_ellipse(hx, hy, centre, (13.0, 13.0)) & above, BLOOD)
     # Heart.
