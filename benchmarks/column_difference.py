@@ -23,8 +23,17 @@ otherwise there) and pools the pairs: a pair's seed becomes ``d<data seed>/s<run
     python benchmarks/column_difference.py D0_A fcl D0_B fedmotion --also D1_A fcl D1_B fedmotion \
         --split validation --out benchmarks/results/label_efficiency_ablations/fcl_after_motion/pooled
 
+``--gains`` compares what the two columns gain instead: each column minus random init of its own
+run, then A minus B, per (seed, site) pair. It is for runs on the same patients, splits and seeds
+whose random init differs because the data does (e.g. two phantom difficulties that draw the same
+patients, with ``--free difficulty methods``): does a method gain more on one than on the other?
+
+    python benchmarks/column_difference.py ANATOMY fcl PLANNED fcl --gains --free difficulty methods \
+        --out benchmarks/results/label_efficiency_ablations/anatomy/gain_anatomy_minus_planned
+
 Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
-pre-training (``--free``), or whose random init rows differ, and pooled pairs that share a data seed.
+pre-training (``--free``), or whose random init rows differ (without ``--gains``), and pooled pairs
+that share a data seed.
 """
 
 from __future__ import annotations
@@ -76,21 +85,31 @@ def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "t
     return len(common)
 
 
+def gain_rows(run: dict[str, Any], method: str, split: str = "test") -> list[dict[str, Any]]:
+    """The run's final-checkpoint rows of ``method`` on ``split``, each scored as its Dice minus
+    that of the run's random init row of the same (seed, site, cell)."""
+    rows = final_rows(run, method, split) + final_rows(run, "random_init", split)
+    pairs = paired_differences(rows, method)
+    return [{**pair, "method": method, "dice_mean": pair["difference"]} for pair in pairs]
+
+
 def column_difference(
-    runs: Sequence[tuple[dict[str, Any], str, dict[str, Any], str]], split: str = "test"
+    runs: Sequence[tuple[dict[str, Any], str, dict[str, Any], str]], split: str = "test", gains: bool = False
 ) -> list[dict]:
     """Per (mode, readout, N) the runs hold on ``split``: :func:`summarise` of column A minus column
     B, pooled over ``runs``' ``(run_a, method_a, run_b, method_b)`` (one per data seed; a seed is
-    ``d<data seed>/s<run seed>`` when there are several).
+    ``d<data seed>/s<run seed>`` when there are several). With ``gains``, each column is first
+    scored against its own run's random init (:func:`gain_rows`).
 
     Raises:
         ValueError: a run lacks its column's rows on ``split`` (the run's data seed named).
     """
     rows, pooled = [], len(runs) > 1
+    column_rows = gain_rows if gains else final_rows
     for run_a, method_a, run_b, method_b in runs:
         data_seed = run_a["config"].get("data_seed", 0)
         for run, method, tag in ((run_a, method_a, "A"), (run_b, method_b, "B")):
-            found = final_rows(run, method, split)
+            found = column_rows(run, method, split)
             if not found:
                 raise ValueError(f"data seed {data_seed}: no {split} rows of {method} in its run {tag}")
             rows += [
@@ -126,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         default="test",
         help="validation: RUN_A and RUN_B are run folders",
     )
+    parser.add_argument(
+        "--gains", action="store_true", help="compare each column's gain over its own run's random init"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
     load = load_folder if args.split == "validation" else load_run
@@ -136,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         check_comparable({path_a: a, path_b: b}, tuple(args.free))
     check_comparable({c[0]: r[0] for c, r in zip(columns, runs, strict=True)}, (*args.free, "data_seed"))
     data_seeds = replication_seeds([a["config"] for a, *_ in runs], "pooled pairs")
-    shared = sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs)
-    cells = column_difference(runs, args.split)
+    shared = 0 if args.gains else sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs)
+    cells = column_difference(runs, args.split, args.gains)
     if not cells:
         raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
     document = {
@@ -150,17 +172,25 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "data_seeds": data_seeds,
         "split": args.split,
+        "gains": args.gains,
         "identical_random_init_rows": shared,
         "cells": cells,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
+    pairing = (
+        "Each column is scored minus its own run's random init on the same (seed, site), and the two gains "
+        "are paired (95% bootstrap over seeds x sites)."
+        if args.gains
+        else f"Random init's {shared} final {args.split} rows are identical in both runs, so the columns "
+        "pair like two columns of one run (95% bootstrap over seeds x sites)."
+    )
+    gain = " gain over random init" if args.gains else ""
     lines = [
-        f"# {args.method_a} (`{args.run_a}`) minus {args.method_b} (`{args.run_b}`)"
+        f"# {args.method_a}{gain} (`{args.run_a}`) minus {args.method_b}{gain} (`{args.run_b}`)"
         + (f", pooled over data seeds {data_seeds}" if args.also else "")
         + "\n",
-        f"Written by `{document['command']}`. Random init's {shared} final {args.split} rows are identical "
-        "in both runs, so the columns pair like two columns of one run (95% bootstrap over seeds x sites).\n",
+        f"Written by `{document['command']}`. {pairing}\n",
         "| mode | readout | N | difference | (seed, site) pairs |",
         "|---|---|---|---|---|",
         *(

@@ -139,3 +139,22 @@ def test_pairs_of_another_data_seed_are_pooled_as_their_own_units(tmp_path):
     misnamed = [*args[:5], str(a1), "fcl", str(b1), "supervised", "--out", str(out)]
     with pytest.raises(ValueError, match="data seed 1: no test rows of supervised in its run B"):
         column_difference.main(misnamed)
+
+
+def test_gains_pair_each_column_minus_its_own_random_init(tmp_path):
+    """``--gains``: runs whose random init differs (another phantom difficulty) compare what each
+    column gains over its own random init: (0.50 - 0.40) - (0.55 - 0.50) on seed 0's pair."""
+    a = run(tmp_path / "a", "fcl", {(0, "site-1"): 0.50, (1, "site-1"): 0.60}, difficulty="anatomy")
+    b = run(tmp_path / "b", "fcl", {(0, "site-1"): 0.55, (1, "site-1"): 0.50}, random_init=0.50)
+    out = tmp_path / "gains"
+    common = [str(a), "fcl", str(b), "fcl", "--out", str(out)]
+    with pytest.raises(ValueError, match="difficulty"):
+        column_difference.main([*common, "--gains"])
+    with pytest.raises(ValueError, match="random init's rows differ"):
+        column_difference.main([*common, "--free", "difficulty", "methods"])
+    assert column_difference.main([*common, "--gains", "--free", "difficulty", "methods"]) == 0
+    document = json.loads(out.with_suffix(".json").read_text())
+    (cell,) = document["cells"]
+    assert document["gains"] and cell["n_pairs"] == 2
+    assert cell["mean"] == pytest.approx(((0.10 - 0.05) + (0.19 - -0.01)) / 2)
+    assert "fcl gain over random init" in out.with_suffix(".md").read_text()
