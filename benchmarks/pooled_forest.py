@@ -3,7 +3,7 @@
 Reads outputs of :mod:`pooled_difference` (``LABEL=PATH``: a method minus random init, pooled over
 phantoms) and draws, per split (validation, test) and cell (local and federated full fine-tuning,
 the federated frozen-encoder probe), each entry's mean difference with its 95% bootstrap interval
-over the pairs, on one x axis, with a line at 0 and, on the full fine-tuning panels the target is
+over the pairs (one x axis per column), with a line at 0 and, on the full fine-tuning panels the target is
 set for, one at its difference (:data:`fedcontrast.bench.report.TARGET`). Writes ``<out>.png`` and
 the same numbers as ``<out>.md``.
 
@@ -63,7 +63,7 @@ def plot(entries: list[tuple[str, dict[str, Any]]], n_labeled: int, path: Path) 
     """The figure: one row per split, one column per cell of :data:`CELLS`; entries top to bottom."""
     plt = pyplot()
     size = (4.2 * len(CELLS), 0.9 * len(entries) + 2.0)
-    fig, axes = plt.subplots(len(SPLITS), len(CELLS), figsize=size, sharex=True)
+    fig, axes = plt.subplots(len(SPLITS), len(CELLS), figsize=size, sharex="col")
     rows = list(range(len(entries)))[::-1]
     for i, split in enumerate(SPLITS):
         for j, (readout, mode, title) in enumerate(CELLS):
