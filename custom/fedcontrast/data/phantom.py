@@ -480,12 +480,14 @@ def render_frame(
     r_endo = lv_radius * shape * endo_taper
     r_epi = (lv_radius * shape + thickness) * epi_taper
     lv_cavity = r < r_endo
-    # Basal quarter (outflow_tracts): 1 at the base, 0 from a quarter of the length on.
-    basal = np.clip(1.0 - tc / 0.25, 0.0, 1.0) * in_heart if h.get("outflow_tracts") else np.zeros_like(tc)
+    lv_wall = (r >= r_endo) & (r < r_epi)
     aortic_angle = h["rv_angle"] - 0.9
-    outflow = np.abs(np.angle(np.exp(1j * (theta - aortic_angle)))) < 0.7 * basal
-    lv_cavity |= outflow & (r < r_epi)  # the LV ring opens towards the aortic root
-    lv_wall = (r >= r_endo) & (r < r_epi) & ~lv_cavity
+    basal, outflow = np.zeros_like(tc), np.zeros_like(lv_cavity)
+    if h.get("outflow_tracts"):  # basal quarter: 1 at the base, 0 from a quarter of the length on
+        basal = np.clip(1.0 - tc / 0.25, 0.0, 1.0) * in_heart
+        outflow = np.abs(np.angle(np.exp(1j * (theta - aortic_angle)))) < 0.7 * basal
+        lv_cavity |= outflow & (r < r_epi)  # the LV ring opens towards the aortic root
+        lv_wall &= ~lv_cavity
 
     # Papillary muscles: two myocardium-grey blobs inside the cavity (labelled LV, as in ACDC).
     papillary = np.zeros_like(lv_cavity)
