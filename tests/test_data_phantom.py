@@ -230,3 +230,26 @@ def test_outflow_tracts_change_only_the_base():
         # From a quarter of the length on the labels do not change; above the base the right atrium appears.
         assert np.array_equal(label_1[..., t >= 0.25], label_0[..., t >= 0.25])
         assert not np.array_equal(image_1[..., t < 0], image_0[..., t < 0])
+
+
+def test_small_fine_draws_the_small_phantom_at_half_the_pixel_size():
+    realistic = DIFFICULTIES["realistic"]
+    for site in range(1, 4):
+        coarse = draw_scanner("s", site, 0, "small", difficulty=realistic)
+        fine = draw_scanner("s", site, 0, "small_fine", difficulty=realistic)
+        assert fine.matrix == (2 * coarse.matrix[0], 2 * coarse.matrix[1])
+        assert np.allclose(fine.spacing, (coarse.spacing[0] / 2, coarse.spacing[1] / 2, coarse.spacing[2]))
+        assert (fine.n_slices, fine.scale, fine.noise, fine.blur) == (
+            coarse.n_slices,
+            coarse.scale,
+            coarse.noise,
+            coarse.blur,
+        )
+        # The same patient: each class covers the same volume in mm^3 (within the coarse pixels' error).
+        patient = draw_patient(0, site, 1, realistic)
+        label_coarse, label_fine = render(coarse, patient, "ED")[1], render(fine, patient, "ED")[1]
+        assert label_fine.shape == (*fine.matrix, fine.n_slices)
+        for value in (1, 2, 3):
+            volume_coarse = (label_coarse == value).sum() * np.prod(coarse.spacing)
+            volume_fine = (label_fine == value).sum() * np.prod(fine.spacing)
+            assert volume_fine == pytest.approx(volume_coarse, rel=0.08)

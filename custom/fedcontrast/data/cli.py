@@ -46,7 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--patients-per-site", type=int, default=10, help="patients per site, 2 volumes each")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
-        "--size", choices=sorted(SIZES), default="small", help="small ~48x48x8, full ~200x200x10"
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="small ~48x48x8, small_fine the same at half the pixel size, full ~200x200x10",
     )
     synth.add_argument(
         "--difficulty",

@@ -64,7 +64,7 @@ LABELS: dict[str, int] = dict(ACDC_LABELS)
 #: Name of the summary file ``synthesize_dataset`` writes at the top of its output.
 SUMMARY_FILE = "phantom.json"
 
-Size = Literal["small", "full"]
+Size = Literal["small", "small_fine", "full"]
 Phase = Literal["ED", "ES"]
 
 # Tissue classes painted into a volume before it becomes intensities.
@@ -89,13 +89,18 @@ GROUPS: dict[str, tuple[float, float, float, float]] = {
 
 @dataclass(frozen=True)
 class SizePreset:
-    """Ranges a site's protocol is drawn from: matrix (voxels), field of view (mm), slices, thickness (mm)."""
+    """Ranges a site's protocol is drawn from: matrix (voxels), field of view (mm), slices, thickness (mm).
+
+    ``matrix_scale`` multiplies the drawn matrix and divides the pixel spacing: the same field of
+    view, random draws and patients at finer pixels (the in-plane blur, in voxels, shrinks in mm).
+    """
 
     matrix: tuple[int, int]
     fov_mm: tuple[float, float]
     slices: tuple[int, int]
     thickness_mm: tuple[float, float]
     centre_on_heart: bool
+    matrix_scale: int = 1
 
 
 #: Most slices any preset draws (the per-slice breath-hold jitter is drawn for this many).
@@ -104,6 +109,10 @@ MAX_SLICES = 16
 SIZES: dict[str, SizePreset] = {
     # tests: a heart-centred crop of about 48 x 48 x 8
     "small": SizePreset((44, 52), (140.0, 170.0), (7, 9), (9.0, 11.0), centre_on_heart=True),
+    # the small phantom's sites and patients at half its pixel size (about 96x96x8, 1.6 mm)
+    "small_fine": SizePreset(
+        (44, 52), (140.0, 170.0), (7, 9), (9.0, 11.0), centre_on_heart=True, matrix_scale=2
+    ),
     # realistic: the whole chest at about 200 x 200 x 10, 1.3-1.9 mm pixels
     "full": SizePreset((184, 224), (280.0, 360.0), (9, 11), (7.0, 9.5), centre_on_heart=False),
 }
@@ -257,7 +266,7 @@ def draw_scanner(
     rng = np.random.default_rng([seed, 1, index])
     nx = int(rng.integers(preset.matrix[0] // 4, preset.matrix[1] // 4 + 1)) * 4
     ny = round(nx * rng.uniform(0.85, 1.0) / 4) * 4
-    sxy = rng.uniform(*preset.fov_mm) / nx
+    sxy = rng.uniform(*preset.fov_mm) / nx / preset.matrix_scale
     jitter = rng.uniform(0.88, 1.12, size=len(SEQUENCES[sequence]))
     if site_shift != 1.0:
         jitter = np.clip(1.0 + site_shift * (jitter - 1.0), 0.05, None)
@@ -265,7 +274,7 @@ def draw_scanner(
     return Scanner(
         name=name,
         sequence=sequence,
-        matrix=(nx, ny),
+        matrix=(nx * preset.matrix_scale, ny * preset.matrix_scale),
         spacing=(float(sxy), float(sxy), float(rng.uniform(*preset.thickness_mm))),
         n_slices=int(rng.integers(preset.slices[0], preset.slices[1] + 1)),
         tissue=tissue,
@@ -673,7 +682,8 @@ def synthesize_dataset(
         sites: number of sites (hospitals).
         patients_per_site: patients per site; each gives an ED and an ES volume.
         seed: random seed; the same seed gives the same files.
-        size: ``"small"`` (about 48x48x8, for tests) or ``"full"`` (about 200x200x10).
+        size: ``"small"`` (about 48x48x8, for tests), ``"small_fine"`` (the same at half the pixel
+            size, about 96x96x8) or ``"full"`` (about 200x200x10).
         other_sequence: with three or more sites, the last site uses a gradient-echo contrast.
         sequences: each site's sequence (keys of :data:`SEQUENCES`), one per site; replaces the
             ``other_sequence`` rule.
