@@ -121,6 +121,33 @@ def test_every_budget_gets_the_same_steps_and_the_probe_freezes_the_encoder(site
     assert any(not torch.equal(torch.as_tensor(initial[k]), torch.as_tensor(after[k])) for k in decoder)
 
 
+@pytest.mark.parametrize("scale", [0.25, 0.0])
+def test_the_encoder_fine_tunes_at_its_fraction_of_the_learning_rate(site_splits, scale):
+    from fedcontrast.data.datalist import load_site_datalist
+    from fedcontrast.methods.supervised import SupervisedBundleTrainer
+
+    config = BenchConfig(**{**PROFILES["quick"], "finetune_encoder_lr_scale": scale})
+    cfg = {**config.finetune_config(FinetuneUnit(RANDOM_INIT, 0, "local", 1), ""), "local_steps": 3}
+    training = load_site_datalist(site_splits / "site-1.json")["training"][:1]
+    trainer = SupervisedBundleTrainer(cfg, training, "site-1")
+    encoder_group, rest = trainer.trainer.optimizer.param_groups
+    assert encoder_group["lr"] == pytest.approx(config.finetune_lr * scale)
+    assert rest["lr"] == config.finetune_lr
+    assert [id(p) for p in encoder_group["params"]] == [id(p) for p in trainer.network.encoder.parameters()]
+    assert len(encoder_group["params"]) + len(rest["params"]) == len(list(trainer.network.parameters()))
+
+    initial = SupervisedBundleTrainer.initial_message(cfg)
+    after = trainer.local_round(initial, 0).message
+    moved = {
+        k: not torch.equal(torch.as_tensor(initial[k]), torch.as_tensor(after[k]))
+        for k in initial
+        if k.endswith(".weight")
+    }
+    encoder_moved = [v for k, v in moved.items() if k.startswith("weights/encoder.")]
+    assert any(v for k, v in moved.items() if k.startswith("weights/up_layers."))
+    assert any(encoder_moved) if scale else not any(encoder_moved)
+
+
 @pytest.mark.parametrize(
     ("n_labeled", "volumes", "per_volume"), [(1, 1, 8), (2, 2, 4), (4, 4, 2), (8, 8, 1), (20, 8, 1)]
 )

@@ -1,5 +1,6 @@
 """fedcontrast.nets.bundle: the network, transforms and encoder of the bundle; the encoder option."""
 
+import importlib
 import logging
 
 import nibabel as nib
@@ -194,3 +195,17 @@ def test_train_config_option_refuses_an_encoder_from_another_grid(tmp_path):
     with pytest.raises(RuntimeError) as err:
         workflow.initialize()
     assert "slice_spacing: pre-trained 5.0, this network 10.0" in str(err.value.__cause__)
+
+
+def test_encoder_parameter_groups_split_only_when_the_encoder_has_its_own_rate():
+    network = build_network(overrides=TINY)  # puts the bundle root on sys.path
+    optim = importlib.import_module("scripts.optim")
+    everything = [id(p) for p in network.parameters()]
+    assert [id(p) for p in optim.encoder_parameter_groups(network, 1e-3)] == everything
+    encoder, rest = optim.encoder_parameter_groups(network, 1e-3, 0.1)
+    assert encoder["lr"] == pytest.approx(1e-4) and "lr" not in rest
+    assert sorted(id(p) for p in encoder["params"] + rest["params"]) == sorted(everything)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        optim.encoder_parameter_groups(network, 1e-3, -0.5)
+    with pytest.raises(ValueError, match="Linear has no encoder"):
+        optim.encoder_parameter_groups(torch.nn.Linear(2, 2), 1e-3, 0.5)

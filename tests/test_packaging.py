@@ -37,6 +37,7 @@ NEEDED = (
     "bundles/cardiac_seg/models/model.pt",
     "bundles/cardiac_seg/scripts/encoder.py",
     "bundles/cardiac_seg/scripts/decoder.py",
+    "bundles/cardiac_seg/scripts/optim.py",
     "bundles/cardiac_seg/LICENSE",
     "jobs/fcl/job.py",
     "jobs/finetune/job.py",

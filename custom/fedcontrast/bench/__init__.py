@@ -37,6 +37,7 @@ OVERRIDES = (
     "finetune_steps",
     "finetune_checkpoints",
     "finetune_lr",
+    "finetune_encoder_lr_scale",
     "readouts",
     "size",
     "difficulty",
@@ -95,6 +96,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--finetune-checkpoints", type=int, help="scored checkpoints (= FedAvg rounds) over those steps"
     )
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (AdamW), every N alike")
+    parser.add_argument(
+        "--finetune-encoder-lr-scale",
+        type=float,
+        help="the encoder's fine-tuning learning rate as a fraction of --finetune-lr (probe: unused)",
+    )
     parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
     parser.add_argument(
         "--pretrain-overrides",

@@ -211,6 +211,9 @@ class BenchConfig:
     finetune_steps: int = 96
     finetune_checkpoints: int = 4
     finetune_lr: float = 3e-3
+    #: the encoder's fine-tuning learning rate as a fraction of ``finetune_lr`` (the bundle's
+    #: ``encoder_lr_scale``); the probe freezes the encoder whatever it is
+    finetune_encoder_lr_scale: float = 1.0
     finetune_batch_samples: int = 8
     readouts: list[str] = field(default_factory=lambda: list(READOUTS))
     probe_modes: list[str] = field(default_factory=lambda: ["federated"])
@@ -283,12 +286,17 @@ class BenchConfig:
         from the decoder-stage checkpoint ``decoder`` (its encoder and decoder blocks).
 
         A step's batch holds ``finetune_batch_samples`` samples whatever N: ``min(N, samples)``
-        volumes, ``samples // volumes`` samples (slices in 2D, patches in 3D) drawn from each.
+        volumes, ``samples // volumes`` samples (slices in 2D, patches in 3D) drawn from each. The
+        encoder fine-tunes at ``finetune_encoder_lr_scale`` times the learning rate.
         """
         start = {"pretrained_encoder": "", "pretrained_decoder": decoder} if decoder else {}
         volumes = min(unit.n_labeled, self.finetune_batch_samples)
         return {
-            "bundle": {**self.bundle, "samples_per_volume": self.finetune_batch_samples // volumes},
+            "bundle": {
+                **self.bundle,
+                "samples_per_volume": self.finetune_batch_samples // volumes,
+                "encoder_lr_scale": self.finetune_encoder_lr_scale,
+            },
             "pretrained_encoder": encoder,
             **start,
             "local_steps": self.finetune_steps // self.finetune_checkpoints,
