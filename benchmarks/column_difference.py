@@ -31,9 +31,18 @@ patients, with ``--free difficulty methods``): does a method gain more on one th
     python benchmarks/column_difference.py ANATOMY fcl PLANNED fcl --gains --free difficulty methods \
         --out benchmarks/results/label_efficiency_ablations/anatomy/gain_anatomy_minus_planned
 
+Runs that differ in how the columns are fine-tuned (a setting of :data:`FINE_TUNING`, freed with
+``--free``) pair a column fine-tuned one way with a column fine-tuned another, on the same patients,
+splits, seeds and decoder initialisation; random init's rows then differ by design and are not
+compared. It answers "does a pre-trained encoder fine-tuned its own way beat random init fine-tuned
+its way?":
+
+    python benchmarks/column_difference.py SCALED fedmotion BASELINE random_init \
+        --free methods seeds readouts finetune_encoder_lr_scale --split validation --out ...
+
 Writes ``<out>.json`` and ``<out>.md``. Refuses runs whose settings differ in anything but the
-pre-training (``--free``), or whose random init rows differ (without ``--gains``), and pooled pairs
-that share a data seed.
+pre-training (``--free``), or whose random init rows differ (without ``--gains`` and with the same
+fine-tuning), and pooled pairs that share a data seed.
 """
 
 from __future__ import annotations
@@ -49,12 +58,15 @@ from typing import Any
 from data_per_site import check_comparable, load_run
 from pooled_difference import pooled_seed, replication_seeds
 
+from fedcontrast.bench.protocol import with_defaults
 from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 
 #: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
 FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "pretrain_rounds", "cine")
 CELL = ("finetune", "readout", "n_labeled")
+#: Settings of how a column is fine-tuned: runs that differ in one pair columns fine-tuned differently.
+FINE_TUNING = ("finetune_lr", "finetune_encoder_lr_scale")
 
 
 def final_rows(run: dict[str, Any], method: str, split: str = "test") -> list[dict[str, Any]]:
@@ -83,6 +95,13 @@ def check_same_random_init(a: dict[str, Any], b: dict[str, Any], split: str = "t
             "fine-tuning is not the same, so their columns cannot be paired"
         )
     return len(common)
+
+
+def fine_tuning_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The :data:`FINE_TUNING` settings in which two runs differ (a setting missing from a run's
+    configuration counts as its default)."""
+    first, second = with_defaults(a["config"]), with_defaults(b["config"])
+    return [k for k in FINE_TUNING if first.get(k) != second.get(k)]
 
 
 def gain_rows(run: dict[str, Any], method: str, split: str = "test") -> list[dict[str, Any]]:
@@ -158,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         check_comparable({path_a: a, path_b: b}, tuple(args.free))
     check_comparable({c[0]: r[0] for c, r in zip(columns, runs, strict=True)}, (*args.free, "data_seed"))
     data_seeds = replication_seeds([a["config"] for a, *_ in runs], "pooled pairs")
-    shared = 0 if args.gains else sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs)
+    recipes = sorted({k for a, _, b, _ in runs for k in fine_tuning_differences(a, b)})
+    same_fine_tuning = not (args.gains or recipes)
+    shared = sum(check_same_random_init(a, b, args.split) for a, _, b, _ in runs) if same_fine_tuning else 0
     cells = column_difference(runs, args.split, args.gains)
     if not cells:
         raise ValueError(f"no (seed, site) pairs of {args.method_a} and {args.method_b}")
@@ -173,18 +194,27 @@ def main(argv: list[str] | None = None) -> int:
         "data_seeds": data_seeds,
         "split": args.split,
         "gains": args.gains,
+        "fine_tuning_differs_in": recipes,
         "identical_random_init_rows": shared,
         "cells": cells,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    pairing = (
-        "Each column is scored minus its own run's random init on the same (seed, site), and the two gains "
-        "are paired (95% bootstrap over seeds x sites)."
-        if args.gains
-        else f"Random init's {shared} final {args.split} rows are identical in both runs, so the columns "
-        "pair like two columns of one run (95% bootstrap over seeds x sites)."
-    )
+    if args.gains:
+        pairing = (
+            "Each column is scored minus its own run's random init on the same (seed, site), and the two "
+            "gains are paired (95% bootstrap over seeds x sites)."
+        )
+    elif recipes:
+        pairing = (
+            f"The runs fine-tune differently ({', '.join(recipes)}), so the columns are paired on the same "
+            "(seed, site) of the same patients and splits (95% bootstrap over seeds x sites)."
+        )
+    else:
+        pairing = (
+            f"Random init's {shared} final {args.split} rows are identical in both runs, so the columns "
+            "pair like two columns of one run (95% bootstrap over seeds x sites)."
+        )
     gain = " gain over random init" if args.gains else ""
     lines = [
         f"# {args.method_a}{gain} (`{args.run_a}`) minus {args.method_b}{gain} (`{args.run_b}`)"

@@ -158,3 +158,22 @@ def test_gains_pair_each_column_minus_its_own_random_init(tmp_path):
     assert document["gains"] and cell["n_pairs"] == 2
     assert cell["mean"] == pytest.approx(((0.10 - 0.05) + (0.19 - -0.01)) / 2)
     assert "fcl gain over random init" in out.with_suffix(".md").read_text()
+
+
+def test_columns_fine_tuned_differently_pair_without_comparing_random_init(tmp_path):
+    scaled = run(
+        tmp_path / "scaled", "fcl", {(0, "site-1"): 0.5, (1, "site-1"): 0.6}, finetune_encoder_lr_scale=0.1
+    )
+    baseline = run(tmp_path / "baseline", "ceiling", {(0, "site-1"): 0.6}, random_init=0.3)
+    out, free = tmp_path / "d", ["--free", "methods", "finetune_encoder_lr_scale"]
+    assert (
+        column_difference.main([str(scaled), "fcl", str(baseline), "random_init", "--out", str(out), *free])
+        == 0
+    )
+    document = json.loads(out.with_suffix(".json").read_text())
+    assert document["fine_tuning_differs_in"] == ["finetune_encoder_lr_scale"]
+    assert document["identical_random_init_rows"] == 0
+    assert [(c["mean"], c["n_pairs"]) for c in document["cells"]] == [(pytest.approx(0.5 - 0.3), 1)]
+    assert "fine-tune differently (finetune_encoder_lr_scale)" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="finetune_encoder_lr_scale"):  # only where it is freed
+        column_difference.main([str(scaled), "fcl", str(baseline), "random_init", "--out", str(out)])
