@@ -1,6 +1,9 @@
 """The ``supervised`` method: two tiny sites fine-tune the bundle network in process, federated and alone."""
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +104,21 @@ def test_local_training_keeps_sites_apart(datalists):
     one, two = (message_to_state_dict(result.final_messages[s]) for s in SITES)
     assert any(not torch.equal(one[k], two[k]) for k in one)
     assert result.encoders["site-1"].keys() == build_network(overrides=TINY).encoder.state_dict().keys()
+
+
+def test_finetune_job_exports_the_encoder_learning_rate_scale_beside_other_bundle_overrides(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "jobs" / "finetune" / "job.py"
+    spec = importlib.util.spec_from_file_location("finetune_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = [
+        "--export",
+        str(tmp_path),
+        "--encoder-lr-scale",
+        "0.3",
+        "--config",
+        '{"bundle": {"init_filters": 4}}',
+    ]
+    assert job.main(argv) == 0
+    server = json.loads((tmp_path / "finetune/app/config/config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["config"]["bundle"] == {"encoder_lr_scale": 0.3, "init_filters": 4}

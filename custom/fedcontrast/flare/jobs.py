@@ -55,6 +55,7 @@ from fedcontrast.flare.process_group import run_process_group
 from fedcontrast.flare.quantize import NetworkDequantizer, NetworkQuantizer
 from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, write_privacy_policy
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE
+from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.transfer import transfer_precision
 
@@ -485,12 +486,15 @@ def run_from_args(
     Args:
         method: registered method name.
         args: parsed options of :func:`job_parser` (plus :func:`add_privacy_options` where given).
-        config: the job's own method settings; ``--config`` overrides them.
+        config: the job's own method settings; ``--config`` is merged over them (dicts such as
+            ``bundle`` key by key).
         name: job name (default: the method name); ``_local`` is appended with ``--local``.
         options: further :func:`build_job` keyword arguments.
     """
     name = name or method
-    settings = {"local_epochs": args.local_epochs, "seed": args.seed, **config, **read_config(args.config)}
+    settings = merge_config(
+        {"local_epochs": args.local_epochs, "seed": args.seed, **config}, read_config(args.config)
+    )
     job = build_job(
         method,
         resolve_server_files(settings),
