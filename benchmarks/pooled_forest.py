@@ -10,6 +10,9 @@ the same numbers as ``<out>.md``.
     python benchmarks/pooled_forest.py "FCL=cine/pooled_fcl.json" "fedmotion=cine/pooled_cine.json" \\
         --out benchmarks/results/label_efficiency_ablations/pooled_forest
 
+An entry may also be a :mod:`choose_recipe` output: per fine-tuning mode, the recipe chosen on
+validation (its column minus random init at random init's own recipe); it has no probe cells.
+
 Refuses inputs whose label budgets differ (one figure, one N).
 """
 
@@ -34,6 +37,21 @@ CELLS = (
 )
 
 
+def from_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A :mod:`choose_recipe` output as a pooled result: per mode, the chosen recipe's full
+    fine-tuning cells on each split.
+
+    Raises:
+        ValueError: the chosen cells hold different label budgets.
+    """
+    picked = {mode: choice["recipes"][label] for mode, label in choice["chosen"].items()}
+    cells = {split: {mode: recipe[split][mode] for mode, recipe in picked.items()} for split in SPLITS}
+    budgets = {cell["n_labeled"] for by_mode in cells.values() for cell in by_mode.values()}
+    if len(budgets) != 1:
+        raise ValueError(f"the chosen recipes hold different label budgets {sorted(budgets)}")
+    return {"command": choice["command"], "n_labeled": budgets.pop(), "cells": {"finetune": cells}}
+
+
 def load_entries(specs: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], int]:
     """``(label, pooled result)`` per ``LABEL=PATH`` spec, and their common label budget.
 
@@ -45,7 +63,8 @@ def load_entries(specs: list[str]) -> tuple[list[tuple[str, dict[str, Any]]], in
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
             raise ValueError(f"{spec!r}: expected LABEL=PATH")
-        entries.append((label, json.loads(Path(path).read_text())))
+        result = json.loads(Path(path).read_text())
+        entries.append((label, from_choice(result) if result.get("benchmark") == "choose_recipe" else result))
     budgets = {result["n_labeled"] for _, result in entries}
     if len(budgets) != 1:
         raise ValueError(
@@ -93,7 +112,8 @@ def markdown(entries: list[tuple[str, dict[str, Any]]], n_labeled: int, command:
         f"# Pooled differences at N = {n_labeled} against the target (+{TARGET['difference']})\n",
         f"Written by `{command}`. Each entry: method minus random init, paired on (data seed, run seed), "
         "site and split, 95% bootstrap interval over the pairs (then over whole seeds), from its "
-        "`pooled_difference.py` file.\n",
+        "`pooled_difference.py` file; an entry from a `choose_recipe.py` file holds, per mode, the "
+        "fine-tuning recipe chosen on validation, minus random init at its own recipe.\n",
         f"| entry | split | {' | '.join(header)} | file |",
         "|---|---|" + "---|" * len(CELLS) + "---|",
     ]

@@ -41,3 +41,28 @@ def test_refuses_mixed_label_budgets_and_unnamed_entries(tmp_path):
         pooled_forest.main([f"a={a}", f"b={b}", "--out", str(tmp_path / "f")])
     with pytest.raises(ValueError, match="expected LABEL=PATH"):
         pooled_forest.main([str(a), "--out", str(tmp_path / "f")])
+
+
+def test_a_recipe_choice_enters_with_each_modes_chosen_cells(tmp_path):
+    def cell(mode: str, mean: float) -> dict:
+        summary = {"mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "n_pairs": 60}
+        summary |= {"seed_ci_low": mean - 0.02, "seed_ci_high": mean + 0.02}
+        return {"finetune": mode, "readout": "finetune", "n_labeled": 1, **summary}
+
+    def recipe(local: float, federated: float) -> dict:
+        by_mode = {"local": cell("local", local), "federated": cell("federated", federated)}
+        return {"validation": by_mode, "test": by_mode}
+
+    choice = {
+        "benchmark": "choose_recipe",
+        "command": "python benchmarks/choose_recipe.py ... --out choice_fedmotion",
+        "chosen": {"local": "0.3", "federated": "1"},
+        "recipes": {"1": recipe(0.035, 0.065), "0.3": recipe(0.055, 0.061)},
+    }
+    path = tmp_path / "choice.json"
+    path.write_text(json.dumps(choice))
+    out = tmp_path / "forest"
+    assert pooled_forest.main([f"fedmotion, chosen={path}", "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    row = "| fedmotion, chosen | test | +0.055 [0.045, 0.065] (seeds [0.035, 0.075]; 60 pairs) | +0.065 ["
+    assert row in table and table.count("| — | `choice_fedmotion` |") == 2  # no probe cell
