@@ -6,8 +6,10 @@ Each recipe is one pair of :mod:`column_difference` outputs, ``PREFIX_validation
 mode the choice is the recipe with the highest mean validation difference; **no test row is
 read for it**. Its test difference is reported beside every recipe's:
 
-    python benchmarks/choose_recipe.py "1=enc/fedmotion_s1" "0.3=enc/fedmotion_s0.3" \\
-        "0.1=enc/fedmotion_s0.1" --setting finetune_encoder_lr_scale --out enc/choice_fedmotion
+    python benchmarks/choose_recipe.py "1=enc/fedmotion_s1" "0.3=enc/fedmotion_s03" \\
+        "0.1=enc/fedmotion_s01" --setting finetune_encoder_lr_scale --out enc/choice_fedmotion
+
+A prefix holds no dot: ``column_difference.py --out`` takes what follows the last dot as the suffix.
 
 Writes ``<out>.json`` and ``<out>.md``. Refuses recipes whose outputs lack a mode another has.
 """
