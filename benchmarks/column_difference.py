@@ -66,7 +66,7 @@ from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 FREE = ("methods", "seeds", "budgets", "pretrain_overrides", "pretrain_steps", "pretrain_rounds", "cine")
 CELL = ("finetune", "readout", "n_labeled")
 #: Settings of how a column is fine-tuned: runs that differ in one pair columns fine-tuned differently.
-FINE_TUNING = ("finetune_lr", "finetune_encoder_lr_scale")
+FINE_TUNING = ("finetune_lr", "finetune_encoder_lr_scale", "finetune_encoder_warmup_steps")
 
 
 def final_rows(run: dict[str, Any], method: str, split: str = "test") -> list[dict[str, Any]]:

@@ -148,6 +148,31 @@ def test_the_encoder_fine_tunes_at_its_fraction_of_the_learning_rate(site_splits
     assert any(encoder_moved) if scale else not any(encoder_moved)
 
 
+def test_the_decoder_trains_alone_for_the_warmup_steps_across_rounds(site_splits):
+    from fedcontrast.data.datalist import load_site_datalist
+    from fedcontrast.methods.supervised import SupervisedBundleTrainer
+
+    config = BenchConfig(**{**PROFILES["quick"], "finetune_encoder_warmup_steps": 4})
+    cfg = {**config.finetune_config(FinetuneUnit(RANDOM_INIT, 0, "local", 1), ""), "local_steps": 3}
+    training = load_site_datalist(site_splits / "site-1.json")["training"][:1]
+    trainer = SupervisedBundleTrainer(cfg, training, "site-1")
+
+    def moved(before, after, prefix):
+        return any(
+            not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k]))
+            for k in before
+            if k.startswith(prefix) and k.endswith(".weight")
+        )
+
+    start = SupervisedBundleTrainer.initial_message(cfg)
+    first = trainer.local_round(start, 0).message  # steps 1-3: inside the warm-up
+    assert moved(start, first, "weights/up_layers.") and not moved(start, first, "weights/encoder.")
+    assert trainer.trainer.optimizer.param_groups[0]["lr"] == 0.0
+    second = trainer.local_round(first, 1).message  # step 4 still warm, 5-6 train the encoder
+    assert moved(first, second, "weights/encoder.")
+    assert trainer.trainer.optimizer.param_groups[0]["lr"] == config.finetune_lr
+
+
 @pytest.mark.parametrize(
     ("n_labeled", "volumes", "per_volume"), [(1, 1, 8), (2, 2, 4), (4, 4, 2), (8, 8, 1), (20, 8, 1)]
 )

@@ -209,3 +209,9 @@ def test_encoder_parameter_groups_split_only_when_the_encoder_has_its_own_rate()
         optim.encoder_parameter_groups(network, 1e-3, -0.5)
     with pytest.raises(ValueError, match="Linear has no encoder"):
         optim.encoder_parameter_groups(torch.nn.Linear(2, 2), 1e-3, 0.5)
+    warm, _ = optim.encoder_parameter_groups(network, 1e-3, encoder_warmup_iterations=5)
+    assert warm["lr"] == warm[optim.ENCODER_LR] == 1e-3  # split at scale 1 so the warm-up can hold it
+    with pytest.raises(ValueError, match="encoder_warmup_iterations must be >= 0"):
+        optim.encoder_parameter_groups(network, 1e-3, encoder_warmup_iterations=-1)
+    with pytest.raises(ValueError, match="no encoder parameter group"):
+        optim.EncoderWarmup(torch.optim.AdamW(network.parameters()), iterations=5)

@@ -106,7 +106,7 @@ def test_local_training_keeps_sites_apart(datalists):
     assert result.encoders["site-1"].keys() == build_network(overrides=TINY).encoder.state_dict().keys()
 
 
-def test_finetune_job_exports_the_encoder_learning_rate_scale_beside_other_bundle_overrides(tmp_path):
+def test_finetune_job_exports_the_encoder_learning_rate_settings_beside_other_bundle_overrides(tmp_path):
     path = Path(__file__).resolve().parents[1] / "jobs" / "finetune" / "job.py"
     spec = importlib.util.spec_from_file_location("finetune_job", path)
     job = importlib.util.module_from_spec(spec)
@@ -116,9 +116,15 @@ def test_finetune_job_exports_the_encoder_learning_rate_scale_beside_other_bundl
         str(tmp_path),
         "--encoder-lr-scale",
         "0.3",
+        "--encoder-warmup-steps",
+        "48",
         "--config",
         '{"bundle": {"init_filters": 4}}',
     ]
     assert job.main(argv) == 0
     server = json.loads((tmp_path / "finetune/app/config/config_fed_server.json").read_text())
-    assert server["workflows"][0]["args"]["config"]["bundle"] == {"encoder_lr_scale": 0.3, "init_filters": 4}
+    assert server["workflows"][0]["args"]["config"]["bundle"] == {
+        "encoder_lr_scale": 0.3,
+        "encoder_warmup_iterations": 48,
+        "init_filters": 4,
+    }

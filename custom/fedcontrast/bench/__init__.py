@@ -38,6 +38,7 @@ OVERRIDES = (
     "finetune_checkpoints",
     "finetune_lr",
     "finetune_encoder_lr_scale",
+    "finetune_encoder_warmup_steps",
     "readouts",
     "size",
     "difficulty",
@@ -100,6 +101,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--finetune-encoder-lr-scale",
         type=float,
         help="the encoder's fine-tuning learning rate as a fraction of --finetune-lr (probe: unused)",
+    )
+    parser.add_argument(
+        "--finetune-encoder-warmup-steps",
+        type=int,
+        help="fine-tuning steps per site in which only the decoder trains before the encoder joins "
+        "(probe: unused)",
     )
     parser.add_argument("--readouts", nargs="+", choices=READOUTS, help="finetune and/or probe")
     parser.add_argument(

@@ -170,6 +170,8 @@ SETTING_CHOICES: dict[str, str] = {
     "finetune_encoder_lr_scale": "1 (the encoder at the decoder's rate): random init's best on validation "
     "among 1, 0.3 and 0.1 (three phantoms, N = 1: 0.3 loses 0.012 / 0.003, 0.1 0.026 / 0.023), and FCL's; "
     "an encoder that learned the anatomy keeps more at 0.3 or 0.1 (ablations README section 25)",
+    "finetune_encoder_warmup_steps": "0 (the encoder trains from the first step): random init's best on "
+    "validation among 0 and 48 of the 96 steps (three phantoms, N = 1; ablations README section 26)",
     "finetune_batch_samples": "8 slices a step for every N (from min(N, 8) volumes), so every budget "
     "gets the same optimiser steps on batches of the same size; not tuned",
     "pretrain_steps": "set by the 2-core time budget, not tuned (benchmarks/pretraining_ablation.py "
@@ -217,6 +219,9 @@ class BenchConfig:
     #: the encoder's fine-tuning learning rate as a fraction of ``finetune_lr`` (the bundle's
     #: ``encoder_lr_scale``); the probe freezes the encoder whatever it is
     finetune_encoder_lr_scale: float = 1.0
+    #: fine-tuning steps (per site) for which only the decoder trains, the encoder's learning rate
+    #: held at 0, before it joins (the bundle's ``encoder_warmup_iterations``)
+    finetune_encoder_warmup_steps: int = 0
     finetune_batch_samples: int = 8
     readouts: list[str] = field(default_factory=lambda: list(READOUTS))
     probe_modes: list[str] = field(default_factory=lambda: ["federated"])
@@ -290,7 +295,8 @@ class BenchConfig:
 
         A step's batch holds ``finetune_batch_samples`` samples whatever N: ``min(N, samples)``
         volumes, ``samples // volumes`` samples (slices in 2D, patches in 3D) drawn from each. The
-        encoder fine-tunes at ``finetune_encoder_lr_scale`` times the learning rate.
+        encoder fine-tunes at ``finetune_encoder_lr_scale`` times the learning rate, after the decoder
+        has trained alone for ``finetune_encoder_warmup_steps`` steps.
         """
         start = {"pretrained_encoder": "", "pretrained_decoder": decoder} if decoder else {}
         volumes = min(unit.n_labeled, self.finetune_batch_samples)
@@ -299,6 +305,7 @@ class BenchConfig:
                 **self.bundle,
                 "samples_per_volume": self.finetune_batch_samples // volumes,
                 "encoder_lr_scale": self.finetune_encoder_lr_scale,
+                "encoder_warmup_iterations": self.finetune_encoder_warmup_steps,
             },
             "pretrained_encoder": encoder,
             **start,
