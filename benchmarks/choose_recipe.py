@@ -9,8 +9,6 @@ read for it**. Its test difference is reported beside every recipe's:
     python benchmarks/choose_recipe.py "1=enc/fedmotion_s1" "0.3=enc/fedmotion_s03" \\
         "0.1=enc/fedmotion_s01" --setting finetune_encoder_lr_scale --out enc/choice_fedmotion
 
-A prefix holds no dot: ``column_difference.py --out`` takes what follows the last dot as the suffix.
-
 Writes ``<out>.json`` and ``<out>.md``. Refuses recipes whose outputs lack a mode another has.
 """
 
@@ -23,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedcontrast.bench.report import format_difference
+from fedcontrast.bench.report import format_difference, output_file
 
 SPLITS = {"validation": "_validation.json", "test": ".json"}
 
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipes": recipes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
+    output_file(args.out, ".json").write_text(json.dumps(document, indent=1))
     lines = [
         f"# `{args.setting}` chosen on validation, per fine-tuning mode\n",
         f"Written by `{document['command']}`. Each cell: the column minus random init at its own best "
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             validation = format_difference(cells["validation"][mode])
             test = format_difference(cells["test"].get(mode))
             lines.append(f"| {mode} | {mark}{label}{mark} | {mark}{validation}{mark} | {test} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    output_file(args.out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -59,7 +59,7 @@ from data_per_site import check_comparable, load_run
 from pooled_difference import pooled_seed, replication_seeds
 
 from fedcontrast.bench.protocol import with_defaults
-from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
+from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows, output_file
 from fedcontrast.bench.stats import PAIR_KEYS, paired_differences, summarise
 
 #: Settings the two runs may differ in: how the columns were pre-trained, and which cells ran.
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": cells,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(document, indent=1))
+    output_file(args.out, ".json").write_text(json.dumps(document, indent=1))
     if args.gains:
         pairing = (
             "Each column is scored minus its own run's random init on the same (seed, site), and the two "
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in cells
         ),
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    output_file(args.out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

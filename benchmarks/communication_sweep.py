@@ -57,6 +57,7 @@ from typing import Any
 from fedcontrast.bench import stats
 from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import BenchConfig, FinetuneUnit, finetune_unit, prepare_splits, pretrain_unit
+from fedcontrast.bench.report import output_file
 from fedcontrast.methods.base import select
 from fedcontrast.methods.registry import get_method
 
@@ -625,8 +626,8 @@ def write_report(
     meta = {**meta, "bench_config": asdict(config), "verdicts": verdicts(summary)}
     report.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, **summary, "runs": entries}
-    report.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    report.with_suffix(".md").write_text(render(summary, meta))
+    output_file(report, ".json").write_text(json.dumps(payload, indent=1, default=str))
+    output_file(report, ".md").write_text(render(summary, meta))
     return summary
 
 

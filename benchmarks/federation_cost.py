@@ -45,6 +45,7 @@ import psutil
 import torch
 
 from fedcontrast.bench.environment import environment
+from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.data.phantom import LABELS, synthesize_dataset
 from fedcontrast.data.readers import read_acdc
@@ -240,7 +241,7 @@ def main() -> None:
         result = json.loads(args.out.read_text())
         result["notes"] = args.notes or result.get("notes", [])
         args.out.write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(render(result))
+        output_file(args.out, ".md").write_text(render(result))
         return
     torch.set_num_threads(1)
     rounds = tuple(args.rounds)
@@ -269,7 +270,7 @@ def main() -> None:
     result["notes"] = args.notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(render(result))
+    output_file(args.out, ".md").write_text(render(result))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import BenchConfig
+from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.nets.bundle import bundle_parser
 
@@ -198,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         "dice_per_stage": {str(s): r for s, r in per_seed.items()},
         "summary": summary(per_seed),
     }
-    out = args.out.with_suffix("")
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    out.with_suffix(".md").write_text(markdown(document))
+    output_file(out, ".json").write_text(json.dumps(document, indent=1))
+    output_file(out, ".md").write_text(markdown(document))
     return 0
 
 

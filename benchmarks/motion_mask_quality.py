@@ -32,6 +32,7 @@ import numpy as np
 
 from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import image_labels
+from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.methods.fedmotion import patient_motion_mask
 from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "pools": measure(args.run, args.smooth_mm),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
+    output_file(args.out, ".json").write_text(json.dumps(result, indent=1))
+    output_file(args.out, ".md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -30,7 +30,7 @@ from data_per_site import check_comparable
 from pretrain_sweep import differences
 
 from fedcontrast.bench.environment import run_environment
-from fedcontrast.bench.report import format_difference, merge_runs
+from fedcontrast.bench.report import format_difference, merge_runs, output_file
 from fedcontrast.bench.stats import N_BOOT
 
 #: Settings the pooled runs may differ in.
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {"command": command, **pooled(args.runs, args.method, args.n, args.n_boot, tuple(args.free))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    output_file(args.out, ".json").write_text(json.dumps(result, indent=1))
     text = markdown(result, command)
-    args.out.with_suffix(".md").write_text(text)
+    output_file(args.out, ".md").write_text(text)
     print(text)
     return 0
 

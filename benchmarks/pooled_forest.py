@@ -27,7 +27,7 @@ from typing import Any
 
 from pooled_difference import SPLITS, cell_text
 
-from fedcontrast.bench.report import TARGET, pyplot
+from fedcontrast.bench.report import TARGET, output_file, pyplot
 
 #: The panels' (readout, mode) cells and their titles.
 CELLS = (
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     entries, n_labeled = load_entries(args.entries)
     command = "python benchmarks/pooled_forest.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(entries, n_labeled, args.out.with_suffix(".png"))
+    plot(entries, n_labeled, output_file(args.out, ".png"))
     text = markdown(entries, n_labeled, command)
-    args.out.with_suffix(".md").write_text(text)
+    output_file(args.out, ".md").write_text(text)
     print(text)
     return 0
 

@@ -35,7 +35,7 @@ from data_per_site import check_comparable
 
 from fedcontrast.bench.environment import run_environment
 from fedcontrast.bench.protocol import RANDOM_INIT
-from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows
+from fedcontrast.bench.report import format_difference, headline_rows, merge_runs, normalise_rows, output_file
 from fedcontrast.bench.stats import paired_differences, summarise
 
 #: Settings the variants may differ in (``cine`` changes only ``supervised_motion``'s targets).
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     result = sweep(args.runs, args.method, args.n, args.n_boot)
     command = "python benchmarks/pretrain_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result, command))
-    print(f"chosen: {result['chosen']} ({args.out.with_suffix('.md')})")
+    output_file(args.out, ".json").write_text(json.dumps({"command": command, **result}, indent=1) + "\n")
+    output_file(args.out, ".md").write_text(markdown(result, command))
+    print(f"chosen: {result['chosen']} ({output_file(args.out, '.md')})")
 
 
 if __name__ == "__main__":

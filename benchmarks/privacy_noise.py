@@ -59,6 +59,7 @@ from fedcontrast.bench.protocol import (
     run_unit,
     unit_pool,
 )
+from fedcontrast.bench.report import output_file
 from fedcontrast.bench.stats import paired_differences, summarise, values_summary
 from fedcontrast.methods.fcl import DEFAULTS as FCL_DEFAULTS
 from fedcontrast.methods.privacy import gaussian_epsilon
@@ -395,8 +396,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(document, indent=1))
-    out.with_suffix(".md").write_text(markdown(document))
+    output_file(out, ".json").write_text(json.dumps(document, indent=1))
+    output_file(out, ".md").write_text(markdown(document))
     return document
 
 

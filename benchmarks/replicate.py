@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from data_per_site import check_comparable, load_run
 
-from fedcontrast.bench.report import headline_rows, normalise_rows
+from fedcontrast.bench.report import headline_rows, normalise_rows, output_file
 
 #: Cell key fields of the report's ``summary.paired_differences``.
 CELL = ("finetune", "readout", "method", "n_labeled")
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         "environments": [run["environment"] for run in runs.values()],
         **result,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result, names, command))
-    print(args.out.with_suffix(".md"))
+    output_file(args.out, ".json").write_text(json.dumps(document, indent=1) + "\n")
+    output_file(args.out, ".md").write_text(markdown(result, names, command))
+    print(output_file(args.out, ".md"))
 
 
 if __name__ == "__main__":

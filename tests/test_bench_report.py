@@ -356,3 +356,11 @@ def test_cross_site_rows_average_the_other_sites_and_pair_on_the_training_site()
     ]
     # per training site: a 0.5 - 0.3, b 0.4 - 0.4, c 0.2 - 0.2
     assert cell["mean"] == pytest.approx(0.2 / 3) and cell["n_pairs"] == 3
+
+
+def test_an_output_stem_keeps_its_dots_and_a_given_output_suffix_is_replaced():
+    from fedcontrast.bench.report import output_file
+
+    assert output_file(Path("enc/fedmotion_s0.3"), ".json") == Path("enc/fedmotion_s0.3.json")
+    assert output_file(Path("enc/choice"), ".md") == Path("enc/choice.md")
+    assert output_file(Path("results/federation_cost.json"), ".md") == Path("results/federation_cost.md")

@@ -918,6 +918,18 @@ def curves_table(curves: dict[str, dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+#: suffixes of the files a benchmark writes; an ``--out`` given with one of them is taken as its stem
+OUTPUT_SUFFIXES = (".json", ".md", ".png")
+
+
+def output_file(out: Path, suffix: str) -> Path:
+    """The file ``out`` names with ``suffix``: the suffix appended to the whole name, so a stem
+    holding a dot keeps it (``fedmotion_s0.3`` -> ``fedmotion_s0.3.json``); a name ending in one
+    of :data:`OUTPUT_SUFFIXES` has that replaced (``cost.json`` -> ``cost.md``)."""
+    stem = out.name[: -len(out.suffix)] if out.suffix in OUTPUT_SUFFIXES else out.name
+    return out.with_name(stem + suffix)
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
