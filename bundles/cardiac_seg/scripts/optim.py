@@ -92,7 +92,6 @@ class EncoderWarmup:
     """
 
     def __init__(self, optimizer: Optimizer, iterations: int = 0):
-        self.optimizer = optimizer
         self.iterations = int(iterations)
         self.groups = [g for g in optimizer.param_groups if ENCODER_LR in g]
         if self.iterations > 0 and not self.groups:
