@@ -199,10 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         "dice_per_stage": {str(s): r for s, r in per_seed.items()},
         "summary": summary(per_seed),
     }
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    output_file(out, ".json").write_text(json.dumps(document, indent=1))
-    output_file(out, ".md").write_text(markdown(document))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    output_file(args.out, ".json").write_text(json.dumps(document, indent=1))
+    output_file(args.out, ".md").write_text(markdown(document))
     return 0
 
 
