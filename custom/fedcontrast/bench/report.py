@@ -915,7 +915,7 @@ def curves_table(curves: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------- output files
 
 
 #: suffixes of the files a benchmark writes; an ``--out`` given with one of them is taken as its stem
@@ -928,6 +928,9 @@ def output_file(out: Path, suffix: str) -> Path:
     of :data:`OUTPUT_SUFFIXES` has that replaced (``cost.json`` -> ``cost.md``)."""
     stem = out.name[: -len(out.suffix)] if out.suffix in OUTPUT_SUFFIXES else out.name
     return out.with_name(stem + suffix)
+
+
+# ----------------------------------------------------------------------------- plots
 
 
 def pyplot():
