@@ -3,7 +3,6 @@ the heart, from the whole cine series where there is one; a lone frame left out 
 file named), and a federated run that is the supervised recipe on those masks, weight for weight."""
 
 import logging
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -140,32 +139,6 @@ def test_the_trainer_keeps_its_masks_in_its_work_folder(phantom_images, tmp_path
     trainer = MotionSegTrainer({**CONFIG, "workdir": str(tmp_path)}, entries, "site-1")
     assert sorted(p.name for p in (tmp_path / "site-1" / "motion_masks").iterdir()) == ["patient001.nii.gz"]
     assert trainer.num_train == len(entries)
-
-
-def test_a_cache_folder_keeps_the_masks_for_the_next_run_until_a_frame_changes(
-    phantom_images, tmp_path, monkeypatch
-):
-    from fedcontrast.methods import fedmotion
-
-    entries = phantom_images(1)["site-1"]
-    config = {**CONFIG, "cache_folder": str(tmp_path / "cache")}
-    first = MotionSegTrainer(config, entries, "site-1")
-    (mask,) = (tmp_path / "cache" / "site-1" / "motion_masks_6mm_10").iterdir()
-    written = mask.read_bytes()
-
-    computed = []
-    counting = fedmotion.patient_motion_mask
-    monkeypatch.setattr(fedmotion, "patient_motion_mask", lambda *a: computed.append(1) or counting(*a))
-    second = MotionSegTrainer({**config, "seed": 6}, entries, "site-1")  # another seed: read, not computed
-    assert computed == [] and mask.read_bytes() == written
-    assert second.datalist == first.datalist
-    MotionSegTrainer({**config, "smooth_mm": 12.0}, entries, "site-1")  # other settings: their own folder
-    assert computed == [1] and (tmp_path / "cache" / "site-1" / "motion_masks_12mm_10" / mask.name).exists()
-
-    earlier = Path(entries[0]["image"]).stat().st_mtime - 10
-    os.utime(mask, (earlier, earlier))  # as if a frame had been rewritten after its mask
-    MotionSegTrainer(config, entries, "site-1")
-    assert computed == [1, 1] and mask.stat().st_mtime > earlier
 
 
 def test_the_cli_writes_a_sites_masks_to_look_at(site_splits, tmp_path, capsys):

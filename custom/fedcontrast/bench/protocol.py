@@ -48,8 +48,7 @@ run's data, network and fine-tuning protocol. It needs a dataset whose pre-train
 are labelled (the phantom's all are). Its variants (:data:`CEILING_CLASSES`) train the same
 way on fewer, merged classes (the label files rewritten once under ``ceiling_labels/<column>/``
 in the run folder), to show which distinctions of the labels the encoder's gain comes from.
-The same recipe on each patient's label-free motion mask is a method a hospital runs: ``fedmotion``
-(its masks are made once per site and kept in the run folder's ``cache/`` for every seed).
+The same recipe on each patient's label-free motion mask is a method a hospital runs: ``fedmotion``.
 
 ``random_init`` is fine-tuning without an encoder. Federated methods yield one global encoder;
 ``local_cl`` yields one per site: local fine-tuning starts each site from its own, federated
@@ -486,11 +485,8 @@ def pretrain_unit(
     datalists: dict,
     out: Path,
     labels: dict[str, str] | None = None,
-    cache: Path | None = None,
 ) -> dict[str, Any]:
     """Run one pre-training; save its encoder(s) under ``out``; return its record (bytes, wall, rounds).
-
-    ``cache`` is the methods' ``cache_folder``, shared by the run's seeds (``fedmotion``'s masks).
 
     ``pretrain_overrides`` keys ``feature_clip`` and ``feature_noise`` (C and Z, default 0: off)
     clip and noise every feature row a site uploads, as the sites' NVFlare feature privacy
@@ -506,7 +502,7 @@ def pretrain_unit(
         run_method, cfg = "supervised", config.ceiling_config(seed, method)
         entries = {site: ceiling_entries(d, labels or {}) for site, d in datalists.items()}
     else:
-        run_method, cfg = method, {**config.pretrain_config(seed), "cache_folder": cache and str(cache)}
+        run_method, cfg = method, config.pretrain_config(seed)
         entries = {site: pretraining_entries(d) for site, d in datalists.items()}
     result = run_in_process(
         run_method,
@@ -996,7 +992,7 @@ def run_benchmark(
             if is_decoder_column(m):
                 args = (config, m, s, splits[smallest], folder(base_method(m), s), folder(m, s))
                 return decoder_unit, args, f"decoder stage {m} seed {s}"
-            args = (config, m, s, splits[smallest], folder(m, s), labels.get(m), out / "cache")
+            args = (config, m, s, splits[smallest], folder(m, s), labels.get(m))
             return pretrain_unit, args, f"pre-training {m} seed {s}"
         return None
 

@@ -149,9 +149,7 @@ class SiteTrainer(ABC):
         config: method hyper-parameters (see each method's docstring) plus the
             common keys ``bundle_dir``, ``seed``, ``local_epochs``, ``batch_size`` and
             ``workdir`` (a folder of the site's for local outputs such as checkpoints and
-            logs; methods that write none ignore it) and ``cache_folder`` (a folder kept
-            across runs for what a method derives from the site's data alone, such as
-            ``fedmotion``'s masks; None or absent: nothing is kept; the others ignore it).
+            logs; methods that write none ignore it).
         datalist: this site's volumes as MONAI datalist entries
             (``{"image": path, ...}``; ``"label"`` where the method needs it).
         site: the site's name (tags its features).

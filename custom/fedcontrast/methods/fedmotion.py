@@ -12,10 +12,7 @@ splits its voxels into moving and still by 2-class k-means
 (:func:`~fedcontrast.methods.pseudo_labels.intensity_clusters`). The mask is written once,
 in the frames' geometry, under the trainer's work folder (``<workdir>/<site>/motion_masks/``,
 a temporary folder when ``workdir`` is None), and every frame of the patient takes it as its
-label. With ``cache_folder`` set, the masks are kept there instead, one folder per site and
-setting (``<cache_folder>/<site>/motion_masks_<smooth_mm>mm_<kmeans_iterations>/``), and a later
-run reads each patient's mask that is newer than its frames instead of computing it again
-(the bench's seeds share them). From there the site trains exactly as ``supervised`` fine-tuning does
+label. From there the site trains exactly as ``supervised`` fine-tuning does
 (:class:`~fedcontrast.methods.supervised.SupervisedBundleTrainer`: the bundle's train
 workflow, its transforms and augmentation, Dice plus cross-entropy, AdamW), with two output
 classes, still and moving. The server averages every weight; only weights leave a site.
@@ -139,17 +136,10 @@ def patient_motion_mask(
 
 
 def motion_entries(
-    entries: list[dict[str, Any]],
-    site: str,
-    folder: Path,
-    smooth_mm: float = 6.0,
-    iterations: int = 10,
-    reuse: bool = False,
+    entries: list[dict[str, Any]], site: str, folder: Path, smooth_mm: float = 6.0, iterations: int = 10
 ) -> list[dict[str, str]]:
     """``{"image", "label"}`` entries: each of ``entries``, in order, with its patient's motion mask
-    (:func:`patient_motion_mask`), written once per patient as ``folder/<patient>.nii.gz``. With
-    ``reuse``, a mask already there that is newer than each of its patient's frames is kept
-    (``folder`` must then hold masks of these settings only).
+    (:func:`patient_motion_mask`), written once per patient as ``folder/<patient>.nii.gz``.
 
     Patients with fewer than two frames of one shape are left out with a warning that counts
     their volumes and names the first.
@@ -163,13 +153,11 @@ def motion_entries(
     masks, left_out = {}, []
     for patient, indices in frames_by_patient(entries).items():
         patient_entries = [entries[i] for i in indices]
-        target = folder / f"{Path(patient).name.split('.')[0]}.nii.gz"
-        if not (reuse and _newer_than_frames(target, patient_entries)):
-            mask = patient_motion_mask(patient_entries, smooth_mm, iterations)
-            if mask is None:
-                left_out += [e.get("cine", e["image"]) for e in patient_entries]
-                continue
-            save_nifti(target, *mask)
+        mask = patient_motion_mask(patient_entries, smooth_mm, iterations)
+        if mask is None:
+            left_out += [e.get("cine", e["image"]) for e in patient_entries]
+            continue
+        target = save_nifti(folder / f"{Path(patient).name.split('.')[0]}.nii.gz", *mask)
         masks.update({i: str(target) for i in indices})
     labelled = [{"image": str(e["image"]), "label": masks[i]} for i, e in enumerate(entries) if i in masks]
     if not labelled:
@@ -185,14 +173,6 @@ def motion_entries(
             left_out[0],
         )
     return labelled
-
-
-def _newer_than_frames(mask: Path, entries: list[dict[str, Any]]) -> bool:
-    """Whether ``mask`` exists and was written after every frame (and cine series) of ``entries``."""
-    if not mask.exists():
-        return False
-    sources = {Path(e[key]) for e in entries for key in ("image", "cine") if key in e}
-    return all(mask.stat().st_mtime >= source.stat().st_mtime for source in sources)
 
 
 class MotionSegTrainer(SupervisedBundleTrainer):
@@ -213,13 +193,7 @@ class MotionSegTrainer(SupervisedBundleTrainer):
         folder, self._workdir = site_folder(cfg["workdir"], site)
         cfg["workdir"] = str(folder.parent)
         smooth_mm, iterations = float(cfg["smooth_mm"]), int(cfg["kmeans_iterations"])
-        cache = cfg.get("cache_folder")
-        masks = (
-            Path(cache) / site / f"motion_masks_{smooth_mm:g}mm_{iterations}"
-            if cache
-            else folder / "motion_masks"
-        )
-        entries = motion_entries(datalist, site, masks, smooth_mm, iterations, reuse=bool(cache))
+        entries = motion_entries(datalist, site, folder / "motion_masks", smooth_mm, iterations)
         super().__init__(cfg, entries, site, device)
 
     @classmethod
