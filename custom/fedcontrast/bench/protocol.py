@@ -169,11 +169,12 @@ SETTING_CHOICES: dict[str, str] = {
     "192 steps (benchmarks/results/finetune_lr)",
     "finetune_encoder_lr_scale": "1 (the encoder at the decoder's rate): random init's best on validation "
     "among 1, 0.3, 0.1 and 0.03 (three phantoms, N = 1: 0.3 loses 0.012 / 0.003, 0.1 0.026 / 0.023, 0.03 "
-    "0.036 / 0.058), and FCL's; an encoder that learned the anatomy keeps more at 0.3 to 0.03 (ablations "
-    "README section 25)",
+    "0.036 / 0.058), and FCL's and every other contrastive column's (0.3 tried; section 27, one phantom); an "
+    "encoder that learned the anatomy keeps more at 0.3 to 0.03 (ablations README section 25)",
     "finetune_encoder_warmup_steps": "0 (the encoder trains from the first step): random init's best on "
     "validation over both modes among 0, 16 and 48 of the 96 steps (three phantoms, N = 1: 16 scores "
-    "-0.010 / +0.007, 48 -0.013 / -0.022), and FCL's; fedmotion's federated gain halves on test with 48 "
+    "-0.010 / +0.007, 48 -0.013 / -0.022), and FCL's and every other contrastive column's (16 tried; "
+    "section 27); fedmotion's federated gain halves on test with 48 "
     "(ablations README section 26)",
     "finetune_batch_samples": "8 slices a step for every N (from min(N, 8) volumes), so every budget "
     "gets the same optimiser steps on batches of the same size; not tuned",
