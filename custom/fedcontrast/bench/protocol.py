@@ -174,8 +174,7 @@ SETTING_CHOICES: dict[str, str] = {
     "finetune_encoder_warmup_steps": "0 (the encoder trains from the first step): random init's best on "
     "validation over both modes among 0, 16 and 48 of the 96 steps (three phantoms, N = 1: 16 scores "
     "-0.010 / +0.007, 48 -0.013 / -0.022), and FCL's and every other contrastive column's (16 tried; "
-    "section 27); fedmotion's federated gain halves on test with 48 "
-    "(ablations README section 26)",
+    "section 27); fedmotion's federated gain halves on test with 48 (ablations README section 26)",
     "finetune_batch_samples": "8 slices a step for every N (from min(N, 8) volumes), so every budget "
     "gets the same optimiser steps on batches of the same size; not tuned",
     "pretrain_steps": "set by the 2-core time budget, not tuned (benchmarks/pretraining_ablation.py "
