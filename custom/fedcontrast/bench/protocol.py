@@ -184,6 +184,8 @@ SETTING_CHOICES: dict[str, str] = {
     "moved FCL's fine-tuned gain by less than 0.01 on validation (ablations README section 28, one phantom)",
     "bundle": "2D SegResNetDS at 3 mm on a 48 x 48 crop: the published methods' 2D networks, at a "
     "size a CPU can afford",
+    "size": "small: a heart-centred crop, so a CPU affords the grid; on the whole chest (full, 96 x 96 at "
+    "3 mm) FCL gains nothing either (ablations README section 29, two phantoms)",
     "difficulty": "the phantom calibrated on random init's validation curve (phantom_difficulty.json)",
     "cine": "false: the phantom's ED and ES frames only, what the methods pre-train on; true only where "
     "fedmotion's masks come from the whole cycle (ablations README section 19)",
