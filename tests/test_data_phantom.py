@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -230,6 +231,21 @@ def test_outflow_tracts_change_only_the_base():
         # From a quarter of the length on the labels do not change; above the base the right atrium appears.
         assert np.array_equal(label_1[..., t >= 0.25], label_0[..., t >= 0.25])
         assert not np.array_equal(image_1[..., t < 0], image_0[..., t < 0])
+
+
+def test_shared_frame_gain_gives_every_frame_of_a_slice_the_ed_gain():
+    """``shared_frame_gain``: a slice keeps ED's gain in every frame (one breath-hold per slice);
+    without it each frame's noise stream also draws that frame's gain. Noise is off so that only
+    the gain can tell two frames at the same contraction apart."""
+    realistic, shared = DIFFICULTIES["realistic"], DIFFICULTIES["realistic_shared_gain"]
+    scanner = replace(draw_scanner("s", 1, 0, "small", difficulty=realistic), noise=0.0)
+    own_gain, one_gain = draw_patient(0, 1, 1, realistic), draw_patient(0, 1, 1, shared)
+    ed = render_frame(scanner, own_gain, 0.0, 0)[0]
+    np.testing.assert_array_equal(render_frame(scanner, one_gain, 0.0, 0)[0], ed)  # ED is unchanged
+    np.testing.assert_array_equal(render_frame(scanner, one_gain, 0.0, 7)[0], ed)
+    other = render_frame(scanner, own_gain, 0.0, 7)[0].astype(np.float64)
+    ratio = other.sum(axis=(0, 1)) / ed.astype(np.float64).sum(axis=(0, 1))  # per slice
+    assert np.all(np.abs(ratio - 1.0) < 0.15) and np.abs(ratio - 1.0).max() > 0.005
 
 
 def test_small_fine_draws_the_small_phantom_at_half_the_pixel_size():

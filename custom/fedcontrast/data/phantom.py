@@ -146,6 +146,10 @@ class Difficulty:
             the cavity) and the RV widens into its outflow tract around the front of the LV;
             above the base the right atrium lies beside the left. No random draw changes, so
             the patients are those of the same difficulty without it.
+        shared_frame_gain: give every frame of a slice the ED frame's per-slice gain, as on a
+            scanner, where a slice's frames come from one breath-hold; each frame keeps its own
+            noise. Otherwise each frame draws its own gain (under which sections 19-30 of the
+            ablations ran). Changes the ES frame's gain and the cine series, nothing else.
     """
 
     heart_shift_mm: float = 12.0
@@ -162,6 +166,7 @@ class Difficulty:
     blur: tuple[tuple[float, float], tuple[float, float]] = ((0.4, 1.0), (0.15, 0.4))
     planned_stack: bool = False
     outflow_tracts: bool = False
+    shared_frame_gain: bool = False
 
 
 #: Named difficulties (see :class:`Difficulty`); ``"realistic"`` is the benchmark's (candidate "A" of
@@ -188,6 +193,8 @@ DIFFICULTIES["realistic_planned"] = replace(DIFFICULTIES["realistic"], planned_s
 #: ``realistic_planned`` with a distinct base (outflow tracts, both atria): the long-axis anatomy
 #: ablation of issue 10.
 DIFFICULTIES["realistic_anatomy"] = replace(DIFFICULTIES["realistic_planned"], outflow_tracts=True)
+#: ``realistic`` with one gain per slice for all its frames: the cine-mask ablation of issue 10.
+DIFFICULTIES["realistic_shared_gain"] = replace(DIFFICULTIES["realistic"], shared_frame_gain=True)
 
 
 def get_difficulty(difficulty: str | Difficulty) -> Difficulty:
@@ -354,6 +361,7 @@ def draw_patient(
         if d.tissue_jitter > 0
         else np.ones(len(SEQUENCES["bssfp"])),
         "bias_gain": float(extra.uniform(*d.patient_bias)) if d.patient_bias[0] != d.patient_bias[1] else 1.0,
+        "shared_frame_gain": d.shared_frame_gain,
     }
     return Patient(
         group=group,
@@ -595,7 +603,10 @@ def render_frame(
     )
     image *= np.exp(scanner.bias * b["bias_gain"] * log_bias / 1.5)
     rng = np.random.default_rng([int(b["seed"]), noise_key])  # this frame's gain and noise
-    image *= rng.normal(1.0, 0.03, size=nz).astype(np.float32)[None, None, :]
+    gain = rng.normal(1.0, 0.03, size=nz)
+    if b["shared_frame_gain"]:  # one breath-hold per slice: ED's gain for every frame
+        gain = np.random.default_rng([int(b["seed"]), 0]).normal(1.0, 0.03, size=nz)
+    image *= gain.astype(np.float32)[None, None, :]
     real = image + rng.normal(0.0, scanner.noise, size=image.shape).astype(np.float32)
     imag = rng.normal(0.0, scanner.noise, size=image.shape).astype(np.float32)
     image = np.clip(np.hypot(real, imag) * scanner.scale, 0, np.iinfo(np.int16).max)
