@@ -8,13 +8,15 @@ the phantom writes it with ``--cine``). Per volume: Dice, precision (how much of
 heart) and recall (how much of the heart the mask covers); averaged over the volumes of the
 pre-training pool and, separately, of the validation patients. No test patient is read.
 ``--smooth-mm`` scores the masks at several in-plane smoothings (``fedmotion``'s ``smooth_mm``),
-and several ``--run`` folders (other phantoms) are pooled, so that the smoothing can be chosen
-on the validation patients:
+``--phase-bins`` the cine series averaged into several phase counts (``fedmotion``'s
+``phase_bins``), and several ``--run`` folders (other phantoms) are pooled, so that either can
+be chosen on the validation patients:
 
     python benchmarks/motion_mask_quality.py --run workspace/cine/smotion480_cine \
         --out benchmarks/results/label_efficiency_ablations/motion/mask_quality
     python benchmarks/motion_mask_quality.py --run RUN_D0 RUN_D1 RUN_D2 --smooth-mm 3 6 9 12 15 \
         --out benchmarks/results/label_efficiency_ablations/fedmotion/mask_smoothing
+    python benchmarks/motion_mask_quality.py --run RUN --phase-bins 0 3 6 12 --out .../chest/mask_phases
 """
 
 from __future__ import annotations
@@ -52,17 +54,18 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
 
 
 def patient_scores(
-    entries: list[dict[str, Any]], labels: dict[str, str], smooth_mm: float = 6.0
+    entries: list[dict[str, Any]], labels: dict[str, str], smooth_mm: float = 6.0, phase_bins: int = 0
 ) -> dict[str, list[dict]]:
     """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`;
-    a source with fewer than two frames has no mask and no scores), masks smoothed by ``smooth_mm``."""
+    a source with fewer than two frames has no mask and no scores), masks smoothed by ``smooth_mm``
+    and their frames averaged into ``phase_bins`` phases (0: none)."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
     scores: dict[str, list[dict]] = {}
     for source, frames in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
-        found = patient_motion_mask(frames, smooth_mm)
+        found = patient_motion_mask(frames, smooth_mm, phase_bins=phase_bins)
         if found is not None:
             scores[source] = [overlap(found[0] > 0, heart) for heart in hearts]
     return scores
@@ -79,14 +82,27 @@ def summary(scores: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def source_name(source: str, smooth_mm: float, smoothings: Sequence[float]) -> str:
-    """``source``, with its smoothing when several are scored."""
-    return source if len(smoothings) == 1 else f"{source}, {smooth_mm:g} mm"
+def source_name(
+    source: str,
+    smooth_mm: float,
+    smoothings: Sequence[float],
+    phase_bins: int = 0,
+    bins: Sequence[int] = (0,),
+) -> str:
+    """``source``, with its smoothing when several are scored and, for the cine series, its phase
+    count when several are."""
+    name = source if len(smoothings) == 1 else f"{source}, {smooth_mm:g} mm"
+    if source != SOURCES[0] or len(bins) == 1:
+        return name
+    return f"{name}, {f'{phase_bins} phases' if phase_bins else 'every frame'}"
 
 
-def measure(runs: Sequence[Path], smoothings: Sequence[float] = (6.0,)) -> dict[str, Any]:
+def measure(
+    runs: Sequence[Path], smoothings: Sequence[float] = (6.0,), bins: Sequence[int] = (0,)
+) -> dict[str, Any]:
     """Every site's pre-training and validation patients of the bench run folders ``runs``, pooled,
-    at each in-plane smoothing of ``smoothings`` (mm)."""
+    at each in-plane smoothing of ``smoothings`` (mm) and each phase count of ``bins``
+    (:func:`~fedcontrast.methods.fedmotion.phase_means`; 0: every frame)."""
     groups: dict[str, dict[str, list]] = {}
     for run in runs:
         labels = image_labels(run / "data", "acdc", run / "frames")
@@ -95,10 +111,14 @@ def measure(runs: Sequence[Path], smoothings: Sequence[float] = (6.0,)) -> dict[
             datalist = load_site_datalist(path)
             pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
             for pool, entries in pools.items():
-                for indices, smooth_mm in product(frames_by_patient(entries).values(), smoothings):
-                    scores = patient_scores([entries[i] for i in indices], labels, smooth_mm)
+                for indices, smooth_mm, phase_bins in product(
+                    frames_by_patient(entries).values(), smoothings, bins
+                ):
+                    scores = patient_scores([entries[i] for i in indices], labels, smooth_mm, phase_bins)
                     for source, values in scores.items():
-                        name = source_name(source, smooth_mm, smoothings)
+                        if source != SOURCES[0] and phase_bins != bins[0]:
+                            continue  # two frames have no phases to average: scored once
+                        name = source_name(source, smooth_mm, smoothings, phase_bins, bins)
                         groups.setdefault(pool, {}).setdefault(name, []).extend(values)
     return {
         pool: {source: summary(v) for source, v in by_source.items()} for pool, by_source in groups.items()
@@ -125,14 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         "--run", type=Path, nargs="+", required=True, help="bench run folders (phantoms written with --cine)"
     )
     parser.add_argument("--smooth-mm", type=float, nargs="+", default=[6.0], help="in-plane smoothings, mm")
+    parser.add_argument(
+        "--phase-bins",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="phase counts of the cine series (0: every frame)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = {
         "command": " ".join(["python", "benchmarks/motion_mask_quality.py", *(argv or sys.argv[1:])]),
         "runs": [str(run) for run in args.run],
         "smooth_mm": args.smooth_mm,
+        "phase_bins": args.phase_bins,
         "environment": environment(),
-        "pools": measure(args.run, args.smooth_mm),
+        "pools": measure(args.run, args.smooth_mm, args.phase_bins),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     output_file(args.out, ".json").write_text(json.dumps(result, indent=1))

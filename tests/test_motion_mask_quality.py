@@ -41,3 +41,9 @@ def test_smoothing_is_scored_per_value_and_named_only_when_several(tmp_path):
     assert sharp != smooth
     assert motion_mask_quality.source_name("cine series", 6.0, [6.0]) == "cine series"
     assert motion_mask_quality.source_name("cine series", 12.0, [6.0, 12.0]) == "cine series, 12 mm"
+
+
+def test_phase_counts_are_scored_for_the_cine_series_only():
+    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 4, [0, 4]) == "cine series, 4 phases"
+    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 0, [0, 4]) == "cine series, every frame"
+    assert motion_mask_quality.source_name("ED and ES frames", 6.0, [6.0], 4, [0, 4]) == "ED and ES frames"

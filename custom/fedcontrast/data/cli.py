@@ -121,6 +121,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     masks.add_argument("datalist", type=Path, help="a site datalist (its training and unlabeled lists)")
     masks.add_argument("--out", type=Path, required=True, help="folder for <patient>.nii.gz masks")
     masks.add_argument("--smooth-mm", type=float, help="in-plane smoothing of the motion map, mm (default 6)")
+    masks.add_argument(
+        "--phase-bins", type=int, help="average a cine series into this many phases first (default 0: none)"
+    )
     masks.set_defaults(func=run_motion_masks)
 
 
@@ -187,8 +190,9 @@ def run_motion_masks(args: argparse.Namespace) -> int:
 
     datalist = load_site_datalist(args.datalist)
     smooth_mm = DEFAULTS["smooth_mm"] if args.smooth_mm is None else args.smooth_mm
+    bins = DEFAULTS["phase_bins"] if args.phase_bins is None else args.phase_bins
     entries, site = pretraining_entries(datalist), str(datalist["site"])
-    labelled = motion_entries(entries, site, args.out, smooth_mm, DEFAULTS["kmeans_iterations"])
+    labelled = motion_entries(entries, site, args.out, smooth_mm, DEFAULTS["kmeans_iterations"], bins)
     for mask in sorted({e["label"] for e in labelled}):
         print(f"{mask}: moving {float(np.asarray(nib.load(mask).dataobj).mean()):.3f}")
     return 0

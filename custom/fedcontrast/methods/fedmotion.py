@@ -33,7 +33,10 @@ Configuration (:data:`DEFAULTS`): ``supervised``'s keys (its ``lr`` 3e-3 and a s
 ``batch_size`` 4 volumes x ``bundle.samples_per_volume`` 2 slices: the benchmark's fine-tuning
 recipe, chosen on random init's validation curves), ``smooth_mm`` (in-plane Gaussian sigma
 of the motion map, mm; 6 kept over 12 on validation, ablations README section 22),
-``kmeans_iterations`` and ``decoder_handover`` (False: fine-tuning takes the encoder; True: also
+``phase_bins`` (0: the spread over every frame; k: over the means of k runs of consecutive
+frames, :func:`phase_means`, which averages out noise that outweighs the motion when the field
+of view holds the whole chest, ablations README section 31), ``kmeans_iterations`` and
+``decoder_handover`` (False: fine-tuning takes the encoder; True: also
 the decoder blocks, from ``pretrained_decoder.pt``).
 ``bundle.labels`` is always still and moving.
 """
@@ -70,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "bundle": {"samples_per_volume": 2},
     "smooth_mm": 6.0,
+    "phase_bins": 0,
     "kmeans_iterations": 10,
     "decoder_handover": False,
 }
@@ -97,6 +101,21 @@ def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Te
     return intensity_clusters(smooth_in_plane(spread, sigma), 2, iterations)[0].float()
 
 
+def phase_means(frames: torch.Tensor, bins: int) -> torch.Tensor:
+    """The means of ``bins`` runs of consecutive frames (cardiac phases of a cine series).
+
+    Args:
+        frames: ``(F, ...)`` frames in time order.
+        bins: number of phases; 0, or at least F, returns ``frames`` unchanged.
+
+    Returns:
+        ``(min(bins, F), ...)``; runs differ in length by at most one frame.
+    """
+    if bins <= 0 or bins >= len(frames):
+        return frames
+    return torch.stack([run.mean(dim=0) for run in frames.tensor_split(bins)])
+
+
 def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib.Nifti1Image]:
     """The frames of one patient's ``entries`` as stored: every frame of the cine series the
     entries name (``"cine"``, the first one's), else each entry's image; and the first entry's
@@ -121,22 +140,29 @@ def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib
 
 
 def patient_motion_mask(
-    entries: list[dict[str, Any]], smooth_mm: float = 6.0, iterations: int = 10
+    entries: list[dict[str, Any]], smooth_mm: float = 6.0, iterations: int = 10, phase_bins: int = 0
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The uint8 motion mask of one patient's stored frames (:func:`patient_frames`, each
-    standardised; :func:`motion_mask`, smoothed in-plane by ``smooth_mm``) and the first entry's
-    affine; None when the patient has fewer than two frames of one shape."""
+    standardised, averaged into ``phase_bins`` phases by :func:`phase_means`; :func:`motion_mask`,
+    smoothed in-plane by ``smooth_mm``) and the first entry's affine; None when the patient has
+    fewer than two frames of one shape."""
     arrays, first = patient_frames(entries)
     if len(arrays) < 2 or len({a.shape for a in arrays}) > 1:
         return None
     frames = torch.stack([torch.from_numpy((a - a.mean()) / max(float(a.std()), 1e-8)) for a in arrays])
+    frames = phase_means(frames, phase_bins)
     sigma = smooth_mm / float(np.mean(first.header.get_zooms()[:2]))
     mask = motion_mask(frames[:, None], sigma, iterations)[0].numpy().astype(np.uint8)
     return mask, first.affine
 
 
 def motion_entries(
-    entries: list[dict[str, Any]], site: str, folder: Path, smooth_mm: float = 6.0, iterations: int = 10
+    entries: list[dict[str, Any]],
+    site: str,
+    folder: Path,
+    smooth_mm: float = 6.0,
+    iterations: int = 10,
+    phase_bins: int = 0,
 ) -> list[dict[str, str]]:
     """``{"image", "label"}`` entries: each of ``entries``, in order, with its patient's motion mask
     (:func:`patient_motion_mask`), written once per patient as ``folder/<patient>.nii.gz``.
@@ -153,7 +179,7 @@ def motion_entries(
     masks, left_out = {}, []
     for patient, indices in frames_by_patient(entries).items():
         patient_entries = [entries[i] for i in indices]
-        mask = patient_motion_mask(patient_entries, smooth_mm, iterations)
+        mask = patient_motion_mask(patient_entries, smooth_mm, iterations, phase_bins)
         if mask is None:
             left_out += [e.get("cine", e["image"]) for e in patient_entries]
             continue
@@ -192,8 +218,12 @@ class MotionSegTrainer(SupervisedBundleTrainer):
         # one work folder for the masks and, through cfg["workdir"], the bundle's checkpoints and logs
         folder, self._workdir = site_folder(cfg["workdir"], site)
         cfg["workdir"] = str(folder.parent)
-        smooth_mm, iterations = float(cfg["smooth_mm"]), int(cfg["kmeans_iterations"])
-        entries = motion_entries(datalist, site, folder / "motion_masks", smooth_mm, iterations)
+        smooth_mm, iterations, bins = (
+            float(cfg["smooth_mm"]),
+            int(cfg["kmeans_iterations"]),
+            int(cfg["phase_bins"]),
+        )
+        entries = motion_entries(datalist, site, folder / "motion_masks", smooth_mm, iterations, bins)
         super().__init__(cfg, entries, site, device)
 
     @classmethod
@@ -211,7 +241,7 @@ class MotionSegTrainer(SupervisedBundleTrainer):
         cfg = motion_config(config)
         if not cfg["decoder_handover"]:
             return []
-        options = {k: cfg[k] for k in ("smooth_mm", "kmeans_iterations")}
+        options = {k: cfg[k] for k in ("smooth_mm", "phase_bins", "kmeans_iterations")}
         stage = handover_stage("motion_segmentation", "fedmotion", site, cfg, options)
         network = build_network(cfg["bundle_dir"], cfg["bundle"])
         return [write_handover(weights, network, cfg["bundle"], stage, out_dir)]
