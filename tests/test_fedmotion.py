@@ -48,6 +48,9 @@ def test_phase_means_average_runs_of_consecutive_frames():
     frames = torch.arange(7.0).view(7, 1)
     assert torch.equal(phase_means(frames, 3), torch.tensor([[1.0], [3.5], [5.5]]))  # runs of 3, 2, 2
     assert phase_means(frames, 0) is frames and phase_means(frames, 7) is frames
+    for bins in (1, -2):
+        with pytest.raises(ValueError, match="phase_bins must be 0"):
+            phase_means(frames, bins)
 
 
 def test_phases_find_motion_that_the_noise_of_every_frame_hides():

@@ -110,8 +110,13 @@ def phase_means(frames: torch.Tensor, bins: int) -> torch.Tensor:
 
     Returns:
         ``(min(bins, F), ...)``; runs differ in length by at most one frame.
+
+    Raises:
+        ValueError: ``bins`` negative or 1 (one phase has no spread).
     """
-    if bins <= 0 or bins >= len(frames):
+    if bins < 0 or bins == 1:
+        raise ValueError(f"phase_bins must be 0 (every frame) or at least 2, not {bins}")
+    if bins == 0 or bins >= len(frames):
         return frames
     return torch.stack([run.mean(dim=0) for run in frames.tensor_split(bins)])
 
