@@ -603,7 +603,7 @@ def render_frame(
     )
     image *= np.exp(scanner.bias * b["bias_gain"] * log_bias / 1.5)
     rng = np.random.default_rng([int(b["seed"]), noise_key])  # this frame's gain and noise
-    gain = rng.normal(1.0, 0.03, size=nz)
+    gain = rng.normal(1.0, 0.03, size=nz)  # drawn even when shared, so the noise below is unchanged
     if b["shared_frame_gain"]:  # one breath-hold per slice: ED's gain for every frame
         gain = np.random.default_rng([int(b["seed"]), 0]).normal(1.0, 0.03, size=nz)
     image *= gain.astype(np.float32)[None, None, :]

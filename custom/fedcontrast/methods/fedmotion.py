@@ -223,12 +223,8 @@ class MotionSegTrainer(SupervisedBundleTrainer):
         # one work folder for the masks and, through cfg["workdir"], the bundle's checkpoints and logs
         folder, self._workdir = site_folder(cfg["workdir"], site)
         cfg["workdir"] = str(folder.parent)
-        smooth_mm, iterations, bins = (
-            float(cfg["smooth_mm"]),
-            int(cfg["kmeans_iterations"]),
-            int(cfg["phase_bins"]),
-        )
-        entries = motion_entries(datalist, site, folder / "motion_masks", smooth_mm, iterations, bins)
+        options = (float(cfg["smooth_mm"]), int(cfg["kmeans_iterations"]), int(cfg["phase_bins"]))
+        entries = motion_entries(datalist, site, folder / "motion_masks", *options)
         super().__init__(cfg, entries, site, device)
 
     @classmethod
