@@ -36,7 +36,7 @@ from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import image_labels
 from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
-from fedcontrast.methods.fedmotion import patient_motion_mask
+from fedcontrast.methods.fedmotion import frames_motion_mask, standardised_frames
 from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
 
 #: Which frames a mask is computed from: the entries as the split lists them, or without their cine.
@@ -54,20 +54,30 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
 
 
 def patient_scores(
-    entries: list[dict[str, Any]], labels: dict[str, str], smooth_mm: float = 6.0, phase_bins: int = 0
-) -> dict[str, list[dict]]:
-    """``{source: [overlap of each entry's frame]}`` for one patient's ``entries`` (:data:`SOURCES`;
-    a source with fewer than two frames has no mask and no scores), masks smoothed by ``smooth_mm``
-    and their frames averaged into ``phase_bins`` phases (0: none)."""
+    entries: list[dict[str, Any]],
+    labels: dict[str, str],
+    smoothings: Sequence[float] = (6.0,),
+    bins: Sequence[int] = (0,),
+) -> dict[tuple[str, float, int], list[dict]]:
+    """``{(source, smooth_mm, phase_bins): [overlap of each entry's frame]}`` for one patient's
+    ``entries``: each source of :data:`SOURCES` read once, its masks smoothed by each of
+    ``smoothings`` (mm) and, for the cine series, averaged into each of ``bins`` phases (0: none;
+    the two stored frames are scored once per smoothing, under ``bins[0]``). A source with fewer
+    than two frames has no mask and no scores."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
-    scores: dict[str, list[dict]] = {}
-    for source, frames in zip(SOURCES, (entries, stored), strict=True):
+    scores: dict[tuple[str, float, int], list[dict]] = {}
+    for source, sources in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
-        found = patient_motion_mask(frames, smooth_mm, phase_bins=phase_bins)
-        if found is not None:
-            scores[source] = [overlap(found[0] > 0, heart) for heart in hearts]
+        found = standardised_frames(sources)
+        if found is None:
+            continue
+        frames, first = found
+        source_bins = bins if source == SOURCES[0] else bins[:1]
+        for smooth_mm, phase_bins in product(smoothings, source_bins):
+            mask = frames_motion_mask(frames, first.header.get_zooms(), smooth_mm, phase_bins=phase_bins) > 0
+            scores[source, smooth_mm, phase_bins] = [overlap(mask, heart) for heart in hearts]
     return scores
 
 
@@ -111,13 +121,9 @@ def measure(
             datalist = load_site_datalist(path)
             pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
             for pool, entries in pools.items():
-                for indices, smooth_mm, phase_bins in product(
-                    frames_by_patient(entries).values(), smoothings, bins
-                ):
-                    scores = patient_scores([entries[i] for i in indices], labels, smooth_mm, phase_bins)
-                    for source, values in scores.items():
-                        if source != SOURCES[0] and phase_bins != bins[0]:
-                            continue  # two frames have no phases to average: scored once
+                for indices in frames_by_patient(entries).values():
+                    scores = patient_scores([entries[i] for i in indices], labels, smoothings, bins)
+                    for (source, smooth_mm, phase_bins), values in scores.items():
                         name = source_name(source, smooth_mm, smoothings, phase_bins, bins)
                         groups.setdefault(pool, {}).setdefault(name, []).extend(values)
     return {

@@ -23,22 +23,31 @@ def test_each_frame_is_scored_for_the_cine_and_the_stored_frames(tmp_path):
     entries = read_acdc(tmp_path / "data")
     labels = {e["image"]: e["label"] for e in entries}
     scores = motion_mask_quality.patient_scores(entries, labels)
-    assert list(scores) == list(motion_mask_quality.SOURCES)
+    cine, stored_key = ("cine series", 6.0, 0), ("ED and ES frames", 6.0, 0)
+    assert list(scores) == [cine, stored_key]
     assert all(len(v) == 2 and all(0.0 < s["dice"] <= 1.0 for s in v) for v in scores.values())
-    assert scores["cine series"] != scores["ED and ES frames"]
+    assert scores[cine] != scores[stored_key]
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
-    assert list(motion_mask_quality.patient_scores(stored, labels)) == ["ED and ES frames"]
-    summary = motion_mask_quality.summary(scores["cine series"])
+    assert list(motion_mask_quality.patient_scores(stored, labels)) == [stored_key]
+    summary = motion_mask_quality.summary(scores[cine])
     assert summary["volumes"] == 2 and 0.0 < summary["dice"]["mean"] <= 1.0
 
 
-def test_smoothing_is_scored_per_value_and_named_only_when_several(tmp_path):
+def test_each_smoothing_and_phase_count_is_scored_from_one_read(tmp_path):
+    """Every (smoothing, phase count) of the cine series and every smoothing of the stored frames
+    is scored, each as a separate call with that setting alone scores it."""
     synthesize_dataset(tmp_path / "data", sites=1, patients_per_site=1, seed=0, size="small", cine=True)
     entries = read_acdc(tmp_path / "data")
     labels = {e["image"]: e["label"] for e in entries}
-    sharp = motion_mask_quality.patient_scores(entries, labels, smooth_mm=0.0)["cine series"]
-    smooth = motion_mask_quality.patient_scores(entries, labels, smooth_mm=12.0)["cine series"]
-    assert sharp != smooth
+    scores = motion_mask_quality.patient_scores(entries, labels, (0.0, 12.0), (0, 4))
+    assert sorted(scores) == sorted(
+        [("cine series", s, b) for s in (0.0, 12.0) for b in (0, 4)]
+        + [("ED and ES frames", s, 0) for s in (0.0, 12.0)]
+    )
+    assert scores["cine series", 0.0, 0] != scores["cine series", 12.0, 0] != scores["cine series", 12.0, 4]
+    alone = motion_mask_quality.patient_scores(entries, labels, (12.0,), (4,))
+    assert alone["cine series", 12.0, 4] == scores["cine series", 12.0, 4]
+    assert alone["ED and ES frames", 12.0, 4] == scores["ED and ES frames", 12.0, 0]
     assert motion_mask_quality.source_name("cine series", 6.0, [6.0]) == "cine series"
     assert motion_mask_quality.source_name("cine series", 12.0, [6.0, 12.0]) == "cine series, 12 mm"
 

@@ -44,7 +44,7 @@ the decoder blocks, from ``pretrained_decoder.pt``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,21 +144,46 @@ def patient_frames(entries: list[dict[str, Any]]) -> tuple[list[np.ndarray], nib
     return [load_voxels(e["image"]).astype(np.float32) for e in entries], first
 
 
-def patient_motion_mask(
-    entries: list[dict[str, Any]], smooth_mm: float = 6.0, iterations: int = 10, phase_bins: int = 0
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """The uint8 motion mask of one patient's stored frames (:func:`patient_frames`, each
-    standardised, averaged into ``phase_bins`` phases by :func:`phase_means`; :func:`motion_mask`,
-    smoothed in-plane by ``smooth_mm``) and the first entry's affine; None when the patient has
-    fewer than two frames of one shape."""
+def standardised_frames(entries: list[dict[str, Any]]) -> tuple[torch.Tensor, nib.Nifti1Image] | None:
+    """One patient's frames (:func:`patient_frames`), each standardised to mean 0 and std 1, as a
+    ``(F, H, W, D)`` float tensor, and the first entry's image; None when the patient has fewer
+    than two frames of one shape."""
     arrays, first = patient_frames(entries)
     if len(arrays) < 2 or len({a.shape for a in arrays}) > 1:
         return None
     frames = torch.stack([torch.from_numpy((a - a.mean()) / max(float(a.std()), 1e-8)) for a in arrays])
-    frames = phase_means(frames, phase_bins)
-    sigma = smooth_mm / float(np.mean(first.header.get_zooms()[:2]))
-    mask = motion_mask(frames[:, None], sigma, iterations)[0].numpy().astype(np.uint8)
-    return mask, first.affine
+    return frames, first
+
+
+def frames_motion_mask(
+    frames: torch.Tensor,
+    zooms: Sequence[float],
+    smooth_mm: float = 6.0,
+    iterations: int = 10,
+    phase_bins: int = 0,
+) -> np.ndarray:
+    """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames
+    (:func:`standardised_frames`), averaged into ``phase_bins`` phases (:func:`phase_means`), their
+    spread smoothed in-plane by ``smooth_mm`` (mm, over the in-plane voxel sizes ``zooms[:2]``)."""
+    sigma = smooth_mm / float(np.mean(zooms[:2]))
+    return (
+        motion_mask(phase_means(frames, phase_bins)[:, None], sigma, iterations)[0].numpy().astype(np.uint8)
+    )
+
+
+def patient_motion_mask(
+    entries: list[dict[str, Any]], smooth_mm: float = 6.0, iterations: int = 10, phase_bins: int = 0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The uint8 motion mask of one patient's stored frames (:func:`standardised_frames`,
+    :func:`frames_motion_mask`) and the first entry's affine; None when the patient has fewer
+    than two frames of one shape."""
+    found = standardised_frames(entries)
+    if found is None:
+        return None
+    frames, first = found
+    return frames_motion_mask(
+        frames, first.header.get_zooms(), smooth_mm, iterations, phase_bins
+    ), first.affine
 
 
 def motion_entries(
