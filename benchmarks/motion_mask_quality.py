@@ -10,13 +10,16 @@ pre-training pool and, separately, of the validation patients. No test patient i
 ``--smooth-mm`` scores the masks at several in-plane smoothings (``fedmotion``'s ``smooth_mm``),
 ``--phase-bins`` the cine series averaged into several phase counts (``fedmotion``'s
 ``phase_bins``), and several ``--run`` folders (other phantoms) are pooled, so that either can
-be chosen on the validation patients:
+be chosen on the validation patients. ``--rule`` also scores a label-free choice of the phase
+count, made per patient among ``--phase-bins``: the count whose motion map the mask's two
+k-means classes split most cleanly (Otsu's separability, :func:`separability`):
 
     python benchmarks/motion_mask_quality.py --run workspace/cine/smotion480_cine \
         --out benchmarks/results/label_efficiency_ablations/motion/mask_quality
     python benchmarks/motion_mask_quality.py --run RUN_D0 RUN_D1 RUN_D2 --smooth-mm 3 6 9 12 15 \
         --out benchmarks/results/label_efficiency_ablations/fedmotion/mask_smoothing
     python benchmarks/motion_mask_quality.py --run RUN --phase-bins 0 3 6 12 --out .../chest/mask_phases
+    python benchmarks/motion_mask_quality.py --run RUN --phase-bins 0 2 3 4 6 8 12 --rule --out .../phase_rule
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,13 @@ from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import image_labels
 from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
-from fedcontrast.methods.fedmotion import frames_motion_mask, standardised_frames
+from fedcontrast.methods.fedmotion import frames_motion_mask, frames_motion_spread, standardised_frames
 from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
 
 #: Which frames a mask is computed from: the entries as the split lists them, or without their cine.
 SOURCES = ("cine series", "ED and ES frames")
+#: The label-free rule's key in place of a phase count: the most separable of the scored counts.
+RULE = "most separable"
 
 
 def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
@@ -53,66 +57,96 @@ def overlap(mask: np.ndarray, heart: np.ndarray) -> dict[str, float]:
     }
 
 
+def separability(spread: np.ndarray, mask: np.ndarray) -> float:
+    """Otsu's separability of a two-class split: the variance between the ``mask`` (boolean) and the
+    rest of ``spread`` (same shape) over the total variance, in [0, 1] (1: two constant classes)."""
+    values, inside = spread.astype(np.float64).ravel(), mask.ravel()
+    share = float(inside.mean())
+    if share in (0.0, 1.0) or values.var() == 0:
+        return 0.0
+    gap = values[inside].mean() - values[~inside].mean()
+    return share * (1 - share) * gap**2 / float(values.var())
+
+
 def patient_scores(
     entries: list[dict[str, Any]],
     labels: dict[str, str],
     smoothings: Sequence[float] = (6.0,),
     bins: Sequence[int] = (0,),
-) -> dict[tuple[str, float, int], list[dict]]:
+    rule: bool = False,
+) -> dict[tuple[str, float, int | str], list[dict]]:
     """``{(source, smooth_mm, phase_bins): [overlap of each entry's frame]}`` for one patient's
     ``entries``: each source of :data:`SOURCES` read once, its masks smoothed by each of
     ``smoothings`` (mm) and, for the cine series, averaged into each of ``bins`` phases (0: none;
-    the two stored frames are scored once per smoothing, under ``bins[0]``). A source with fewer
+    the two stored frames are scored once per smoothing, under ``bins[0]``). With ``rule``, also
+    the cine series at the phase count of ``bins`` whose mask splits the motion map most cleanly
+    (:func:`separability`; label-free, chosen per patient), under :data:`RULE`, each overlap with
+    its ``phase_bins``. A source with fewer
     than two frames has no mask and no scores."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
-    scores: dict[tuple[str, float, int], list[dict]] = {}
+    scores: dict[tuple[str, float, int | str], list[dict]] = {}
     for source, sources in zip(SOURCES, (entries, stored), strict=True):
         if source == SOURCES[0] and "cine" not in entries[0]:
             continue
         found = standardised_frames(sources)
         if found is None:
             continue
-        frames, first = found
-        source_bins = bins if source == SOURCES[0] else bins[:1]
-        for smooth_mm, phase_bins in product(smoothings, source_bins):
-            mask = frames_motion_mask(frames, first.header.get_zooms(), smooth_mm, phase_bins=phase_bins) > 0
-            scores[source, smooth_mm, phase_bins] = [overlap(mask, heart) for heart in hearts]
+        frames, zooms = found[0], found[1].header.get_zooms()
+        for smooth_mm in smoothings:
+            masks, split = {}, {}
+            for phase_bins in bins if source == SOURCES[0] else bins[:1]:
+                masks[phase_bins] = frames_motion_mask(frames, zooms, smooth_mm, phase_bins=phase_bins) > 0
+                scores[source, smooth_mm, phase_bins] = [overlap(masks[phase_bins], h) for h in hearts]
+                spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)[0, 0].numpy()
+                split[phase_bins] = separability(spread, masks[phase_bins])
+            if rule and source == SOURCES[0]:
+                pick = max(split, key=split.get)
+                scores[source, smooth_mm, RULE] = [
+                    {**o, "phase_bins": pick} for o in scores[source, smooth_mm, pick]
+                ]
     return scores
 
 
-def summary(scores: list[dict[str, float]]) -> dict[str, Any]:
-    """Mean and std over volumes of each overlap measure, and the volume count."""
-    return {
+def summary(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over volumes of each overlap measure, the volume count and, for the label-free
+    rule's scores, how many volumes took each phase count."""
+    result: dict[str, Any] = {
         "volumes": len(scores),
         **{
             k: {"mean": float(np.mean([s[k] for s in scores])), "std": float(np.std([s[k] for s in scores]))}
             for k in ("dice", "precision", "recall")
         },
     }
+    if "phase_bins" in scores[0]:
+        picks = [s["phase_bins"] for s in scores]
+        result["phase_bins"] = {str(b): picks.count(b) for b in sorted(set(picks))}
+    return result
 
 
 def source_name(
     source: str,
     smooth_mm: float,
     smoothings: Sequence[float],
-    phase_bins: int = 0,
+    phase_bins: int | str = 0,
     bins: Sequence[int] = (0,),
 ) -> str:
     """``source``, with its smoothing when several are scored and, for the cine series, its phase
-    count when several are."""
+    count (or :data:`RULE`) when several are."""
     name = source if len(smoothings) == 1 else f"{source}, {smooth_mm:g} mm"
     if source != SOURCES[0] or len(bins) == 1:
         return name
-    return f"{name}, {f'{phase_bins} phases' if phase_bins else 'every frame'}"
+    count = phase_bins if phase_bins == RULE else f"{phase_bins} phases" if phase_bins else "every frame"
+    return f"{name}, {count}"
 
 
 def measure(
-    runs: Sequence[Path], smoothings: Sequence[float] = (6.0,), bins: Sequence[int] = (0,)
+    runs: Sequence[Path], smoothings: Sequence[float] = (6.0,), bins: Sequence[int] = (0,), rule: bool = False
 ) -> dict[str, Any]:
     """Every site's pre-training and validation patients of the bench run folders ``runs``, pooled,
     at each in-plane smoothing of ``smoothings`` (mm) and each phase count of ``bins``
-    (:func:`~fedcontrast.methods.fedmotion.phase_means`; 0: every frame)."""
+    (:func:`~fedcontrast.methods.fedmotion.phase_means`; 0: every frame), and with ``rule`` the
+    count :func:`patient_scores` picks per patient without a label."""
     groups: dict[str, dict[str, list]] = {}
     for run in runs:
         labels = image_labels(run / "data", "acdc", run / "frames")
@@ -122,7 +156,7 @@ def measure(
             pools = {"pre-training": pretraining_entries(datalist), "validation": datalist["validation"]}
             for pool, entries in pools.items():
                 for indices in frames_by_patient(entries).values():
-                    scores = patient_scores([entries[i] for i in indices], labels, smoothings, bins)
+                    scores = patient_scores([entries[i] for i in indices], labels, smoothings, bins, rule)
                     for (source, smooth_mm, phase_bins), values in scores.items():
                         name = source_name(source, smooth_mm, smoothings, phase_bins, bins)
                         groups.setdefault(pool, {}).setdefault(name, []).extend(values)
@@ -158,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="phase counts of the cine series (0: every frame)",
     )
+    parser.add_argument(
+        "--rule",
+        action="store_true",
+        help="also score, per patient, the phase count whose motion map splits most cleanly (no label)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output stem: writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
     result = {
@@ -166,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "smooth_mm": args.smooth_mm,
         "phase_bins": args.phase_bins,
         "environment": environment(),
-        "pools": measure(args.run, args.smooth_mm, args.phase_bins),
+        "rule": args.rule,
+        "pools": measure(args.run, args.smooth_mm, args.phase_bins, args.rule),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     output_file(args.out, ".json").write_text(json.dumps(result, indent=1))

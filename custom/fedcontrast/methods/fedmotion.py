@@ -86,9 +86,15 @@ def motion_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def motion_spread(frames: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The voxel-wise standard deviation over ``(F, 1, H, W, D)`` frames, smoothed in-plane by
+    ``sigma`` pixels: ``(1, 1, H, W, D)``."""
+    return smooth_in_plane(frames.float().std(dim=0, keepdim=True), sigma)
+
+
 def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Tensor:
-    """Where a patient's frames differ: 1 where the in-plane smoothed voxel-wise standard deviation
-    over the frames falls in the brighter of two k-means classes, else 0.
+    """Where a patient's frames differ: 1 where :func:`motion_spread` falls in the brighter of two
+    k-means classes, else 0.
 
     Args:
         frames: ``(F, 1, H, W, D)`` frames of one patient, F >= 2.
@@ -97,8 +103,7 @@ def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Te
     Returns:
         ``(1, H, W, D)`` float mask.
     """
-    spread = frames.float().std(dim=0, keepdim=True)  # (1, 1, H, W, D)
-    return intensity_clusters(smooth_in_plane(spread, sigma), 2, iterations)[0].float()
+    return intensity_clusters(motion_spread(frames, sigma), 2, iterations)[0].float()
 
 
 def phase_means(frames: torch.Tensor, bins: int) -> torch.Tensor:
@@ -155,6 +160,16 @@ def standardised_frames(entries: list[dict[str, Any]]) -> tuple[torch.Tensor, ni
     return frames, first
 
 
+def frames_motion_spread(
+    frames: torch.Tensor, zooms: Sequence[float], smooth_mm: float = 6.0, phase_bins: int = 0
+) -> torch.Tensor:
+    """:func:`motion_spread` of ``(F, H, W, D)`` standardised frames (:func:`standardised_frames`)
+    averaged into ``phase_bins`` phases (:func:`phase_means`), smoothed by ``smooth_mm`` (mm, over
+    the in-plane voxel sizes ``zooms[:2]``): ``(1, 1, H, W, D)``."""
+    sigma = smooth_mm / float(np.mean(zooms[:2]))
+    return motion_spread(phase_means(frames, phase_bins)[:, None], sigma)
+
+
 def frames_motion_mask(
     frames: torch.Tensor,
     zooms: Sequence[float],
@@ -162,13 +177,10 @@ def frames_motion_mask(
     iterations: int = 10,
     phase_bins: int = 0,
 ) -> np.ndarray:
-    """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames
-    (:func:`standardised_frames`), averaged into ``phase_bins`` phases (:func:`phase_means`), their
-    spread smoothed in-plane by ``smooth_mm`` (mm, over the in-plane voxel sizes ``zooms[:2]``)."""
-    sigma = smooth_mm / float(np.mean(zooms[:2]))
-    return (
-        motion_mask(phase_means(frames, phase_bins)[:, None], sigma, iterations)[0].numpy().astype(np.uint8)
-    )
+    """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames: the brighter of
+    two k-means classes of :func:`frames_motion_spread`."""
+    spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)
+    return intensity_clusters(spread, 2, iterations)[0, 0].numpy().astype(np.uint8)
 
 
 def patient_motion_mask(
