@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cine",
         action="store_true",
         default=None,
-        help="the phantom also writes each patient's cine series; fedmotion's masks use every frame",
+        help="the phantom also writes each patient's cine series, which fedmotion's masks come from",
     )
     parser.add_argument("--pretrain-steps", type=int, help="pre-training optimiser steps per site")
     parser.add_argument("--pretrain-rounds", type=int, help="rounds the pre-training steps are split into")

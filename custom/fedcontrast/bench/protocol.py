@@ -188,8 +188,8 @@ SETTING_CHOICES: dict[str, str] = {
     "3 mm) FCL gains nothing either (ablations README section 29, two phantoms)",
     "difficulty": "the phantom calibrated on random init's validation curve (phantom_difficulty.json)",
     "cine": "false: the phantom's ED and ES frames only, what the methods pre-train on; true only where "
-    "fedmotion's masks come from the whole cycle (ablations README section 19); on the whole chest "
-    "those masks take in more than the heart unless averaged into phases (phase_bins, sections 30-31)",
+    "fedmotion's masks come from the whole cycle (ablations README section 19), averaged into 6 phases "
+    "(phase_bins: tighter masks on the whole chest, level with every frame on the crop; sections 30-32)",
     "test_per_site": "2 test patients per site (SPEC §7 minimum)",
     "validation_per_site": "2 validation patients per site, for the plateau and any tuning",
     "seeds": "5 seeds (SPEC §7 minimum)",

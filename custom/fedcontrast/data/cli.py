@@ -122,7 +122,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     masks.add_argument("--out", type=Path, required=True, help="folder for <patient>.nii.gz masks")
     masks.add_argument("--smooth-mm", type=float, help="in-plane smoothing of the motion map, mm (default 6)")
     masks.add_argument(
-        "--phase-bins", type=int, help="average a cine series into this many phases first (default 0: none)"
+        "--phase-bins",
+        type=int,
+        help="average a cine series into this many phases first (default 6, fedmotion's; 0: every frame)",
     )
     masks.set_defaults(func=run_motion_masks)
 

@@ -33,9 +33,10 @@ Configuration (:data:`DEFAULTS`): ``supervised``'s keys (its ``lr`` 3e-3 and a s
 ``batch_size`` 4 volumes x ``bundle.samples_per_volume`` 2 slices: the benchmark's fine-tuning
 recipe, chosen on random init's validation curves), ``smooth_mm`` (in-plane Gaussian sigma
 of the motion map, mm; 6 kept over 12 on validation, ablations README section 22),
-``phase_bins`` (0: the spread over every frame; k: over the means of k runs of consecutive
-frames, :func:`phase_means`, which averages out noise that outweighs the motion when the field
-of view holds the whole chest, ablations README section 31), ``kmeans_iterations`` and
+``phase_bins`` (the spread over the means of k runs of consecutive frames, :func:`phase_means`;
+0: over every frame. 6 averages out the noise that outweighs the motion over every frame when
+the field of view holds the whole chest, and trains as well as every frame on a heart-centred
+crop: ablations README sections 31-32), ``kmeans_iterations`` and
 ``decoder_handover`` (False: fine-tuning takes the encoder; True: also
 the decoder blocks, from ``pretrained_decoder.pt``).
 ``bundle.labels`` is always still and moving.
@@ -73,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "bundle": {"samples_per_volume": 2},
     "smooth_mm": 6.0,
-    "phase_bins": 0,
+    "phase_bins": 6,
     "kmeans_iterations": 10,
     "decoder_handover": False,
 }
@@ -161,7 +162,10 @@ def standardised_frames(entries: list[dict[str, Any]]) -> tuple[torch.Tensor, ni
 
 
 def frames_motion_spread(
-    frames: torch.Tensor, zooms: Sequence[float], smooth_mm: float = 6.0, phase_bins: int = 0
+    frames: torch.Tensor,
+    zooms: Sequence[float],
+    smooth_mm: float = DEFAULTS["smooth_mm"],
+    phase_bins: int = DEFAULTS["phase_bins"],
 ) -> torch.Tensor:
     """:func:`motion_spread` of ``(F, H, W, D)`` standardised frames (:func:`standardised_frames`)
     averaged into ``phase_bins`` phases (:func:`phase_means`), smoothed by ``smooth_mm`` (mm, over
@@ -173,9 +177,9 @@ def frames_motion_spread(
 def frames_motion_mask(
     frames: torch.Tensor,
     zooms: Sequence[float],
-    smooth_mm: float = 6.0,
-    iterations: int = 10,
-    phase_bins: int = 0,
+    smooth_mm: float = DEFAULTS["smooth_mm"],
+    iterations: int = DEFAULTS["kmeans_iterations"],
+    phase_bins: int = DEFAULTS["phase_bins"],
 ) -> np.ndarray:
     """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames: the brighter of
     two k-means classes of :func:`frames_motion_spread`."""
@@ -184,7 +188,10 @@ def frames_motion_mask(
 
 
 def patient_motion_mask(
-    entries: list[dict[str, Any]], smooth_mm: float = 6.0, iterations: int = 10, phase_bins: int = 0
+    entries: list[dict[str, Any]],
+    smooth_mm: float = DEFAULTS["smooth_mm"],
+    iterations: int = DEFAULTS["kmeans_iterations"],
+    phase_bins: int = DEFAULTS["phase_bins"],
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The uint8 motion mask of one patient's stored frames (:func:`standardised_frames`,
     :func:`frames_motion_mask`) and the first entry's affine; None when the patient has fewer
@@ -202,9 +209,9 @@ def motion_entries(
     entries: list[dict[str, Any]],
     site: str,
     folder: Path,
-    smooth_mm: float = 6.0,
-    iterations: int = 10,
-    phase_bins: int = 0,
+    smooth_mm: float = DEFAULTS["smooth_mm"],
+    iterations: int = DEFAULTS["kmeans_iterations"],
+    phase_bins: int = DEFAULTS["phase_bins"],
 ) -> list[dict[str, str]]:
     """``{"image", "label"}`` entries: each of ``entries``, in order, with its patient's motion mask
     (:func:`patient_motion_mask`), written once per patient as ``folder/<patient>.nii.gz``.
