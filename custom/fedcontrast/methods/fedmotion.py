@@ -5,10 +5,10 @@ class against the background (ablations README section 17): an encoder that know
 the heart is* is what helps fine-tuning here. Cine MRI says where it is without labels: the
 heart is what moves between the frames of one breath-hold, the classic cue of automatic
 heart localisation. Each site computes, per patient and from its own files only, the
-voxel-wise standard deviation over the patient's frames (every frame of the cine series an
-entry names as ``"cine"``, ACDC's ``_4d`` or M&Ms' ``_sa``; else the patient's stored
-frames, ED and ES), each frame standardised, smooths it in-plane by ``smooth_mm`` and
-splits its voxels into moving and still by 2-class k-means
+voxel-wise standard deviation over the patient's frames (the cine series an entry names as
+``"cine"``, ACDC's ``_4d`` or M&Ms' ``_sa``; else the patient's stored frames, ED and ES), each
+frame standardised and a cine series averaged into ``phase_bins`` cardiac phases, smooths it
+in-plane by ``smooth_mm`` and splits its voxels into moving and still by 2-class k-means
 (:func:`~fedcontrast.methods.pseudo_labels.intensity_clusters`). The mask is written once,
 in the frames' geometry, under the trainer's work folder (``<workdir>/<site>/motion_masks/``,
 a temporary folder when ``workdir`` is None), and every frame of the patient takes it as its
