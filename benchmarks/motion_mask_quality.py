@@ -81,8 +81,7 @@ def patient_scores(
     the two stored frames are scored once per smoothing, under ``bins[0]``). With ``rule``, also
     the cine series at the phase count of ``bins`` whose mask splits the motion map most cleanly
     (:func:`separability`; label-free, chosen per patient), under :data:`RULE`, each overlap with
-    its ``phase_bins``. A source with fewer
-    than two frames has no mask and no scores."""
+    its ``phase_bins``. A source with fewer than two frames has no mask and no scores."""
     stored = [{k: v for k, v in e.items() if k != "cine"} for e in entries]
     hearts = [np.asarray(nib.load(labels[e["image"]]).dataobj) > 0 for e in entries]
     scores: dict[tuple[str, float, int | str], list[dict]] = {}
@@ -94,12 +93,12 @@ def patient_scores(
             continue
         frames, zooms = found[0], found[1].header.get_zooms()
         for smooth_mm in smoothings:
-            masks, split = {}, {}
+            split = {}
             for phase_bins in bins if source == SOURCES[0] else bins[:1]:
-                masks[phase_bins] = frames_motion_mask(frames, zooms, smooth_mm, phase_bins=phase_bins) > 0
-                scores[source, smooth_mm, phase_bins] = [overlap(masks[phase_bins], h) for h in hearts]
+                mask = frames_motion_mask(frames, zooms, smooth_mm, phase_bins=phase_bins) > 0
+                scores[source, smooth_mm, phase_bins] = [overlap(mask, heart) for heart in hearts]
                 spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)[0, 0].numpy()
-                split[phase_bins] = separability(spread, masks[phase_bins])
+                split[phase_bins] = separability(spread, mask)
             if rule and source == SOURCES[0]:
                 pick = max(split, key=split.get)
                 scores[source, smooth_mm, RULE] = [
@@ -190,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[0],
-        help="phase counts of the cine series (0: every frame)",
+        help="phase counts of the cine series (default 0: every frame, as sections 19-22 scored; "
+        "fedmotion's default is 6)",
     )
     parser.add_argument(
         "--rule",

@@ -69,8 +69,7 @@ def test_the_label_free_rule_scores_the_most_separable_phase_count_per_patient(t
     entries = read_acdc(tmp_path / "data")
     labels = {e["image"]: e["label"] for e in entries}
     for favoured in (0, 3):
-        clean = {favoured: 1.0}
-        monkeypatch.setattr(motion_mask_quality, "frames_motion_spread", _spread_marking(clean))
+        monkeypatch.setattr(motion_mask_quality, "frames_motion_spread", _spread_marking({favoured: 1.0}))
         monkeypatch.setattr(motion_mask_quality, "separability", lambda spread, mask: float(spread.flat[0]))
         scores = motion_mask_quality.patient_scores(entries, labels, (6.0,), (0, 3), rule=True)
         picked = scores["cine series", 6.0, motion_mask_quality.RULE]
