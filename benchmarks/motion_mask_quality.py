@@ -38,7 +38,7 @@ from fedcontrast.bench.environment import environment
 from fedcontrast.bench.protocol import image_labels
 from fedcontrast.bench.report import output_file
 from fedcontrast.data.datalist import load_site_datalist
-from fedcontrast.methods.fedmotion import frames_motion_mask, frames_motion_spread, standardised_frames
+from fedcontrast.methods.fedmotion import frames_motion_spread, spread_motion_mask, standardised_frames
 from fedcontrast.methods.volumes import frames_by_patient, pretraining_entries
 
 #: Which frames a mask is computed from: the entries as the split lists them, or without their cine.
@@ -95,10 +95,11 @@ def patient_scores(
         for smooth_mm in smoothings:
             split = {}
             for phase_bins in bins if source == SOURCES[0] else bins[:1]:
-                mask = frames_motion_mask(frames, zooms, smooth_mm, phase_bins=phase_bins) > 0
+                spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)
+                mask = spread_motion_mask(spread) > 0
                 scores[source, smooth_mm, phase_bins] = [overlap(mask, heart) for heart in hearts]
-                spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)[0, 0].numpy()
-                split[phase_bins] = separability(spread, mask)
+                if rule:
+                    split[phase_bins] = separability(spread[0, 0].numpy(), mask)
             if rule and source == SOURCES[0]:
                 pick = max(split, key=split.get)
                 scores[source, smooth_mm, RULE] = [

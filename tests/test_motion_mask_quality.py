@@ -5,7 +5,6 @@ from __future__ import annotations
 import motion_mask_quality
 import numpy as np
 import pytest
-import torch
 
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.data.readers import read_acdc
@@ -84,17 +83,12 @@ def test_the_label_free_rule_scores_the_most_separable_phase_count_per_patient(t
 
 
 def _spread_marking(separable: dict[int, float]):
-    """A stand-in for ``frames_motion_spread`` whose first voxel is ``separable[phase_bins]`` (else 0)."""
+    """``frames_motion_spread`` with its first voxel set to ``separable[phase_bins]`` (else 0)."""
+    real = motion_mask_quality.frames_motion_spread
 
     def spread(frames, zooms, smooth_mm, phase_bins):
-        out = torch.zeros(1, 1, *frames.shape[1:])
+        out = real(frames, zooms, smooth_mm, phase_bins).contiguous().clone()
         out.view(-1)[0] = separable.get(phase_bins, 0.0)
         return out
 
     return spread
-
-
-def test_phase_counts_are_scored_for_the_cine_series_only():
-    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 4, [0, 4]) == "cine series, 4 phases"
-    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 0, [0, 4]) == "cine series, every frame"
-    assert motion_mask_quality.source_name("ED and ES frames", 6.0, [6.0], 4, [0, 4]) == "ED and ES frames"

@@ -187,14 +187,13 @@ def run_motion_masks(args: argparse.Namespace) -> int:
     import nibabel as nib
     import numpy as np
 
-    from fedcontrast.methods.fedmotion import DEFAULTS, motion_entries
+    from fedcontrast.methods.fedmotion import motion_entries
     from fedcontrast.methods.volumes import pretraining_entries
 
     datalist = load_site_datalist(args.datalist)
-    smooth_mm = DEFAULTS["smooth_mm"] if args.smooth_mm is None else args.smooth_mm
-    bins = DEFAULTS["phase_bins"] if args.phase_bins is None else args.phase_bins
+    given = {"smooth_mm": args.smooth_mm, "phase_bins": args.phase_bins}
     entries, site = pretraining_entries(datalist), str(datalist["site"])
-    labelled = motion_entries(entries, site, args.out, smooth_mm, DEFAULTS["kmeans_iterations"], bins)
+    labelled = motion_entries(entries, site, args.out, **{k: v for k, v in given.items() if v is not None})
     for mask in sorted({e["label"] for e in labelled}):
         print(f"{mask}: moving {float(np.asarray(nib.load(mask).dataobj).mean()):.3f}")
     return 0

@@ -181,9 +181,14 @@ def frames_motion_mask(
     iterations: int = DEFAULTS["kmeans_iterations"],
     phase_bins: int = DEFAULTS["phase_bins"],
 ) -> np.ndarray:
-    """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames: the brighter of
-    two k-means classes of :func:`frames_motion_spread`."""
-    spread = frames_motion_spread(frames, zooms, smooth_mm, phase_bins)
+    """The uint8 ``(H, W, D)`` motion mask of ``(F, H, W, D)`` standardised frames:
+    :func:`spread_motion_mask` of :func:`frames_motion_spread`."""
+    return spread_motion_mask(frames_motion_spread(frames, zooms, smooth_mm, phase_bins), iterations)
+
+
+def spread_motion_mask(spread: torch.Tensor, iterations: int = DEFAULTS["kmeans_iterations"]) -> np.ndarray:
+    """The uint8 ``(H, W, D)`` mask of the brighter of two k-means classes of a ``(1, 1, H, W, D)``
+    motion map (:func:`frames_motion_spread`)."""
     return intensity_clusters(spread, 2, iterations)[0, 0].numpy().astype(np.uint8)
 
 
