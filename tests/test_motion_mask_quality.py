@@ -92,3 +92,9 @@ def _spread_marking(separable: dict[int, float]):
         return out
 
     return spread
+
+
+def test_phase_counts_are_scored_for_the_cine_series_only():
+    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 4, [0, 4]) == "cine series, 4 phases"
+    assert motion_mask_quality.source_name("cine series", 6.0, [6.0], 0, [0, 4]) == "cine series, every frame"
+    assert motion_mask_quality.source_name("ED and ES frames", 6.0, [6.0], 4, [0, 4]) == "ED and ES frames"
