@@ -133,6 +133,56 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path,
         protocol.check_resumable(replace(config, validation="all"), tmp_path)
 
 
+def pretrained(folder: Path, methods: list[str], seeds: list[int]) -> None:
+    """Pre-training units marked done in ``folder`` (their record only)."""
+    for m in methods:
+        for s in seeds:
+            unit = folder / "pretrain" / f"{m}_s{s}"
+            unit.mkdir(parents=True)
+            (unit / "record.json").write_text(json.dumps({"sites": {}, "wall_s": 0, "peak_rss_mb": 0}))
+
+
+def test_a_run_folder_refuses_to_resume_after_a_method_default_changed(tmp_path, config, monkeypatch):
+    config.methods = ["random_init", "fedmotion"]
+    pretrained(tmp_path, ["fedmotion"], config.seeds)
+    submitted = fake_pool(monkeypatch)
+    protocol.run_benchmark(config, tmp_path, run_budgets=[1])
+    recorded = json.loads((tmp_path / protocol.METHOD_DEFAULTS_FILE).read_text())
+    assert set(recorded) == {"fedmotion", "supervised"}  # fine-tuning's defaults too
+    assert recorded["fedmotion"]["phase_bins"] == 6 and recorded["supervised"]["lr"] == 1e-3
+    # as a run folder started before fedmotion's phase_bins default went from 0 (every frame) to 6
+    recorded["fedmotion"]["phase_bins"] = 0
+    (tmp_path / protocol.METHOD_DEFAULTS_FILE).write_text(json.dumps(recorded))
+    submitted.clear()
+    with pytest.raises(ValueError, match=r"fedmotion\.phase_bins: 0 -> 6"):
+        protocol.run_benchmark(config, tmp_path)
+    assert submitted == [], "nothing may run under the changed default"
+    # a key the method gained after the folder was recorded is not a change
+    del recorded["fedmotion"]["phase_bins"]
+    (tmp_path / protocol.METHOD_DEFAULTS_FILE).write_text(json.dumps(recorded))
+    protocol.run_benchmark(config, tmp_path)
+    assert submitted and {unit.n_labeled for _, unit in submitted} == set(config.budgets) - {1}
+
+
+def test_a_run_folder_from_before_defaults_were_recorded_resumes_with_a_warning(
+    tmp_path, config, rows, monkeypatch, caplog
+):
+    config.methods = ["random_init"]
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    fake_pool(monkeypatch)
+    protocol.run_benchmark(config, tmp_path)
+    assert f"no {protocol.METHOD_DEFAULTS_FILE}" in caplog.text and "cannot be" in caplog.text
+    assert json.loads((tmp_path / protocol.METHOD_DEFAULTS_FILE).read_text()) == protocol.method_defaults(
+        ["supervised"]
+    )
+
+
+def test_used_methods_are_fine_tuning_and_each_columns_pretraining():
+    columns = ["random_init", "supervised_ceiling", "fcl+decoder", "fedmotion"]
+    used = protocol.used_methods(BenchConfig(methods=columns))
+    assert used == ["fcl", "fedmotion", "local_decoder", "supervised"]
+
+
 def test_units_come_smallest_budget_first_and_cover_the_grid(config):
     units = finetune_units(config)
     # local and federated fine-tuning, plus the federated frozen-encoder probe
@@ -146,12 +196,7 @@ def test_resumption_skips_units_already_in_the_rows_file(tmp_path, config, rows,
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     assert completed_units(rows_file) == {rows[0]["unit"], rows[2]["unit"]}
 
-    done_pretraining = tmp_path / "pretrain"
-    for m in ("fcl", "fedsimclr"):
-        for s in config.seeds:
-            folder = done_pretraining / f"{m}_s{s}"
-            folder.mkdir(parents=True)
-            (folder / "record.json").write_text(json.dumps({"sites": {}, "wall_s": 0, "peak_rss_mb": 0}))
+    pretrained(tmp_path, ["fcl", "fedsimclr"], config.seeds)
     submitted = fake_pool(monkeypatch)
     protocol.run_benchmark(config, tmp_path)
     names = {name for name, _ in submitted}

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fedcontrast.bench.protocol import METHOD_DEFAULTS_FILE
 from fedcontrast.bench.report import (
     CROSS_SITE,
     cross_site_rows,
@@ -305,6 +306,13 @@ def test_runs_of_one_configuration_merge_and_others_are_refused(tmp_path):
         merge_runs([tmp_path / "a", tmp_path / "c"])
     with pytest.raises(ValueError, match=r"no bench_config\.json"):
         merge_runs([tmp_path / "a", tmp_path / "nothing"])
+    # recorded defaults of a method both folders use must agree (a folder without a record is not checked)
+    recorded = {"supervised": {"lr": 1e-3}, "fcl": {"lr": 1e-3}}
+    (tmp_path / "a" / METHOD_DEFAULTS_FILE).write_text(json.dumps(recorded))
+    merge_runs([tmp_path / "a", tmp_path / "b"])
+    (tmp_path / "b" / METHOD_DEFAULTS_FILE).write_text(json.dumps({"supervised": {"lr": 3e-3}}))
+    with pytest.raises(ValueError, match=r"other method defaults \(supervised\.lr: 0\.001 -> 0\.003\)"):
+        merge_runs([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="no rows to report"):
         write_report([], base, tmp_path / "a", tmp_path / "empty")
 

@@ -1,5 +1,6 @@
 """Two sites, two rounds of FCL, local CL and FedSimCLR in process, on a tiny phantom."""
 
+import json
 import math
 
 import numpy as np
@@ -8,9 +9,12 @@ import torch
 
 from fedcontrast.methods.base import message_to_state_dict, select
 from fedcontrast.methods.fcl import FCLTrainer
+from fedcontrast.methods.fedcrld import DEFAULTS as FEDCRLD_DEFAULTS
+from fedcontrast.methods.fedmotion import DEFAULTS as MOTION_DEFAULTS
+from fedcontrast.methods.fedprox import DEFAULT_MU
 from fedcontrast.methods.partitions import site_tag
 from fedcontrast.methods.pretrain import lr_factor
-from fedcontrast.methods.registry import get_method
+from fedcontrast.methods.registry import available_methods, get_method
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.nets.bundle import build_network
 from fedcontrast.nets.presets import network_preset
@@ -176,3 +180,13 @@ def test_pretraining_starts_from_an_initial_encoder_file_with_seeded_heads(tmp_p
     save_encoder(strip(other, "encoder."), tmp_path / "other_grid.pt", {**options, "inplane_spacing": 9.0})
     with pytest.raises(ValueError, match="inplane_spacing"):
         FCLTrainer.initial_message({**CONFIG, "initial_encoder": str(tmp_path / "other_grid.pt")})
+
+
+def test_every_method_declares_the_defaults_its_trainer_merges():
+    # the benchmark records them per run folder: a default not declared could change unseen
+    for name in available_methods():
+        spec = get_method(name)
+        assert spec.defaults and json.dumps(spec.defaults, allow_nan=False), name  # recordable as JSON
+    assert get_method("fedprox").defaults["mu"] == DEFAULT_MU
+    assert get_method("fedmotion").defaults["phase_bins"] == MOTION_DEFAULTS["phase_bins"]
+    assert get_method("fedcrld").trainer.DEFAULTS is FEDCRLD_DEFAULTS

@@ -908,6 +908,74 @@ def check_resumable(config: BenchConfig, out: Path) -> None:
         )
 
 
+#: Where a run folder records the defaults of the methods its units use (:func:`record_method_defaults`).
+METHOD_DEFAULTS_FILE = "method_defaults.json"
+
+
+def used_methods(config: BenchConfig) -> list[str]:
+    """The registered methods whose defaults a run's numbers depend on: ``supervised`` (every
+    fine-tuning, and the supervised-ceiling columns' pre-training), each column's pre-training
+    method, and ``local_decoder`` for a decoder column."""
+    used = {"supervised"}
+    for column in config.methods:
+        if column != RANDOM_INIT and column not in CEILING_CLASSES:
+            used.add(base_method(column))
+            if is_decoder_column(column):
+                used.add("local_decoder")
+    return sorted(used)
+
+
+def method_defaults(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Each method's default configuration, as JSON
+    (:attr:`~fedcontrast.methods.registry.MethodSpec.defaults`)."""
+    return {m: json.loads(json.dumps(get_method(m).defaults)) for m in methods}
+
+
+def changed_defaults(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> list[str]:
+    """``"<method>.<key>: <saved> -> <current>"`` for every default that both records hold and that
+    differs (a key added to a method after ``saved`` was written is not compared)."""
+    return [
+        f"{method}.{key}: {saved[method][key]!r} -> {value!r}"
+        for method in sorted(set(saved) & set(current))
+        for key, value in current[method].items()
+        if key in saved[method] and saved[method][key] != value
+    ]
+
+
+def record_method_defaults(config: BenchConfig, out: Path) -> None:
+    """Refuse to continue a run folder whose methods' defaults changed since it started; record them.
+
+    ``bench_config.json`` holds the settings given (``pretrain_overrides`` among them), not what the
+    methods fall back to. A fedcontrast version that changes a method's default (``fedmotion``'s
+    ``phase_bins``, 0 -> 6) would otherwise run the folder's remaining units of that column under
+    another configuration than its first. The defaults of :func:`used_methods` go to
+    :data:`METHOD_DEFAULTS_FILE` (a method added later is added to it). A folder that holds rows but
+    no record (run before records were kept) is recorded now, with a warning that its earlier
+    units cannot be checked.
+
+    Raises:
+        ValueError: a recorded default differs from this version's; the message names each one.
+    """
+    file = out / METHOD_DEFAULTS_FILE
+    current = method_defaults(used_methods(config))
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    changed = changed_defaults(saved, current)
+    if changed:
+        raise ValueError(
+            f"{out} was run with other method defaults than this fedcontrast's ({'; '.join(changed)}); "
+            "its remaining units would mix two configurations in one column: choose another --out "
+            "(its data/ and the rows of unchanged columns may be copied there)"
+        )
+    if not file.exists() and (out / "rows.jsonl").exists():
+        logger.warning(
+            "%s has no %s (run before method defaults were recorded): the units run so far cannot be "
+            "checked against this version's defaults; recording them now",
+            out,
+            METHOD_DEFAULTS_FILE,
+        )
+    file.write_text(json.dumps({**saved, **current}, indent=1))
+
+
 def run_benchmark(
     config: BenchConfig,
     out: Path,
@@ -929,6 +997,7 @@ def run_benchmark(
         raise ValueError(f"run budgets {sorted(run_budgets)} are not among the configured {config.budgets}")
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(config, out)
+    record_method_defaults(config, out)
     saved = out / "bench_config.json"
     previous = json.loads(saved.read_text()) if saved.exists() else {}
     grown = {

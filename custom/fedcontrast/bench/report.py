@@ -169,6 +169,26 @@ def load_rows_file(path: Path) -> list[Row]:
     return rows
 
 
+def check_same_defaults(run_dirs: Sequence[Path]) -> None:
+    """Refuse run folders whose recorded defaults of a method they share differ (folders without a
+    record, run before they were kept, are not checked).
+
+    Raises:
+        ValueError: names both folders and each default that differs.
+    """
+    from fedcontrast.bench.protocol import METHOD_DEFAULTS_FILE, changed_defaults
+
+    recorded = [(f, Path(f) / METHOD_DEFAULTS_FILE) for f in run_dirs]
+    recorded = [(f, json.loads(file.read_text())) for f, file in recorded if file.exists()]
+    for folder, defaults in recorded[1:]:
+        changed = changed_defaults(recorded[0][1], defaults)
+        if changed:
+            raise ValueError(
+                f"{recorded[0][0]} and {folder} were run with other method defaults ({'; '.join(changed)}); "
+                "only runs of one configuration can be merged"
+            )
+
+
 def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dict[str, Any]]:
     """Settings, rows and provenance of one or more run folders of the same configuration.
 
@@ -185,7 +205,9 @@ def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dic
 
     Raises:
         ValueError: no folder, a folder without ``bench_config.json``, or settings that
-            differ (names both folders and the keys).
+            differ (names both folders and the keys), or recorded method defaults that differ
+            (:func:`~fedcontrast.bench.protocol.record_method_defaults`; a folder run before they
+            were recorded is not checked).
     """
     if not run_dirs:
         raise ValueError("no run folder given")
@@ -205,6 +227,7 @@ def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dic
                 f"{run_dirs[0]} and {folder} were run with different settings ({', '.join(differ)}); "
                 "only runs of one configuration can be merged"
             )
+    check_same_defaults(run_dirs)
     methods: list[str] = []
     for config in configs:
         methods += [m for m in config.get("methods", []) if m not in methods]

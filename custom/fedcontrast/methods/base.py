@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -155,6 +155,10 @@ class SiteTrainer(ABC):
         site: the site's name (tags its features).
         device: torch device string (a CUDA device this machine lacks is an error naming the site).
     """
+
+    #: The method's default configuration, under which the config given is merged: what its
+    #: numbers depend on besides the config (the benchmark records it per run folder).
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         self.config = dict(config)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +159,10 @@ class FedCRLDTrainer(SiteTrainer):
         device: torch device when ``config["device"]`` is None.
     """
 
+    DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
+
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        merged = merge_config(DEFAULTS, config)
+        merged = merge_config(self.DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
         check_choice(cfg, "mi_form", MI_FORMS)
@@ -191,7 +193,7 @@ class FedCRLDTrainer(SiteTrainer):
     def initial_message(cls, config: Mapping[str, Any]) -> Message:
         """The shared encoder of the seeded FedCRLD network (global RNG untouched), with the
         optional ``pretrained_encoder`` loaded, as ``weights/encoder.*`` entries."""
-        cfg = merge_config(DEFAULTS, config)
+        cfg = merge_config(cls.DEFAULTS, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
             network = build_network(cfg["bundle_dir"], network_overrides(cfg))

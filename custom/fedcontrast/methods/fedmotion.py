@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -266,6 +266,7 @@ class MotionSegTrainer(SupervisedBundleTrainer):
     """
 
     PRETEXT_OUTPUTS = True
+    DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
         cfg = motion_config(config)

@@ -13,7 +13,7 @@ Configuration: ``supervised``'s (see :mod:`fedcontrast.methods.supervised`) plus
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from nvflare.app_opt.pt import PTFedProxLoss
@@ -21,6 +21,7 @@ from torch import nn
 
 from fedcontrast.methods.base import Message, SiteUpdate, message_to_state_dict
 from fedcontrast.methods.registry import MethodSpec, register
+from fedcontrast.methods.supervised import DEFAULTS as SUPERVISED_DEFAULTS
 from fedcontrast.methods.supervised import SupervisedBundleTrainer
 from fedcontrast.nets.encoder import momentum_copy
 
@@ -53,8 +54,10 @@ class ProximalLoss(nn.Module):
 class FedProxTrainer(SupervisedBundleTrainer):
     """``supervised`` with the proximal term toward the round's received global network."""
 
+    DEFAULTS: ClassVar[dict[str, Any]] = {**SUPERVISED_DEFAULTS, "mu": DEFAULT_MU}
+
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        super().__init__({"mu": DEFAULT_MU, **dict(config)}, datalist, site, device)
+        super().__init__(config, datalist, site, device)
         mu = float(self.config["mu"])
         self.reference = momentum_copy(self.network)
         self.trainer.loss_function = ProximalLoss(

@@ -8,6 +8,7 @@ later appears everywhere without touching the callers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fedcontrast.methods.base import ServerStrategy, SiteTrainer
 
@@ -31,6 +32,12 @@ class MethodSpec:
     federated: bool = True
     pretraining: bool = True
     description: str = ""
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The method's default configuration: its strategy's defaults (where it has its own)
+        under its trainer's (:attr:`SiteTrainer.DEFAULTS`)."""
+        return {**getattr(self.strategy, "DEFAULTS", {}), **self.trainer.DEFAULTS}
 
     @property
     def label_outputs(self) -> bool:

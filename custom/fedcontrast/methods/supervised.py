@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from ignite.engine import Engine, Events
@@ -178,8 +178,10 @@ class SupervisedBundleTrainer(SiteTrainer):
         device: torch device when ``config["device"]`` is None.
     """
 
+    DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
+
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        merged = merge_config(DEFAULTS, config)
+        merged = merge_config(self.DEFAULTS, config)
         super().__init__(merged, datalist, site, merged["device"] or device)
         cfg = self.config
         workdir, self._tmp = site_folder(cfg["workdir"], site)
@@ -218,7 +220,7 @@ class SupervisedBundleTrainer(SiteTrainer):
             ValueError: a checkpoint whose keys or shapes do not match the network (the message
                 lists them), or a decoder trained against another encoder than ``pretrained_encoder``.
         """
-        cfg = merge_config(DEFAULTS, config)
+        cfg = merge_config(cls.DEFAULTS, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg["seed"]))
             network = build_network(cfg["bundle_dir"], cfg["bundle"])
