@@ -1,19 +1,38 @@
 """Suite-wide test settings."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+
 #: The benchmark scripts import their siblings (``partition_signal``, ``data_per_site``), so
 #: their folder is on the path and their tests import them by name.
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def job_module(name: str) -> ModuleType:
+    """``jobs/<name>/job.py`` imported as the module ``job_<name>`` (every job's file is ``job.py``)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / name / "job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def recorded_message(result_dir: Path, round_num: int, site: str, direction: str) -> dict[str, np.ndarray]:
+    """The message a simulator job recorded for ``site`` in ``round_num`` (``direction``: up or down)."""
+    with np.load(result_dir / "messages" / f"r{round_num}_{site}_{direction}.npz") as data:
+        return {key: data[key] for key in data.files}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,11 +1,10 @@
 """benchmarks/communication_sweep.py end to end at a tiny size: runs, resumption, the summary's numbers."""
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+import communication_sweep as sweep  # benchmarks/ is on the path (conftest)
 import numpy as np
 import pytest
 
@@ -13,23 +12,12 @@ from fedcontrast.bench.protocol import PROFILES, BenchConfig
 from fedcontrast.methods.base import select
 from fedcontrast.methods.registry import get_method
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "communication_sweep.py"
-
-
-def load_sweep():
-    spec = importlib.util.spec_from_file_location("communication_sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
 
 def lines(path: Path) -> int:
     return len(path.read_text().splitlines())
 
 
 def test_sweep_runs_bytes_and_dice_settings_resumes_and_summarises_from_the_runs(tmp_path):
-    sweep = load_sweep()
     quick = {**PROFILES["quick"], "methods": [], "pretrain_steps": 4, "pretrain_rounds": 2}
     config = BenchConfig(**quick)
     ref, half = sweep.REFERENCE, "fclopt_ptnu_dp fp16"

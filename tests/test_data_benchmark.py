@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "phantom_difficulty.py"
-spec = importlib.util.spec_from_file_location("phantom_difficulty", SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+import phantom_difficulty as bench  # benchmarks/ is on the path (conftest)
 
 
 def brute_force(image: np.ndarray, target: np.ndarray) -> float:

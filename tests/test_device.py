@@ -1,18 +1,15 @@
 """Device selection and mixed precision of the trainers, and the throughput benchmark at a tiny size."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+import throughput  # benchmarks/ is on the path (conftest)
 import torch
 
 from fedcontrast.methods.device import amp_dtype, autocast, float32_loss, grad_scaler, resolve_device
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.losses import info_nce
 from fedcontrast.methods.registry import get_method
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_amp_is_chosen_per_device_and_off_on_the_cpu():
@@ -82,12 +79,9 @@ def test_the_trainer_runs_on_the_device_it_is_given_without_autocast_on_the_cpu(
 
 
 def test_throughput_benchmark_runs_at_a_tiny_size(tmp_path):
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "throughput.json"
     args = ["--tiny", "--device", "cpu", "--rounds", "1", "--methods", "fcl", "--out", str(out)]
-    result = module.main(args)
+    result = throughput.main(args)
     assert json.loads(out.read_text())["device"] == "cpu"
     for section in ("pretraining", "finetuning"):
         (timing,) = result[section].values()

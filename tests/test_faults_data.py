@@ -11,12 +11,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
 
 from fedcontrast.cli import main
 from fedcontrast.data.phantom import synthesize_dataset
 from fedcontrast.deploy.site import configure_site
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,18 @@ a run that was never stopped (same seed, CPU), for a method with banks and a mom
 in process, and through ``jobs/fcl/job.py --resume`` in the NVFlare simulator (one simulator test:
 three launches). A failed re-run or resume never loses the results to continue from."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import job_module
 
 from fedcontrast.flare import jobs
 from fedcontrast.flare.controller import ENCODER_FILE
 from fedcontrast.flare.executor import FAULT_ENV, site_entries
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE, load_server_state, site_state_path
 from fedcontrast.methods.runner import run_in_process
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stop_after_round_2_and_resume_gives_the_uninterrupted_weights(
@@ -37,13 +35,6 @@ def test_stop_after_round_2_and_resume_gives_the_uninterrupted_weights(
         run_in_process("fedsimclr", config, datalists, rounds=3, state_dir=state, resume=True)
 
 
-def fcl_main():
-    spec = importlib.util.spec_from_file_location("job_fcl_resume", REPO / "jobs" / "fcl" / "job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.simulator
 def test_a_simulator_run_stopped_after_round_2_resumes_to_the_uninterrupted_weights(
     site_splits, tiny_fcl_config, tmp_path, monkeypatch
@@ -56,7 +47,7 @@ def test_a_simulator_run_stopped_after_round_2_resumes_to_the_uninterrupted_weig
     result = workspace / "server" / "simulate_job"
     argv = ["--datalist-dir", str(site_splits), "--rounds", "3", "--workspace", str(workspace),
             "--config", json.dumps(tiny_fcl_config)]  # fmt: skip
-    main = fcl_main()
+    main = job_module("fcl").main
     with pytest.raises(SystemExit, match=f"--resume: no {SERVER_STATE_FILE} in .*: no stopped run"):
         main([*argv, "--resume"])
 

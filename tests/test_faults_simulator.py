@@ -2,28 +2,19 @@
 a hostile extra entry is refused at its site and never reaches the server, a site that dies
 is left out after the task timeout, and the job script still delivers the model and exits."""
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import job_module
 
 from fedcontrast.flare.executor import FAULT_ENV
 from fedcontrast.nets.bundle import build_network, encoder_options, load_pretrained_encoder
 
 pytestmark = pytest.mark.simulator
 
-REPO = Path(__file__).resolve().parents[1]
 TASK_TIMEOUT = 90
-
-
-def fcl_main():
-    spec = importlib.util.spec_from_file_location("job_fcl_faults", REPO / "jobs" / "fcl" / "job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_a_hostile_entry_and_a_dead_site_leave_the_run_going(
@@ -32,7 +23,7 @@ def test_a_hostile_entry_and_a_dead_site_leave_the_run_going(
     workspace, output = tmp_path / "ws", tmp_path / "out"
     monkeypatch.setenv(FAULT_ENV, "site-1:0:extra,site-2:1:die")
     start = time.monotonic()
-    code = fcl_main()(
+    code = job_module("fcl").main(
         ["--datalist-dir", str(site_splits), "--rounds", "2", "--workspace", str(workspace),
          "--output", str(output), "--record-messages", "--min-clients", "1",
          "--task-timeout", str(TASK_TIMEOUT), "--config", json.dumps(tiny_fcl_config)]

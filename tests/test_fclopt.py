@@ -1,13 +1,12 @@
 """BYOL losses, FCLOpt's prototypes, and federated BYOL / FCLOpt in process on a tiny phantom."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import job_module
 
 from fedcontrast.methods.base import SiteUpdate, count_bytes, select, weighted_average
 from fedcontrast.methods.byol import DEFAULTS as BYOL_DEFAULTS
@@ -133,16 +132,8 @@ def test_fclopt_exchanges_prototypes_of_the_target_network(datalists, monkeypatc
         assert features["partitions"].tolist() == list(range(S))
 
 
-def load_job_module():
-    path = Path(__file__).resolve().parents[1] / "jobs" / "fclopt" / "job.py"
-    spec = importlib.util.spec_from_file_location("fclopt_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_job_exports_the_variant_with_its_options(tmp_path, capsys):
-    job = load_job_module()
+    job = job_module("fclopt")
     argv = ["--export", str(tmp_path), "--variant", "fclopt_ptnu_dp", "--delta", "0.02", "--sync-every", "3"]
     assert job.main([*argv, "--exchange", "prototypes", "--task-timeout", "900"]) == 0
     server = json.loads((tmp_path / "fclopt_ptnu_dp/app/config/config_fed_server.json").read_text())

@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+from conftest import job_module
 
 from fedcontrast.data.datalist import load_site_datalist
 from fedcontrast.methods.base import SiteUpdate, kind_of, message_to_state_dict, pack
@@ -251,15 +252,12 @@ def test_fedprox_trains_a_round_through_the_bundle(datalists):
 
 
 def test_job_exports_a_deployable_folder(tmp_path):
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "job_fedcrld", Path(__file__).parents[1] / "jobs/fedcrld/job.py"
+    assert (
+        job_module("fedcrld").main(["--sites", "3", "--mi-form", "symmetric_kl", "--export", str(tmp_path)])
+        == 0
     )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--sites", "3", "--mi-form", "symmetric_kl", "--export", str(tmp_path)]) == 0
     client = json.loads((tmp_path / "fedcrld" / "app" / "config" / "config_fed_client.json").read_text())
     args = client["executors"][0]["executor"]["args"]
     assert args["method"] == "fedcrld" and args["config"]["mi_form"] == "symmetric_kl"

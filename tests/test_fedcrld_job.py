@@ -2,13 +2,12 @@
 actually sent and received, nothing but the shared encoder travels, and no private-encoder,
 attention or decoder weight leaves a site; each site keeps its own model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import job_module, recorded_message
 
 from fedcontrast.methods.fedcrld import SITE_MODEL_FILE, network_overrides
 from fedcontrast.nets.bundle import build_network
@@ -16,28 +15,15 @@ from fedcontrast.nets.presets import network_preset
 
 pytestmark = pytest.mark.simulator
 
-REPO = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2")
 ROUNDS = (0, 1)
 TINY = network_preset("tiny_phantom", samples_per_volume=2)
 
 
-def job_main():
-    spec = importlib.util.spec_from_file_location("job_fedcrld", REPO / "jobs" / "fedcrld" / "job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def recorded(result_dir: Path, round_num: int, site: str, direction: str) -> dict[str, np.ndarray]:
-    with np.load(result_dir / "messages" / f"r{round_num}_{site}_{direction}.npz") as data:
-        return {key: data[key] for key in data.files}
-
-
 def test_fedcrld_job_sends_only_the_shared_encoder(site_splits, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
     config = {"bundle": TINY, "batch_size": 1}
-    code = job_main()(
+    code = job_module("fedcrld").main(
         ["--datalist-dir", str(site_splits), "--rounds", "2", "--workspace", str(workspace),
          "--output", str(output), "--record-messages", "--config", json.dumps(config)]
     )  # fmt: skip
@@ -59,11 +45,11 @@ def test_fedcrld_job_sends_only_the_shared_encoder(site_splits, tmp_path):
         assert model.keys() == network.keys()
         for round_num in ROUNDS:
             for direction in ("down", "up"):
-                message = recorded(result, round_num, site, direction)
+                message = recorded_message(result, round_num, site, direction)
                 assert {k: v.shape for k, v in message.items()} == shared, (round_num, site, direction)
         # by value: the last upload is the site's final shared encoder, and none of its arrays is
         # any private, attention or decoder tensor of the site's model
-        last = recorded(result, ROUNDS[-1], site, "up")
+        last = recorded_message(result, ROUNDS[-1], site, "up")
         for key, value in last.items():
             np.testing.assert_array_equal(value, model[key[len("weights/") :]].numpy())
         sent = [v for v in last.values() if v.size > 1]

@@ -9,15 +9,14 @@
   untrained network.
 """
 
-import importlib.util
 import itertools
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import job_module, recorded_message
 
 from fedcontrast.methods.base import kind_of, message_to_state_dict
 from fedcontrast.methods.fcl import FCLTrainer
@@ -30,23 +29,9 @@ from fedcontrast.nets.presets import network_preset
 
 pytestmark = pytest.mark.simulator
 
-REPO = Path(__file__).resolve().parents[1]
 SITES = ("site-1", "site-2")
 #: The bundle network shrunk for the small phantom (about 3.3 mm pixels, 7-9 slices).
 TINY_BUNDLE = network_preset("tiny_phantom")
-
-
-def job_main(name: str) -> Callable[[list[str]], int]:
-    """``main`` of ``jobs/<name>/job.py``."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / name / "job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def recorded(result_dir: Path, round_num: int, site: str, direction: str) -> dict[str, np.ndarray]:
-    with np.load(result_dir / "messages" / f"r{round_num}_{site}_{direction}.npz") as data:
-        return {key: data[key] for key in data.files}
 
 
 #: Most numbers one ``stats/`` entry may carry out of a site (FedMoCo's coarse histogram; else scalars).
@@ -74,7 +59,7 @@ def audit_upload(up: dict[str, np.ndarray], model: dict[str, torch.Tensor]) -> N
 
 def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_config, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
-    code = job_main("fcl")(
+    code = job_module("fcl").main(
         ["--datalist-dir", str(site_splits), "--rounds", "2", "--workspace", str(workspace),
          "--output", str(output), "--record-messages", "--feature-clip", "0.5",
          "--config", json.dumps(tiny_fcl_config)]
@@ -88,15 +73,15 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
         site_log = (workspace / site / "log.txt").read_text()
         assert site_log.count(": datalist ") == 1 and f"{site}: datalist " in site_log
         (other,) = set(SITES) - {site}
-        assert not any(kind_of(k) == "features" for k in recorded(result, 0, site, "down"))
-        down = recorded(result, 1, site, "down")
+        assert not any(kind_of(k) == "features" for k in recorded_message(result, 0, site, "down"))
+        down = recorded_message(result, 1, site, "down")
         assert set(down["features/sites"].tolist()) == {site_tag(other)}
-        sent_by_other = recorded(result, 0, other, "up")
+        sent_by_other = recorded_message(result, 0, other, "up")
         for name in ("embeddings", "partitions"):
             np.testing.assert_array_equal(down[f"features/{name}"], sent_by_other[f"features/{name}"])
 
         for round_num in (0, 1):
-            up = recorded(result, round_num, site, "up")
+            up = recorded_message(result, round_num, site, "up")
             audit_upload(up, model)
             features = {k: v for k, v in up.items() if kind_of(k) == "features"}
             assert features.keys() == {"features/embeddings", "features/partitions"}
@@ -108,8 +93,8 @@ def test_fcl_job_exchanges_only_other_sites_features(site_splits, tiny_fcl_confi
             np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 0.5, rtol=1e-4)
 
     ledger = json.loads((output / "bytes.json").read_text())
-    up_features = sum(v.nbytes for s in SITES for r in (0, 1) for k, v in recorded(result, r, s, "up").items()
-                      if kind_of(k) == "features")  # fmt: skip
+    uploads = [recorded_message(result, r, s, "up") for s in SITES for r in (0, 1)]
+    up_features = sum(v.nbytes for up in uploads for k, v in up.items() if kind_of(k) == "features")
     assert ledger["totals"]["up"]["features"] == up_features
     assert {(r["round"], r["site"], r["direction"]) for r in ledger["records"]} == {
         (r, s, d) for r in (0, 1) for s in SITES for d in ("down", "up")
@@ -131,7 +116,7 @@ def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_c
     config = {k: tiny_fcl_config[k] for k in ("bundle", "batch_size", "head_hidden")}
     config["queue_size"] = 16
     workspace, output = tmp_path / "ws", tmp_path / "out"
-    code = job_main("fcl")(
+    code = job_module("fcl").main(
         ["--method", "fedmoco", "--datalist-dir", str(site_splits), "--rounds", "2", "--workspace",
          str(workspace), "--output", str(output), "--record-messages", "--config", json.dumps(config)]
     )  # fmt: skip
@@ -149,15 +134,15 @@ def test_fedmoco_job_forwards_statistics_and_reports_rsa(site_splits, tiny_fcl_c
     for site in SITES:
         (other,) = set(SITES) - {site}
         # round 0: weights only; round 1: plus the other site's statistics of round 0, tagged with it
-        assert all(kind_of(k) == "weights" for k in recorded(result, 0, site, "down"))
-        down = recorded(result, 1, site, "down")
+        assert all(kind_of(k) == "weights" for k in recorded_message(result, 0, site, "down"))
+        down = recorded_message(result, 1, site, "down")
         assert {k for k in down if kind_of(k) != "weights"} == {*meta, "stats/meta_sites"}
         assert down["stats/meta_sites"].tolist() == [site_tag(other)]
-        sent_by_other = recorded(result, 0, other, "up")
+        sent_by_other = recorded_message(result, 0, other, "up")
         for key in meta:
             np.testing.assert_array_equal(down[key][0], sent_by_other[key])
         for round_num in (0, 1):
-            up = recorded(result, round_num, site, "up")
+            up = recorded_message(result, round_num, site, "up")
             audit_upload(up, model)
             # nothing new leaves a site but its statistics and its rho, which reaches the server
             assert set(up) == {f"weights/{k}" for k in model} | meta | {"stats/rsa_rho"}
@@ -195,7 +180,7 @@ def test_fedmotion_job_sends_only_weights_and_hands_over_its_encoder(site_splits
     network predicts still and moving, so no segmentation model is exported."""
     workspace, output = tmp_path / "ws", tmp_path / "out"
     config = {"bundle": TINY_BUNDLE, "local_steps": 2}
-    code = job_main("fcl")(
+    code = job_module("fcl").main(
         ["--method", "fedmotion", "--datalist-dir", str(site_splits), "--rounds", "2", "--batch-size", "2",
          "--workspace", str(workspace), "--output", str(output), "--record-messages",
          "--config", json.dumps(config)]
@@ -204,7 +189,7 @@ def test_fedmotion_job_sends_only_weights_and_hands_over_its_encoder(site_splits
     result = workspace / "server" / "simulate_job"
     model = message_to_state_dict(get_method("fedmotion").trainer.initial_message(config))
     for site, round_num in itertools.product(SITES, (0, 1)):
-        up = recorded(result, round_num, site, "up")
+        up = recorded_message(result, round_num, site, "up")
         audit_upload(up, model)
         assert all(kind_of(k) == "weights" for k in up)
     network, options = build_network(overrides=TINY_BUNDLE), encoder_options(overrides=TINY_BUNDLE)
@@ -214,7 +199,7 @@ def test_fedmotion_job_sends_only_weights_and_hands_over_its_encoder(site_splits
 
 def test_finetune_job_beats_the_untrained_network(site_splits, tmp_path):
     workspace, output = tmp_path / "ws", tmp_path / "out"
-    code = job_main("finetune")(
+    code = job_module("finetune").main(
         ["--datalist-dir", str(site_splits), "--rounds", "3", "--local-epochs", "10", "--lr", "0.01",
          "--workspace", str(workspace), "--output", str(output),
          "--config", json.dumps({"bundle": TINY_BUNDLE})]

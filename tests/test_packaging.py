@@ -19,12 +19,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
 
 from fedcontrast.resources import RESOURCES
 
 pytestmark = pytest.mark.simulator
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCE = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "custom", *RESOURCES)
 PACKAGED = "fedcontrast/_resources/"
 #: Files a site or the admin needs from the install (relative to the package's resources).

@@ -3,18 +3,11 @@ ran, and refuses folders that are not one sweep."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import pretrain_sweep  # benchmarks/ is on the path (conftest)
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "pretrain_sweep.py"
-sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling data_per_site
-spec = importlib.util.spec_from_file_location("pretrain_sweep", SCRIPT)
-pretrain_sweep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pretrain_sweep)
 
 SITES = ("site-1", "site-2")
 SPLITS = ("validation", "test")

@@ -3,18 +3,11 @@ configuration, measures how far they moved, and refuses runs with other settings
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling data_per_site
-spec = importlib.util.spec_from_file_location("replicate", BENCHMARKS / "replicate.py")
-replicate = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(replicate)
+import replicate  # benchmarks/ is on the path (conftest)
 
 
 def row(method: str, seed: int, dice: float, steps: int = 96, split: str = "test") -> dict:

@@ -1,12 +1,11 @@
 """The ``supervised`` method: two tiny sites fine-tune the bundle network in process, federated and alone."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import job_module
 
 from fedcontrast.cli import main as fedcontrast_cli
 from fedcontrast.data.datalist import load_site_datalist
@@ -107,10 +106,7 @@ def test_local_training_keeps_sites_apart(datalists):
 
 
 def test_finetune_job_exports_the_encoder_learning_rate_settings_beside_other_bundle_overrides(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "jobs" / "finetune" / "job.py"
-    spec = importlib.util.spec_from_file_location("finetune_job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = job_module("finetune")
     argv = [
         "--export",
         str(tmp_path),
