@@ -496,6 +496,8 @@ def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsy
     assert "## Cross-site generalisation, local fine-tuning (SPEC §7)" in report
     assert {c["method"] for c in document["summary"]["cross_site"]["paired_differences"]} == {"fcl"}
     assert all((out / f"{plot}.png").stat().st_size > 0 for plot in ("dice_vs_n", "bytes", "examples"))
+    # the results say which defaults the methods ran with, as the run folder recorded them
+    assert document["method_defaults"] == protocol.method_defaults(["fcl", "supervised"])
 
     rows_before = (out / "rows.jsonl").read_text()
     assert fedcontrast_cli(argv) == 0  # resumed: nothing left to do

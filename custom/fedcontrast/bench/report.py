@@ -176,10 +176,10 @@ def check_same_defaults(run_dirs: Sequence[Path]) -> None:
     Raises:
         ValueError: names both folders and each default that differs.
     """
-    from fedcontrast.bench.protocol import METHOD_DEFAULTS_FILE, changed_defaults
+    from fedcontrast.bench.protocol import changed_defaults
 
-    recorded = [(f, Path(f) / METHOD_DEFAULTS_FILE) for f in run_dirs]
-    recorded = [(f, json.loads(file.read_text())) for f, file in recorded if file.exists()]
+    recorded = [(f, recorded_defaults([f])) for f in run_dirs]
+    recorded = [(f, defaults) for f, defaults in recorded if defaults]
     for folder, defaults in recorded[1:]:
         changed = changed_defaults(recorded[0][1], defaults)
         if changed:
@@ -311,13 +311,28 @@ def dataset_info(config: Any, run_dir: Path) -> dict[str, Any]:
     return info
 
 
+def recorded_defaults(run_dirs: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """The defaults of the methods the run folders used, as they recorded them
+    (:func:`~fedcontrast.bench.protocol.record_method_defaults`; a method from the first folder
+    that has it, as :func:`merge_runs` takes its rows); ``{}`` where no folder recorded any."""
+    from fedcontrast.bench.protocol import METHOD_DEFAULTS_FILE
+
+    merged: dict[str, dict[str, Any]] = {}
+    for file in (Path(folder) / METHOD_DEFAULTS_FILE for folder in run_dirs):
+        if file.exists():
+            merged = {**json.loads(file.read_text()), **merged}
+    return merged
+
+
 def result_document(rows: list[Row], config: Any, run_dir: Path | Sequence[Path]) -> dict[str, Any]:
-    """The results-format object for ``rows`` (:data:`RESULT_KEYS` of each row)."""
+    """The results-format object for ``rows`` (:data:`RESULT_KEYS` of each row), with the
+    methods' defaults beside the settings given (``method_defaults``: they change the numbers too)."""
     first = _run_dirs(run_dir)[0]
     rows = normalise_rows(rows, config)
     return {
         "dataset": dataset_info(config, first),
         "config": config_dict(config),
+        "method_defaults": recorded_defaults(_run_dirs(run_dir)),
         "environment": run_environment(_run_dirs(run_dir)),
         "rows": [
             {k: row.get(k) for k in RESULT_KEYS}
