@@ -170,23 +170,27 @@ def load_rows_file(path: Path) -> list[Row]:
 
 
 def check_same_defaults(run_dirs: Sequence[Path]) -> None:
-    """Refuse run folders whose recorded defaults of a method they share differ (folders without a
-    record, run before they were kept, are not checked).
+    """Refuse run folders that recorded different defaults for a method they share (a folder
+    without a record, run before they were kept, is not checked).
 
     Raises:
-        ValueError: names both folders and each default that differs.
+        ValueError: names the folder, the earlier one it disagrees with and each default that differs.
     """
     from fedcontrast.bench.protocol import changed_defaults
 
-    recorded = [(f, recorded_defaults([f])) for f in run_dirs]
-    recorded = [(f, defaults) for f, defaults in recorded if defaults]
-    for folder, defaults in recorded[1:]:
-        changed = changed_defaults(recorded[0][1], defaults)
-        if changed:
-            raise ValueError(
-                f"{recorded[0][0]} and {folder} were run with other method defaults ({'; '.join(changed)}); "
-                "only runs of one configuration can be merged"
-            )
+    seen: dict[str, dict[str, Any]] = {}
+    recorded_in: dict[str, Path] = {}
+    for folder in run_dirs:
+        defaults = recorded_defaults([folder])
+        for method in set(defaults) & set(seen):
+            changed = changed_defaults({method: seen[method]}, {method: defaults[method]})
+            if changed:
+                raise ValueError(
+                    f"{recorded_in[method]} and {folder} were run with other method defaults "
+                    f"({'; '.join(changed)}); only runs of one configuration can be merged"
+                )
+        recorded_in.update({m: folder for m in defaults if m not in seen})
+        seen = {**defaults, **seen}
 
 
 def merge_runs(run_dirs: Sequence[Path]) -> tuple[dict[str, Any], list[Row], dict[str, Any]]:
