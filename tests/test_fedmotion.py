@@ -16,9 +16,10 @@ from fedcontrast.methods.fedmotion import (
     MOTION_LABELS,
     MotionSegTrainer,
     motion_entries,
-    motion_mask,
+    motion_spread,
     patient_frames,
     phase_means,
+    spread_motion_mask,
 )
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.runner import run_in_process
@@ -31,6 +32,12 @@ CONFIG = {
     "batch_size": 2,
     "seed": 5,
 }
+
+
+def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Tensor:
+    """The site's mask of ``(F, 1, H, W, D)`` frames (:func:`spread_motion_mask` of
+    :func:`motion_spread`), as a ``(1, H, W, D)`` float tensor."""
+    return torch.from_numpy(spread_motion_mask(motion_spread(frames, sigma), iterations))[None].float()
 
 
 def test_the_motion_mask_is_where_the_frames_differ():

@@ -93,20 +93,6 @@ def motion_spread(frames: torch.Tensor, sigma: float) -> torch.Tensor:
     return smooth_in_plane(frames.float().std(dim=0, keepdim=True), sigma)
 
 
-def motion_mask(frames: torch.Tensor, sigma: float, iterations: int) -> torch.Tensor:
-    """Where a patient's frames differ: 1 where :func:`motion_spread` falls in the brighter of two
-    k-means classes, else 0.
-
-    Args:
-        frames: ``(F, 1, H, W, D)`` frames of one patient, F >= 2.
-        sigma: in-plane Gaussian sigma, pixels.
-
-    Returns:
-        ``(1, H, W, D)`` float mask.
-    """
-    return intensity_clusters(motion_spread(frames, sigma), 2, iterations)[0].float()
-
-
 def phase_means(frames: torch.Tensor, bins: int) -> torch.Tensor:
     """The means of ``bins`` runs of consecutive frames (cardiac phases of a cine series).
 
