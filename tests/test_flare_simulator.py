@@ -18,11 +18,10 @@ import pytest
 import torch
 from conftest import job_module, recorded_message
 
-from fedcontrast.methods.base import kind_of, message_to_state_dict
+from fedcontrast.methods.base import kind_of, merge_config, message_to_state_dict
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.metadata import STATS_ENTRIES
 from fedcontrast.methods.partitions import site_tag
-from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
 from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.presets import network_preset

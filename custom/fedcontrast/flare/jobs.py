@@ -54,8 +54,8 @@ from fedcontrast.flare.ledger import BYTES_FILE, METRICS_FILE, TENSORBOARD_DIR
 from fedcontrast.flare.process_group import run_process_group
 from fedcontrast.flare.quantize import NetworkDequantizer, NetworkQuantizer
 from fedcontrast.flare.site_config import PACKAGE, SITE_PLACEHOLDER, write_privacy_policy
+from fedcontrast.methods.base import merge_config
 from fedcontrast.methods.checkpoint import SERVER_STATE_FILE
-from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import get_method
 from fedcontrast.methods.transfer import transfer_precision
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -134,6 +134,38 @@ class SiteUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def check_choice(config: Mapping[str, Any], key: str, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming ``key`` when ``config[key]`` is not one of ``choices``."""
+    if config[key] not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {config[key]!r}")
+
+
+#: Config keys folded into ``bundle`` (one override dict for the network and the preprocessing).
+RENAMED_TO_BUNDLE = ("network", "preprocessing")
+
+
+def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` over ``defaults``; where both hold a dict, the dicts are merged recursively.
+
+    Raises:
+        ValueError: ``defaults`` has a ``bundle`` key and ``config`` still uses one of the
+            keys it replaced (:data:`RENAMED_TO_BUNDLE`).
+    """
+    stale = [key for key in RENAMED_TO_BUNDLE if key in config and "bundle" in defaults]
+    if stale:
+        raise ValueError(
+            f"config keys {stale} were folded into one 'bundle' dict of bundle overrides "
+            f"(network and preprocessing alike); pass {{'bundle': {{...}}}} instead"
+        )
+    merged = dict(defaults)
+    for key, value in config.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def site_folder(workdir: str | None, site: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """A site's work folder, ``<workdir>/<site>``, and the temporary folder that stands for
     ``workdir`` when it is None (else None). The caller keeps the temporary folder for as long as
@@ -149,11 +181,13 @@ class SiteTrainer(ABC):
         config: method hyper-parameters (see each method's docstring) plus the
             common keys ``bundle_dir``, ``seed``, ``local_epochs``, ``batch_size`` and
             ``workdir`` (a folder of the site's for local outputs such as checkpoints and
-            logs; methods that write none ignore it).
+            logs; methods that write none ignore it); merged over :attr:`DEFAULTS` into
+            ``self.config``.
         datalist: this site's volumes as MONAI datalist entries
             (``{"image": path, ...}``; ``"label"`` where the method needs it).
         site: the site's name (tags its features).
-        device: torch device string (a CUDA device this machine lacks is an error naming the site).
+        device: torch device string, used where ``config["device"]`` is unset or None (a CUDA
+            device this machine lacks is an error naming the site).
     """
 
     #: The method's default configuration, under which the config given is merged: what its
@@ -161,10 +195,10 @@ class SiteTrainer(ABC):
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        self.config = dict(config)
+        self.config = merge_config(self.DEFAULTS, config)
         self.datalist = datalist
         self.site = site
-        self.device = resolve_device(device, site)
+        self.device = resolve_device(self.config.get("device") or device, site)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Guard every ``local_round`` a subclass defines with :func:`guarded_round`."""

@@ -47,12 +47,12 @@ import numpy as np
 import torch
 
 from fedcontrast.methods.banks import PartitionBank
-from fedcontrast.methods.base import Message, pack
+from fedcontrast.methods.base import Message, check_choice, pack
 from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.losses import fcl_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice
+from fedcontrast.methods.pretrain import ContrastivePretrainer
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.encoder import ema_update, momentum_copy
 

@@ -40,13 +40,12 @@ import numpy as np
 import torch
 
 from fedcontrast.methods.banks import PartitionBank
-from fedcontrast.methods.base import Message, pack
+from fedcontrast.methods.base import Message, check_choice, pack
 from fedcontrast.methods.byol import DEFAULTS as BYOL_DEFAULTS
 from fedcontrast.methods.byol import BYOLTrainer, byol_loss, structural_matching_loss
 from fedcontrast.methods.exchange import FeatureExchange, refill_remote_bank
 from fedcontrast.methods.fcl import FCLTrainer
 from fedcontrast.methods.partitions import PartitionBatch
-from fedcontrast.methods.pretrain import check_choice
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.target_sync import TargetSync
 

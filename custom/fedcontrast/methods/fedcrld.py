@@ -65,14 +65,15 @@ from fedcontrast.methods.base import (
     ServerStrategy,
     SiteTrainer,
     SiteUpdate,
+    check_choice,
     kind_of,
+    merge_config,
     message_to_state_dict,
     pack,
     site_folder,
     weighted_average,
 )
 from fedcontrast.methods.losses import MI_FORMS, cross_encoder_info_nce, symmetric_kl
-from fedcontrast.methods.pretrain import check_choice, merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.supervised import labelled_workflow
 from fedcontrast.nets.bundle import (
@@ -162,8 +163,7 @@ class FedCRLDTrainer(SiteTrainer):
     DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        merged = merge_config(self.DEFAULTS, config)
-        super().__init__(merged, datalist, site, merged["device"] or device)
+        super().__init__(config, datalist, site, device)
         cfg = self.config
         check_choice(cfg, "mi_form", MI_FORMS)
         check_choice(cfg, "aggregation", AGGREGATIONS)

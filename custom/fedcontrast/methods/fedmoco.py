@@ -67,6 +67,8 @@ from fedcontrast.methods.base import (
     Message,
     ServerStrategy,
     SiteUpdate,
+    check_choice,
+    merge_config,
     message_key,
     pack,
     select,
@@ -88,7 +90,7 @@ from fedcontrast.methods.metadata import (
 from fedcontrast.methods.outbound import OutboundSchema
 from fedcontrast.methods.partitions import PartitionBatch, site_tag
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
+from fedcontrast.methods.pretrain import ContrastivePretrainer
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.rsa import DIRECTIONS, rsa_similarity, rsa_weights
 from fedcontrast.nets.encoder import ema_update, momentum_copy

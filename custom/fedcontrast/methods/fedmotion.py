@@ -53,8 +53,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fedcontrast.methods.base import Message, site_folder
-from fedcontrast.methods.pretrain import merge_config
+from fedcontrast.methods.base import Message, merge_config, site_folder
 from fedcontrast.methods.pseudo_labels import intensity_clusters, smooth_in_plane
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.supervised import DEFAULTS as SUPERVISED_DEFAULTS

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from fedcontrast.methods.base import check_choice
 from fedcontrast.methods.losses import GLOBAL_STRATEGIES, global_contrastive_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice
+from fedcontrast.methods.pretrain import ContrastivePretrainer
 from fedcontrast.methods.registry import MethodSpec, register
 
 DEFAULTS: dict[str, Any] = {**PRETRAIN_DEFAULTS, "loss_strategy": "G^D"}

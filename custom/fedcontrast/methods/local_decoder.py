@@ -53,11 +53,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcontrast.methods.base import Message, ServerStrategy, message_to_state_dict
+from fedcontrast.methods.base import (
+    Message,
+    ServerStrategy,
+    check_choice,
+    merge_config,
+    message_to_state_dict,
+)
 from fedcontrast.methods.losses import LOCAL_NEGATIVES, LOCAL_STRATEGIES, local_contrastive_loss
 from fedcontrast.methods.partitions import PartitionBatch
 from fedcontrast.methods.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
-from fedcontrast.methods.pretrain import ContrastivePretrainer, check_choice, merge_config
+from fedcontrast.methods.pretrain import ContrastivePretrainer
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.methods.runner import RunResult, run_in_process
 from fedcontrast.nets.bundle import (

@@ -52,7 +52,7 @@ import math
 import time
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -60,7 +60,14 @@ import torch
 from torch import nn
 
 from fedcontrast.methods.augment import TwoViewAugment
-from fedcontrast.methods.base import Message, SiteTrainer, SiteUpdate, message_to_state_dict, pack
+from fedcontrast.methods.base import (
+    Message,
+    SiteTrainer,
+    SiteUpdate,
+    merge_config,
+    message_to_state_dict,
+    pack,
+)
 from fedcontrast.methods.device import amp_dtype, autocast, grad_scaler
 from fedcontrast.methods.diagnostics import alignment, partition_accuracy, uniformity
 from fedcontrast.methods.outbound import OutboundSchema
@@ -94,16 +101,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_choice(config: Mapping[str, Any], key: str, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming ``key`` when ``config[key]`` is not one of ``choices``."""
-    if config[key] not in choices:
-        raise ValueError(f"{key} must be one of {tuple(choices)}, got {config[key]!r}")
-
-
-#: Config keys folded into ``bundle`` (one override dict for the network and the preprocessing).
-RENAMED_TO_BUNDLE = ("network", "preprocessing")
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``.
 
@@ -116,28 +113,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def merge_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` over ``defaults``; where both hold a dict, the dicts are merged recursively.
-
-    Raises:
-        ValueError: ``defaults`` has a ``bundle`` key and ``config`` still uses one of the
-            keys it replaced (:data:`RENAMED_TO_BUNDLE`).
-    """
-    stale = [key for key in RENAMED_TO_BUNDLE if key in config and "bundle" in defaults]
-    if stale:
-        raise ValueError(
-            f"config keys {stale} were folded into one 'bundle' dict of bundle overrides "
-            f"(network and preprocessing alike); pass {{'bundle': {{...}}}} instead"
-        )
-    merged = dict(defaults)
-    for key, value in config.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_config(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class ContrastivePretrainer(SiteTrainer):
@@ -154,8 +129,7 @@ class ContrastivePretrainer(SiteTrainer):
     DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        merged = merge_config(self.DEFAULTS, config)
-        super().__init__(merged, datalist, site, merged["device"] or device)
+        super().__init__(config, datalist, site, device)
         cfg = self.config
         self.tag = site_tag(site)
         self.rng = np.random.default_rng([int(cfg["seed"]), self.tag])

@@ -56,11 +56,11 @@ from fedcontrast.methods.base import (
     Message,
     SiteTrainer,
     SiteUpdate,
+    merge_config,
     message_to_state_dict,
     pack,
     site_folder,
 )
-from fedcontrast.methods.pretrain import merge_config
 from fedcontrast.methods.registry import MethodSpec, register
 from fedcontrast.nets.bundle import build_network, bundle_workflow, encoder_options, load_pretrained_encoder
 from fedcontrast.nets.decoder import load_pretrained_decoder
@@ -181,8 +181,7 @@ class SupervisedBundleTrainer(SiteTrainer):
     DEFAULTS: ClassVar[dict[str, Any]] = DEFAULTS
 
     def __init__(self, config: Mapping[str, Any], datalist: list[dict], site: str, device: str = "cpu"):
-        merged = merge_config(self.DEFAULTS, config)
-        super().__init__(merged, datalist, site, merged["device"] or device)
+        super().__init__(config, datalist, site, device)
         cfg = self.config
         workdir, self._tmp = site_folder(cfg["workdir"], site)
         local_steps = int(cfg["local_steps"])

@@ -63,8 +63,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcontrast.methods.base import Message, ServerStrategy, SiteUpdate, pack, select, weighted_average
-from fedcontrast.methods.pretrain import check_choice, merge_config
+from fedcontrast.methods.base import (
+    Message,
+    ServerStrategy,
+    SiteUpdate,
+    check_choice,
+    merge_config,
+    pack,
+    select,
+    weighted_average,
+)
 from fedcontrast.methods.transfer import round_trip, transfer_precision
 
 State = Mapping[str, np.ndarray]

@@ -21,11 +21,11 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from fedcontrast.methods.base import Message, message_to_state_dict
+from fedcontrast.methods.base import Message, merge_config, message_to_state_dict
 from fedcontrast.methods.corruptions import RestorationCorruption
 from fedcontrast.methods.local_decoder import DECODER_FILE
 from fedcontrast.methods.partitions import PartitionBatch
-from fedcontrast.methods.pretrain import ContrastivePretrainer, merge_config
+from fedcontrast.methods.pretrain import ContrastivePretrainer
 from fedcontrast.nets.bundle import build_network, encoder_state
 from fedcontrast.nets.decoder import build_checkpoint, decoder_block_keys, num_levels, save_decoder_checkpoint
 
