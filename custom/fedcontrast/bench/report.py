@@ -1020,6 +1020,27 @@ def _budget_axis(ax, budgets: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _readout_panels(
+    readouts: Sequence[str], ylabel: str
+) -> tuple[Any, np.ndarray, list[tuple[Any, str, str]]]:
+    """A figure with a titled panel per (readout, fine-tuning mode), a row per readout, one y scale.
+
+    Returns:
+        ``(figure, axes, panels)``: ``axes`` of shape ``(len(readouts), len(MODES))``; ``panels``
+        lists ``(axes, readout, mode)`` row by row.
+    """
+    fig, axes = pyplot().subplots(
+        len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
+    )
+    panels = []
+    for row, readout in zip(axes, readouts):
+        row[0].set_ylabel(ylabel)
+        for ax, mode in zip(row, MODES):
+            ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
+            panels.append((ax, readout, mode))
+    return fig, axes, panels
+
+
 def plot_dice_vs_n(
     values: dict[tuple, dict[str, Any]],
     methods: Sequence[str],
@@ -1029,19 +1050,13 @@ def plot_dice_vs_n(
     path: Path,
 ) -> None:
     """Mean Dice against N with 95% bootstrap intervals; a panel per (readout, mode)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
-    )
-    for row, readout in zip(axes, readouts):
-        for ax, mode in zip(row, MODES):
-            for method in methods:
-                ns = [n for n in budgets if values.get((mode, readout, method, n), {}).get("n_pairs")]
-                if ns:
-                    errorbar(ax, ns, [values[mode, readout, method, n] for n in ns], label=method)
-            _budget_axis(ax, budgets)
-            ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
-        row[0].set_ylabel(f"mean Dice ({', '.join(classes)})")
+    fig, axes, panels = _readout_panels(readouts, f"mean Dice ({', '.join(classes)})")
+    for ax, readout, mode in panels:
+        for method in methods:
+            ns = [n for n in budgets if values.get((mode, readout, method, n), {}).get("n_pairs")]
+            if ns:
+                errorbar(ax, ns, [values[mode, readout, method, n] for n in ns], label=method)
+        _budget_axis(ax, budgets)
     _legend(axes)
     save_figure(fig, path)
 
@@ -1054,24 +1069,18 @@ def plot_differences(
     path: Path,
 ) -> None:
     """Method minus random init against N with 95% bootstrap intervals; the target as a dotted line."""
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        len(readouts), len(MODES), figsize=(10, 3.8 * len(readouts)), sharey=True, squeeze=False
-    )
+    fig, axes, panels = _readout_panels(readouts, "Dice minus random init")
     shown = [m for m in methods if m != RANDOM_INIT]
-    for row, readout in zip(axes, readouts):
-        for ax, mode in zip(row, MODES):
-            for i, method in enumerate(shown):
-                ns = [n for n in budgets if differences.get((mode, readout, method, n), {}).get("n_pairs")]
-                if ns:
-                    offset = 2 ** (0.06 * (i - (len(shown) - 1) / 2))  # spread the bars on the log axis
-                    xs = [n * offset for n in ns]
-                    errorbar(ax, xs, [differences[mode, readout, method, n] for n in ns], label=method)
-            ax.axhline(0.0, color="black", linewidth=0.8)
-            ax.axhline(TARGET["difference"], color="gray", linestyle=":", linewidth=0.8)
-            _budget_axis(ax, budgets)
-            ax.set_title(f"{mode} fine-tuning, {READOUT_TITLES.get(readout, readout)}", fontsize=9)
-        row[0].set_ylabel("Dice minus random init")
+    for ax, readout, mode in panels:
+        for i, method in enumerate(shown):
+            ns = [n for n in budgets if differences.get((mode, readout, method, n), {}).get("n_pairs")]
+            if ns:
+                offset = 2 ** (0.06 * (i - (len(shown) - 1) / 2))  # spread the bars on the log axis
+                xs = [n * offset for n in ns]
+                errorbar(ax, xs, [differences[mode, readout, method, n] for n in ns], label=method)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.axhline(TARGET["difference"], color="gray", linestyle=":", linewidth=0.8)
+        _budget_axis(ax, budgets)
     _legend(axes)
     save_figure(fig, path)
 
