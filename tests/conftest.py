@@ -101,6 +101,24 @@ def tiny_fcl_config() -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_fclopt_config() -> dict:
+    """FCLOpt (and its PTNU/DP variants) shrunk for the tiny phantom, seed 5."""
+    from fedcontrast.nets.presets import network_preset
+
+    return {
+        "bundle": network_preset("tiny", roi_size=[32, 32]),
+        "batch_size": 2,
+        "head_hidden": 16,
+        "predictor_hidden": 16,
+        "embedding_dim": 16,
+        "features_per_partition": 2,
+        "remote_samples": 2,
+        "momentum": 0.9,
+        "seed": 5,
+    }
+
+
+@pytest.fixture(scope="session")
 def venv_without_fedcontrast(tmp_path_factory) -> Callable[[str], Path]:
     """A factory of fresh virtual environments that see this one's packages but not fedcontrast.
 

@@ -20,20 +20,8 @@ from fedcontrast.methods.target_sync import (
     relative_distance,
     should_upload,
 )
-from fedcontrast.nets.presets import network_preset
 
 SITES = ("site-1", "site-2")
-CONFIG = {
-    "bundle": network_preset("tiny", roi_size=[32, 32]),
-    "batch_size": 2,
-    "head_hidden": 16,
-    "predictor_hidden": 16,
-    "embedding_dim": 16,
-    "features_per_partition": 2,
-    "remote_samples": 2,
-    "momentum": 0.9,
-    "seed": 5,
-}
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +186,8 @@ def test_dp_server_corrects_only_when_its_running_target_drifts_past_delta():
 # ---- the sites ----------------------------------------------------------------------------------------
 
 
-def test_dp_site_uploads_exactly_when_the_rule_says(datalists):
-    config = {**CONFIG, "delta": 0.0, "sync_every": 3}
+def test_dp_site_uploads_exactly_when_the_rule_says(datalists, tiny_fclopt_config):
+    config = {**tiny_fclopt_config, "delta": 0.0, "sync_every": 3}
     initial = FCLOptPTNUDPTrainer.initial_message(config)
     trainer = FCLOptPTNUDPTrainer(config, datalists["site-1"], "site-1")
     result = trainer.local_round({k: v for k, v in initial.items() if k.startswith("weights/")}, 0)
@@ -224,7 +212,7 @@ def test_dp_site_uploads_exactly_when_the_rule_says(datalists):
         assert int(message["stats/steps"]) == steps
 
 
-def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch):
+def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch, tiny_fclopt_config):
     held: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     received: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     server: dict[int, dict[str, np.ndarray]] = {}
@@ -245,9 +233,11 @@ def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch)
     monkeypatch.setattr(FCLOptPTNUStrategy, "aggregate", spy_aggregate)
     rounds = 3
     # with the (optional) target upload, the server can measure the prediction against the real targets
-    result = run_in_process("fclopt_ptnu", {**CONFIG, "ptnu_upload": True}, datalists, rounds=rounds)
+    result = run_in_process(
+        "fclopt_ptnu", {**tiny_fclopt_config, "ptnu_upload": True}, datalists, rounds=rounds
+    )
 
-    initial_target = select(get_method("fclopt_ptnu").trainer.initial_message(CONFIG), "target")
+    initial_target = select(get_method("fclopt_ptnu").trainer.initial_message(tiny_fclopt_config), "target")
     for r in range(rounds):
         one, two = held[r, "site-1"], held[r, "site-2"]
         assert one.keys() == two.keys() == initial_target.keys()
@@ -282,16 +272,16 @@ def test_ptnu_sites_hold_bit_identical_predicted_targets(datalists, monkeypatch)
     assert 0 < last["target_gap"] < 0.5 and not last["correction"]
 
     # by default no target leaves a site, and the sites train exactly as with the upload
-    quiet = run_in_process("fclopt_ptnu", CONFIG, datalists, rounds=2)
+    quiet = run_in_process("fclopt_ptnu", tiny_fclopt_config, datalists, rounds=2)
     assert all(r["bytes_up"]["target"] == 0 and r["bytes_down"]["target"] == 0 for r in quiet.history)
     assert all("target_gap" not in m and m["target_uploads"] == 0 for m in quiet.server_metrics)
-    loud = run_in_process("fclopt_ptnu", {**CONFIG, "ptnu_upload": True}, datalists, rounds=2)
+    loud = run_in_process("fclopt_ptnu", {**tiny_fclopt_config, "ptnu_upload": True}, datalists, rounds=2)
     for site, encoder in quiet.encoders.items():
         assert all(torch.equal(encoder[k], loud.encoders[site][k]) for k in encoder)
 
 
-def test_dp_corrections_reach_every_site(datalists):
-    config = {**CONFIG, "exchange": "prototypes", "delta": 0.0, "sync_every": 100}
+def test_dp_corrections_reach_every_site(datalists, tiny_fclopt_config):
+    config = {**tiny_fclopt_config, "exchange": "prototypes", "delta": 0.0, "sync_every": 100}
     result = run_in_process("fclopt_ptnu_dp", config, datalists, rounds=2)
     round0 = [r for r in result.history if r["round"] == 0]
     round1 = [r for r in result.history if r["round"] == 1]

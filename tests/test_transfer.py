@@ -15,7 +15,6 @@ from fedcontrast.methods.base import count_bytes, select
 from fedcontrast.methods.fclopt import FCLOptPTNUDPStrategy, FCLOptTrainer
 from fedcontrast.methods.runner import run_in_process
 from fedcontrast.methods.transfer import BLOCK, decode, encode, round_trip, transfer_precision
-from fedcontrast.nets.presets import network_preset
 
 
 def network_message(seed: int = 0) -> dict[str, np.ndarray]:
@@ -126,17 +125,10 @@ def test_a_float16_job_carries_the_filter_pair_on_both_sides(tmp_path):
 
 
 def test_ptnu_dp_with_float16_counts_half_the_network_bytes_and_tracks_the_sites_exactly(
-    phantom_images, monkeypatch
+    phantom_images, tiny_fclopt_config, monkeypatch
 ):
     config = {
-        "bundle": network_preset("tiny", roi_size=[32, 32]),
-        "batch_size": 2,
-        "head_hidden": 16,
-        "predictor_hidden": 16,
-        "embedding_dim": 16,
-        "features_per_partition": 2,
-        "remote_samples": 2,
-        "momentum": 0.9,
+        **tiny_fclopt_config,
         "exchange": "prototypes",
         "delta": 0.0,  # every round corrects: the corrections travel in float16 too
         "sync_every": 100,
