@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.config import NdarrayOrTensor
 from monai.data import NibabelWriter
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
@@ -62,7 +63,11 @@ class AtomicNibabelWriter(NibabelWriter):
     and whose output keeps every spatial dimension of its input."""
 
     def set_data_array(
-        self, data_array, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs
+        self,
+        data_array: NdarrayOrTensor,
+        channel_dim: int | None = 0,
+        squeeze_end_dims: bool = True,
+        **kwargs,
     ) -> None:
         """Channel-last array of ``data_array`` (``(C, X, Y, Z)`` with ``channel_dim=0``).
 

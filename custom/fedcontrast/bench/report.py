@@ -42,6 +42,11 @@ from fedcontrast.bench.environment import run_environment
 from fedcontrast.bench.stats import meets_target, paired_differences, summarise, values_summary
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from fedcontrast.bench.protocol import BenchConfig
 
 RANDOM_INIT = "random_init"
@@ -828,7 +833,13 @@ def grid_table(
     return "\n".join(lines)
 
 
-def table(rows: list[Row], mode: str, methods: Sequence[str], budgets: Sequence[int], value) -> str:
+def table(
+    rows: list[Row],
+    mode: str,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    value: Callable[[Row], float | None],
+) -> str:
     """Markdown of ``value`` at the final test checkpoint of full fine-tuning in ``mode``: methods as
     rows, N as columns, mean ± std across seeds of the per-seed site mean."""
     selected = [r for r in headline_rows(normalise_rows(rows)) if r["readout"] == "finetune"]
@@ -975,7 +986,7 @@ def output_file(out: Path, suffix: str) -> Path:
 # ----------------------------------------------------------------------------- plots
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """``matplotlib.pyplot`` on the file-only Agg backend (imported when a plot is drawn)."""
     import matplotlib
 
@@ -985,14 +996,14 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Lay ``fig`` out, write it to ``path`` (PNG at 110 dpi) and close it."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
 
 
-def errorbar(ax, xs, summaries, **kwargs) -> None:
+def errorbar(ax: Axes, xs: Sequence[float], summaries: Sequence[dict[str, Any]], **kwargs: Any) -> None:
     """Means of ``summaries`` (``mean``, ``ci_low``, ``ci_high`` each) at ``xs``, with their intervals."""
     means = np.array([s["mean"] for s in summaries])
     low = means - np.array([s["ci_low"] for s in summaries])
@@ -1000,7 +1011,7 @@ def errorbar(ax, xs, summaries, **kwargs) -> None:
     ax.errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, **kwargs)
 
 
-def _legend(axes) -> None:
+def _legend(axes: np.ndarray) -> None:
     """A legend on the panel that has the most labelled lines (the last such one on a tie)."""
     panels = [a for row in np.atleast_2d(axes) for a in row]
     counts = [len(a.get_legend_handles_labels()[0]) for a in panels]
@@ -1009,7 +1020,7 @@ def _legend(axes) -> None:
         panels[best].legend(fontsize=7)
 
 
-def _budget_axis(ax, budgets: Sequence[int]) -> None:
+def _budget_axis(ax: Axes, budgets: Sequence[int]) -> None:
     """Log-2 N axis; a panel without any series says so (e.g. the probe runs federated only)."""
     if not ax.containers:
         ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", va="center", color="gray")
@@ -1022,7 +1033,7 @@ def _budget_axis(ax, budgets: Sequence[int]) -> None:
 
 def _readout_panels(
     readouts: Sequence[str], ylabel: str
-) -> tuple[Any, np.ndarray, list[tuple[Any, str, str]]]:
+) -> tuple[Figure, np.ndarray, list[tuple[Axes, str, str]]]:
     """A figure with a titled panel per (readout, fine-tuning mode), a row per readout, one y scale.
 
     Returns:
