@@ -446,6 +446,20 @@ def test_a_run_pretrained_from_an_encoder_file_does_not_meet_the_target():
     assert "not applicable**" in line and "ceiling_s{seed}.pt" in line and "not from scratch" in line
 
 
+def test_a_run_without_the_target_method_says_the_target_is_not_measured():
+    cell = {"mean": 0.1, "ci_low": 0.06, "ci_high": 0.14, "seed_ci_low": 0.06, "seed_ci_high": 0.14}
+    cell.update(n_pairs=20, n_seeds=5)
+    differences = {(mode, "finetune", "fedmotion", 1): cell for mode in ("local", "federated")}
+    verdict = target_verdict(differences)
+    assert not verdict["met"] and not verdict["measured"]
+    line = verdict_line(verdict)
+    assert "fine-tuning: not measured by this run** (local: no paired rows; federated: no paired rows" in line
+    assert "no fcl column paired with random init at N=1" in line
+    one_mode = target_verdict({("federated", "finetune", "fcl", 1): cell})
+    assert one_mode["measured"] and not one_mode["met"]
+    assert "fine-tuning: not met** (local: no paired rows; federated: +0.100" in verdict_line(one_mode)
+
+
 def test_quick_run_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
     """`fedcontrast bench --quick` for two methods: real pre-training, fine-tuning and scoring."""
     from fedcontrast.cli import main as fedcontrast_cli

@@ -559,7 +559,9 @@ def target_verdict(
 
     A run whose pre-training started from an encoder file (``initial_encoder`` in its
     ``pretrain_overrides``) does not measure the method from scratch: its verdict is not met,
-    with ``not_applicable`` naming the file.
+    with ``not_applicable`` naming the file. A run without paired rows of the target method at
+    its budget (no such column, e.g. a run of other methods) has ``measured`` False: not met,
+    and not evidence against the target either.
     """
     per_mode = {}
     for mode in TARGET["modes"]:
@@ -568,7 +570,12 @@ def target_verdict(
             "summary": summary,
             "met": bool(summary and meets_target(summary, TARGET["difference"])) and not initial_encoder,
         }
-    verdict = {"target": dict(TARGET), "per_mode": per_mode, "met": all(v["met"] for v in per_mode.values())}
+    verdict = {
+        "target": dict(TARGET),
+        "per_mode": per_mode,
+        "met": all(v["met"] for v in per_mode.values()),
+        "measured": any(v["summary"] and v["summary"]["n_pairs"] for v in per_mode.values()),
+    }
     if initial_encoder:
         verdict["not_applicable"] = f"pre-training started from the encoder file {initial_encoder}"
     return verdict
@@ -591,13 +598,18 @@ def verdict_line(verdict: dict[str, Any]) -> str:
                     else "(one seed)"
                 )
             )
-    outcome = "not applicable" if "not_applicable" in verdict else "met" if verdict["met"] else "not met"
-    reason = (
-        f"; {verdict['not_applicable']} (`initial_encoder`), not from scratch, so these differences "
-        "do not measure the method"
-        if "not_applicable" in verdict
-        else ""
-    )
+    if "not_applicable" in verdict:
+        outcome = "not applicable"
+        reason = (
+            f"; {verdict['not_applicable']} (`initial_encoder`), not from scratch, so these differences "
+            "do not measure the method"
+        )
+    elif not verdict.get("measured", True):
+        outcome = "not measured by this run"
+        reason = f"; it has no {target['method']} column paired with random init at N={target['n_labeled']}"
+    else:
+        outcome = "met" if verdict["met"] else "not met"
+        reason = ""
     return (
         f"**Target: {target['method'].upper()} minus random init at N={target['n_labeled']} >= "
         f"+{target['difference']:.2f} with the 95% interval above 0, in "
