@@ -604,7 +604,7 @@ def verdict_line(verdict: dict[str, Any]) -> str:
             f"; {verdict['not_applicable']} (`initial_encoder`), not from scratch, so these differences "
             "do not measure the method"
         )
-    elif not verdict.get("measured", True):
+    elif not verdict["measured"]:
         outcome = "not measured by this run"
         reason = f"; it has no {target['method']} column paired with random init at N={target['n_labeled']}"
     else:
