@@ -15,6 +15,7 @@ from fedcontrast.bench.protocol import (
     finetune_units,
     hold_out_validation,
     peak_rss_mb,
+    pretraining_curve,
     run_unit,
 )
 from fedcontrast.methods.runner import run_in_process
@@ -217,3 +218,14 @@ def test_a_reused_worker_reports_each_units_own_peak_memory():
     high = run_unit(_allocate_mb, 300)  # an earlier, larger unit in the same process
     low = run_unit(peak_rss_mb)
     assert high - low > 250
+
+
+def test_pretraining_curve_keeps_a_bundle_trainers_train_loss_as_its_loss():
+    history = [
+        {"round": 0, "site": "a", "metrics": {"train_loss": 0.5, "steps": 24.0}},
+        {"round": 1, "site": "a", "metrics": {"loss": 3.0, "train_loss": 9.0, "alignment": 0.2}},
+    ]
+    assert pretraining_curve(history, 24) == [
+        {"round": 0, "step": 24, "site": "a", "loss": 0.5},
+        {"round": 1, "step": 48, "site": "a", "loss": 3.0, "alignment": 0.2},
+    ]

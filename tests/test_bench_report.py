@@ -372,3 +372,16 @@ def test_an_output_stem_keeps_its_dots_and_a_given_output_suffix_is_replaced():
     assert output_file(Path("enc/fedmotion_s0.3"), ".json") == Path("enc/fedmotion_s0.3.json")
     assert output_file(Path("enc/choice"), ".md") == Path("enc/choice.md")
     assert output_file(Path("results/federation_cost.json"), ".md") == Path("results/federation_cost.md")
+
+
+def test_report_draws_no_pretraining_figure_when_no_round_measured_a_metric(tmp_path):
+    # fedmotion's and the ceilings' records from before their loss was kept: rounds without metrics
+    config = FakeConfig()
+    rows = fake_run(tmp_path / "run", config, {"fcl": 0.08, "fedsimclr": -0.01})
+    for file in (tmp_path / "run" / "pretrain").glob("*/record.json"):
+        record = json.loads(file.read_text())
+        record["curve"] = [{k: e[k] for k in ("round", "step", "site")} for e in record["curve"]]
+        file.write_text(json.dumps(record))
+    text = write_report(rows, config, tmp_path / "run", tmp_path / "out", n_boot=200).read_text()
+    assert not (tmp_path / "out" / "pretrain_curves.png").exists()
+    assert "](pretrain_curves.png)" not in text

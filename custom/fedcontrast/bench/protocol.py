@@ -410,20 +410,27 @@ def _site_bytes(history: list[dict[str, Any]], site: str) -> dict[str, Any]:
 
 #: Per-round metrics of a pre-training site kept in the record's ``curve``.
 CURVE_KEYS = ("loss", "alignment", "uniformity", "partition_accuracy", "samples_per_s", "lr")
+#: The loss as the bundle-trained methods (fedmotion, the supervised ceilings) report it.
+BUNDLE_LOSS_KEY = "train_loss"
 
 
 def pretraining_curve(history: list[dict[str, Any]], steps_per_round: int) -> list[dict[str, Any]]:
     """One dict per (round, site): ``round``, ``step`` (steps done by the round's end), ``site`` and
-    the :data:`CURVE_KEYS` the method reported."""
-    return [
-        {
-            "round": r["round"],
-            "step": (r["round"] + 1) * steps_per_round,
-            "site": r["site"],
-            **{k: r["metrics"][k] for k in CURVE_KEYS if k in r["metrics"]},
-        }
-        for r in history
-    ]
+    the :data:`CURVE_KEYS` the method reported (``loss`` also from :data:`BUNDLE_LOSS_KEY`)."""
+    curve = []
+    for r in history:
+        metrics = r["metrics"]
+        if "loss" not in metrics and BUNDLE_LOSS_KEY in metrics:
+            metrics = {**metrics, "loss": metrics[BUNDLE_LOSS_KEY]}
+        curve.append(
+            {
+                "round": r["round"],
+                "step": (r["round"] + 1) * steps_per_round,
+                "site": r["site"],
+                **{k: metrics[k] for k in CURVE_KEYS if k in metrics},
+            }
+        )
+    return curve
 
 
 def image_labels(dataset: Path, fmt: str, cache_dir: Path) -> dict[str, str]:

@@ -1335,7 +1335,7 @@ def write_report(
         ("Paired differences against random init, 95% bootstrap intervals", "paired_differences.png"),
         (f"Dice against fine-tuning steps at N={n_curve}", "dice_vs_steps.png"),
     ]
-    if curves:
+    if any(_finite(v) for c in curves.values() for m in PRETRAIN_METRICS for v in c[m]):
         plot_pretrain_curves(curves, out_dir / "pretrain_curves.png")
         plots.append(("Pre-training curves", "pretrain_curves.png"))
     if any(r["method"] != RANDOM_INIT for r in full):
