@@ -7,7 +7,8 @@ split) are independent replications; this pools their pairs. A pair's seed becom
 of another), so both the pairs' and the whole seeds' bootstrap intervals
 (:func:`fedcontrast.bench.stats.summarise`) treat each (data seed, run seed) as its own unit.
 Per split (validation, test) and readout (full fine-tuning, the frozen-encoder probe), at the
-final checkpoint, as :mod:`pretrain_sweep` computes them for one run:
+final checkpoint as :mod:`pretrain_sweep` computes them for one run, or with ``--steps S`` at the
+checkpoint after S fine-tuning steps (how much of a gain a longer budget keeps, from one run):
 
     python benchmarks/pooled_difference.py workspace/cine/smotion480_cine \
         workspace/cine/smotion480_cine_data1 --method supervised_motion --n 1 \
@@ -74,12 +75,36 @@ def pooled_rows(folders: list[Path], free: tuple[str, ...] = FREE) -> tuple[list
     return rows, data_seeds
 
 
+def at_checkpoint(rows: list[dict[str, Any]], steps: int | None) -> list[dict[str, Any]]:
+    """The rows scored after ``steps`` fine-tuning steps; every row when ``steps`` is None (each
+    cell then takes its final checkpoint).
+
+    Raises:
+        ValueError: no row was scored there; the message lists the checkpoints the rows have.
+    """
+    if steps is None:
+        return rows
+    kept = [row for row in rows if row["finetune_steps"] == steps]
+    if not kept:
+        checkpoints = sorted({row["finetune_steps"] for row in rows})
+        raise ValueError(
+            f"no row was scored at {steps} fine-tuning steps; the runs' checkpoints are {checkpoints}"
+        )
+    return kept
+
+
 def pooled(
-    folders: list[Path], method: str, n_labeled: int, n_boot: int = N_BOOT, free: tuple[str, ...] = FREE
+    folders: list[Path],
+    method: str,
+    n_labeled: int,
+    n_boot: int = N_BOOT,
+    free: tuple[str, ...] = FREE,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """``{readout: {split: {mode: summary}}}`` of ``method`` minus random init over the runs' pairs
-    (runs that differ in no setting but ``free``)."""
+    (runs that differ in no setting but ``free``), at the final checkpoint or after ``steps``."""
     rows, data_seeds = pooled_rows(folders, free)
+    rows = at_checkpoint(rows, steps)
     cells = {
         readout: {
             split: differences(rows, method, n_labeled, split, None, n_boot, readout) for split in SPLITS
@@ -89,6 +114,7 @@ def pooled(
     return {
         "method": method,
         "n_labeled": n_labeled,
+        "finetune_steps": steps,
         "data_seeds": data_seeds,
         "runs": [str(f) for f in folders],
         "cells": {r: c for r, c in cells.items() if any(c.values())},
@@ -104,11 +130,17 @@ def cell_text(cell: dict[str, Any] | None) -> str:
     return f"{format_difference(cell)} (seeds {seeds}; {cell['n_pairs']} pairs)"
 
 
+def checkpoint_text(steps: int | None) -> str:
+    """Where the pairs were scored: the final checkpoint, or after ``steps`` fine-tuning steps."""
+    return "the final checkpoint" if steps is None else f"the checkpoint after {steps} fine-tuning steps"
+
+
 def markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         f"# {result['method']} minus random init, pooled over data seeds {result['data_seeds']} "
         f"(N = {result['n_labeled']})\n",
-        f"Written by `{command}`. Paired on (data seed, run seed), site and split at the final checkpoint; "
+        f"Written by `{command}`. Paired on (data seed, run seed), site and split at "
+        f"{checkpoint_text(result.get('finetune_steps'))}; "
         "95% bootstrap interval over the pairs, then over whole (data seed, run seed) units.\n",
         "| readout | mode | validation | test |",
         "|---|---|---|---|",
@@ -134,12 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         default=list(FREE),
         help="settings the runs may differ in (e.g. pretrain_overrides: an encoder file per phantom)",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="score the checkpoint after this many fine-tuning steps (default: the final one)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")
     args = parser.parse_args(argv)
     command = "python benchmarks/pooled_difference.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
-    result = {"command": command, **pooled(args.runs, args.method, args.n, args.n_boot, tuple(args.free))}
+    result = {
+        "command": command,
+        **pooled(args.runs, args.method, args.n, args.n_boot, tuple(args.free), args.steps),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     output_file(args.out, ".json").write_text(json.dumps(result, indent=1))
     text = markdown(result, command)

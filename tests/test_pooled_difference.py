@@ -70,3 +70,26 @@ def test_runs_pre_trained_from_one_encoder_file_per_phantom_pool_only_when_told(
     free = ("data_seed", "methods", "pretrain_overrides")
     result = pooled_difference.pooled([a, b], "fcl", 1, n_boot=10, free=free)
     assert result["cells"]["finetune"]["test"]["federated"]["mean"] == pytest.approx(0.04)
+
+
+def test_steps_scores_an_earlier_checkpoint_and_names_the_ones_there_are(tmp_path):
+    """``--steps 48`` pairs the rows scored after 48 steps (here fcl level with random init), not
+    the final checkpoint's (fcl 0.05 above it); a step count with no rows is refused."""
+    folder = run(tmp_path / "a", 0, 0.05)
+    final = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    earlier = [{**row, "finetune_steps": 48, "dice_mean": 0.4 + row["seed"] / 100} for row in final]
+    with open(folder / "rows.jsonl", "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in earlier)
+    out = tmp_path / "at48"
+    pooled_difference.main(
+        [str(folder), "--method", "fcl", "--n-boot", "200", "--steps", "48", "--out", str(out)]
+    )
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["finetune_steps"] == 48
+    assert result["cells"]["finetune"]["test"]["federated"]["mean"] == pytest.approx(0.0)
+    assert "the checkpoint after 48 fine-tuning steps" in out.with_suffix(".md").read_text()
+    default = pooled_difference.pooled([folder], "fcl", 1, n_boot=10)
+    assert default["finetune_steps"] is None
+    assert default["cells"]["finetune"]["test"]["federated"]["mean"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match=r"checkpoints are \[48, 96\]"):
+        pooled_difference.pooled([folder], "fcl", 1, n_boot=10, steps=50)
