@@ -140,7 +140,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"# {result['method']} minus random init, pooled over data seeds {result['data_seeds']} "
         f"(N = {result['n_labeled']})\n",
         f"Written by `{command}`. Paired on (data seed, run seed), site and split at "
-        f"{checkpoint_text(result.get('finetune_steps'))}; "
+        f"{checkpoint_text(result['finetune_steps'])}; "
         "95% bootstrap interval over the pairs, then over whole (data seed, run seed) units.\n",
         "| readout | mode | validation | test |",
         "|---|---|---|---|",
