@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -791,6 +791,19 @@ def missing_units(rows: list[Row], config: Any) -> list[str]:
     ]
 
 
+def scored_cells(values: Mapping[tuple, Any], readouts: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(mode, readout)`` pairs with at least one value keyed ``(mode, readout, ...)``.
+
+    Readouts outer, modes inner; a pair without values (a probe run in one mode only) is left out.
+    """
+    return [
+        (mode, readout)
+        for readout in readouts
+        for mode in MODES
+        if any(key[:2] == (mode, readout) for key in values)
+    ]
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -1389,41 +1402,35 @@ def write_report(
         "The sites of one seed share its pre-trained encoder, so the verdict line also gives the interval "
         "when whole seeds are resampled (`seed_ci_low`/`seed_ci_high` in `results.json`).\n",
     ]
-    for readout in readouts:
-        for mode in MODES:
-            if not any(key[:2] == (mode, readout) for key in values):
-                continue  # e.g. a probe run in one mode only
-            parts += [
-                f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
-                grid_table(
-                    differences,
-                    (mode, readout),
-                    methods,
-                    budgets,
-                    with_seed_count(format_difference, len(seeds)),
-                ),
-                "\nStd across seeds of the per-seed site-averaged difference:\n",
-                grid_table(
-                    differences,
-                    (mode, readout),
-                    methods,
-                    budgets,
-                    lambda s: "—" if not s or not _finite(s["std_seeds"]) else f"{s['std_seeds']:.3f}",
-                ),
-            ]
+    for mode, readout in scored_cells(values, readouts):
+        parts += [
+            f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
+            grid_table(
+                differences,
+                (mode, readout),
+                methods,
+                budgets,
+                with_seed_count(format_difference, len(seeds)),
+            ),
+            "\nStd across seeds of the per-seed site-averaged difference:\n",
+            grid_table(
+                differences,
+                (mode, readout),
+                methods,
+                budgets,
+                lambda s: "—" if not s or not _finite(s["std_seeds"]) else f"{s['std_seeds']:.3f}",
+            ),
+        ]
     if comparisons:
         parts += ["\n## Method against method\n", *comparison_section(comparisons, budgets)]
     parts += ["\n## Fine-tuning budget and random init's plateau\n", *plateau_section(plateau, steps)]
     value_cell = with_seed_count(format_value, len(seeds))
     parts.append("\n## Mean Dice, mean ± std across seeds of the per-seed site mean\n")
-    for readout in readouts:
-        for mode in MODES:
-            if not any(key[:2] == (mode, readout) for key in values):
-                continue  # e.g. a probe run in one mode only
-            parts += [
-                f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
-                grid_table(values, (mode, readout), methods, budgets, value_cell),
-            ]
+    for mode, readout in scored_cells(values, readouts):
+        parts += [
+            f"\n### {mode.capitalize()} fine-tuning, {READOUT_TITLES.get(readout, readout)}\n",
+            grid_table(values, (mode, readout), methods, budgets, value_cell),
+        ]
     for mode in MODES:
         for cls in classes:
             parts += [
